@@ -1,0 +1,8 @@
+//! agentid: zero standing privilege for AI agents on Kubernetes.
+//!
+//! Each agent gets a governed identity ([`api::AgentIdentity`]) that can do nothing by itself;
+//! access comes only from scoped grants that expire on their own ([`api::AccessGrant`]), and
+//! destructive grants wait for an authorized human ([`api::Approval`]).
+#![forbid(unsafe_code)]
+
+pub mod api;

@@ -1,0 +1,5 @@
+//! End-to-end tests on a real kube-apiserver + etcd + kube-controller-manager built from Go
+//! modules (see `tests/control-plane/`). One control plane per run, one namespace per test.
+
+mod crds;
+mod harness;
