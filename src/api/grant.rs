@@ -48,7 +48,8 @@ use super::duration;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("an AccessGrant name must be at most 63 characters: it names the grant's credential entries and objects")
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("AccessGrant spec is immutable: a new scope is a new grant, so create another AccessGrant"))]
 #[x_kube(validation = Rule::new("has(self.kubernetes)").message("spec.kubernetes is required: it holds the rules the credential will carry"))]

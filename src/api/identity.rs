@@ -51,7 +51,9 @@ use super::duration;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("an AgentIdentity name must be at most 63 characters: pods carry it in the label agentid.dev/identity"),
+    validation = Rule::new("!self.metadata.name.startsWith('grant-')").message("AgentIdentity names may not start with 'grant-': agentid reserves that prefix for per-grant ServiceAccounts")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentIdentitySpec {

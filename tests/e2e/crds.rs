@@ -166,6 +166,17 @@ async fn identity_needs_owner_and_purpose_and_sane_ceilings() -> anyhow::Result<
         assert_invalid(r, &["spec.maxGrantDuration", message]);
     }
 
+    let r = create::<AgentIdentity>(
+        &admin,
+        n,
+        identity("grant-lookalike", valid_identity_spec()),
+    )
+    .await;
+    assert_invalid(r, &["may not start with 'grant-'"]);
+    let r =
+        create::<AgentIdentity>(&admin, n, identity(&"a".repeat(64), valid_identity_spec())).await;
+    assert_invalid(r, &["at most 63 characters"]);
+
     let mut spec = valid_identity_spec();
     spec["allowedNamespaces"] = json!(["Staging_1"]);
     let r = create::<AgentIdentity>(&admin, n, identity("bad-ns", spec)).await;
@@ -222,6 +233,12 @@ async fn grant_rejects_bad_durations_missing_reason_and_malformed_rules() -> any
         spec["duration"] = ok.into();
         create::<AccessGrant>(&admin, n, grant(spec)).await?;
     }
+
+    let long_name = json!({"metadata": {"name": "g".repeat(64)}, "spec": valid_grant_spec()});
+    assert_invalid(
+        create::<AccessGrant>(&admin, n, long_name).await,
+        &["at most 63 characters"],
+    );
 
     let mut spec = valid_grant_spec();
     spec.as_object_mut().map(|s| s.remove("reason"));
