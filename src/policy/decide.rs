@@ -1,0 +1,414 @@
+//! The grant state machine: given what is observed, what agentid does next. Pure.
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::{
+    ceiling::{self, Violation},
+    classify,
+};
+use crate::api::{AccessGrant, AgentIdentity, GrantPhase};
+
+/// The next step for one grant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Nothing to do now; look again at `recheck_at` (expiry, retirement) if set.
+    Wait {
+        /// When the grant must be looked at again even if nothing changes.
+        recheck_at: Option<Timestamp>,
+    },
+    /// Outside the identity's ceiling: never issued.
+    Reject(Violation),
+    /// Needs a human: hold without any credential.
+    AwaitApproval {
+        /// Why, in words.
+        reasons: Vec<String>,
+        /// When to look again (e.g. retirement) if set.
+        recheck_at: Option<Timestamp>,
+    },
+    /// Issue (or finish issuing) a credential that dies at `expires_at`.
+    Issue {
+        /// When the credential stops working; reused when resuming an interrupted issuance.
+        expires_at: Timestamp,
+    },
+    /// Take the credential away and end the grant in `phase`.
+    Revoke {
+        /// Expired or Revoked.
+        phase: GrantPhase,
+        /// CamelCase reason for the condition and the Event.
+        reason: &'static str,
+        /// A sentence for humans.
+        message: String,
+    },
+}
+
+fn expires_at_of(grant: &AccessGrant) -> Option<Timestamp> {
+    grant
+        .status
+        .as_ref()
+        .and_then(|s| s.expires_at.as_ref())
+        .map(|t| t.0)
+}
+
+fn phase_of(grant: &AccessGrant) -> Option<GrantPhase> {
+    grant.status.as_ref().and_then(|s| s.phase)
+}
+
+fn retire_at(identity: Option<&AgentIdentity>) -> Option<Timestamp> {
+    identity
+        .and_then(|i| i.spec.retire_at.as_ref())
+        .map(|t| t.0)
+}
+
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Decides the next step for `grant`, whose identity (same namespace) is `identity`.
+pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
+    let phase = phase_of(grant);
+    let issued_until = expires_at_of(grant);
+
+    if let Some(phase) = phase
+        && phase.is_terminal()
+    {
+        // An interrupted revocation (no revokedAt yet) is finished before anything else.
+        let revoked = grant
+            .status
+            .as_ref()
+            .is_some_and(|s| s.revoked_at.is_some());
+        if matches!(phase, GrantPhase::Expired | GrantPhase::Revoked)
+            && !revoked
+            && issued_until.is_some()
+        {
+            return Step::Revoke {
+                phase,
+                reason: "RevocationResumed",
+                message: "finishing an interrupted revocation".into(),
+            };
+        }
+        return Step::Wait { recheck_at: None };
+    }
+
+    let identity_name = &grant.spec.identity;
+
+    // Issued (or being issued): the credential exists or may exist. Keep it only while every
+    // condition for holding it still holds.
+    if let Some(expires_at) = issued_until {
+        if now >= expires_at {
+            return Step::Revoke {
+                phase: GrantPhase::Expired,
+                reason: "Expired",
+                message: format!("the grant ran its course at {expires_at}"),
+            };
+        }
+        let Some(identity) = identity else {
+            return Step::Revoke {
+                phase: GrantPhase::Revoked,
+                reason: "IdentityDeleted",
+                message: format!("AgentIdentity {identity_name:?} was deleted"),
+            };
+        };
+        if let Err(violation) = ceiling::check(identity, &grant.spec, now) {
+            let reason = match violation {
+                Violation::IdentitySuspended(_) | Violation::IdentityRetired(..) => {
+                    violation.reason()
+                }
+                _ => "CeilingLowered",
+            };
+            return Step::Revoke {
+                phase: GrantPhase::Revoked,
+                reason,
+                message: violation.to_string(),
+            };
+        }
+        return match phase {
+            Some(GrantPhase::Active) => Step::Wait {
+                recheck_at: earliest(Some(expires_at), retire_at(Some(identity))),
+            },
+            // Pending with an expiry: an issuance was interrupted; finish it with the same end.
+            _ => Step::Issue { expires_at },
+        };
+    }
+
+    let Some(identity) = identity else {
+        return Step::Reject(Violation::IdentityNotFound(identity_name.clone()));
+    };
+    let duration = match ceiling::check(identity, &grant.spec, now) {
+        Ok(d) => d,
+        Err(violation) => return Step::Reject(violation),
+    };
+    let rules = grant
+        .spec
+        .kubernetes
+        .as_ref()
+        .map(|k| k.rules.as_slice())
+        .unwrap_or_default();
+    let reasons = classify::classify(rules);
+    if !reasons.is_empty() {
+        return Step::AwaitApproval {
+            reasons: reasons.iter().map(ToString::to_string).collect(),
+            recheck_at: retire_at(Some(identity)),
+        };
+    }
+    let duration = SignedDuration::try_from(duration).unwrap_or(SignedDuration::ZERO);
+    match now.checked_add(duration) {
+        Ok(expires_at) => Step::Issue { expires_at },
+        Err(_) => Step::Reject(Violation::DurationOverCeiling {
+            requested: grant.spec.duration.clone(),
+            max: identity.spec.max_grant_duration.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::{
+        api::AccessGrantStatus,
+        policy::testing::{grant, identity, rule},
+    };
+
+    fn now() -> Timestamp {
+        "2026-11-25T12:00:00Z".parse().expect("valid timestamp")
+    }
+
+    fn plus(secs: i64) -> Timestamp {
+        now()
+            .checked_add(SignedDuration::from_secs(secs))
+            .expect("in range")
+    }
+
+    fn with_status(
+        mut g: AccessGrant,
+        phase: GrantPhase,
+        expires_at: Option<Timestamp>,
+    ) -> AccessGrant {
+        g.status = Some(AccessGrantStatus {
+            phase: Some(phase),
+            expires_at: expires_at.map(Time),
+            ..Default::default()
+        });
+        g
+    }
+
+    #[test]
+    fn a_read_grant_within_the_ceiling_is_issued_for_its_duration() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant(
+            "read",
+            "fixer",
+            "15m",
+            vec![rule("staging", "apps", "deployments", "get")],
+        );
+        assert_eq!(
+            decide(&g, Some(&id), now()),
+            Step::Issue {
+                expires_at: plus(900)
+            }
+        );
+    }
+
+    #[test]
+    fn missing_identity_rejects_a_new_grant() {
+        let g = grant(
+            "read",
+            "ghost",
+            "15m",
+            vec![rule("staging", "", "pods", "get")],
+        );
+        match decide(&g, None, now()) {
+            Step::Reject(v) => assert_eq!(v.reason(), "IdentityNotFound"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn over_ceiling_is_rejected() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant(
+            "read",
+            "fixer",
+            "15m",
+            vec![rule("production", "", "pods", "get")],
+        );
+        assert!(matches!(
+            decide(&g, Some(&id), now()),
+            Step::Reject(Violation::NamespaceNotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn destructive_grant_waits_for_approval_and_is_never_issued_here() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant(
+            "rm",
+            "fixer",
+            "15m",
+            vec![rule("staging", "", "persistentvolumeclaims", "delete")],
+        );
+        match decide(&g, Some(&id), now()) {
+            Step::AwaitApproval { reasons, .. } => {
+                assert_eq!(
+                    reasons,
+                    vec!["destructive: delete persistentvolumeclaims in staging"]
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Still waiting when already marked AwaitingApproval.
+        let g = with_status(g, GrantPhase::AwaitingApproval, None);
+        assert!(matches!(
+            decide(&g, Some(&id), now()),
+            Step::AwaitApproval { .. }
+        ));
+    }
+
+    #[test]
+    fn active_grant_waits_until_expiry_then_expires() {
+        let id = identity("fixer", &["staging"]);
+        let g = with_status(
+            grant(
+                "read",
+                "fixer",
+                "15m",
+                vec![rule("staging", "", "pods", "get")],
+            ),
+            GrantPhase::Active,
+            Some(plus(10)),
+        );
+        assert_eq!(
+            decide(&g, Some(&id), now()),
+            Step::Wait {
+                recheck_at: Some(plus(10))
+            }
+        );
+        match decide(&g, Some(&id), plus(10)) {
+            Step::Revoke { phase, reason, .. } => {
+                assert_eq!(phase, GrantPhase::Expired);
+                assert_eq!(reason, "Expired");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn active_grant_is_revoked_when_identity_is_suspended_retired_deleted_or_narrowed() {
+        let g = with_status(
+            grant(
+                "read",
+                "fixer",
+                "15m",
+                vec![rule("staging", "", "pods", "get")],
+            ),
+            GrantPhase::Active,
+            Some(plus(600)),
+        );
+        let mut suspended = identity("fixer", &["staging"]);
+        suspended.spec.suspended = true;
+        let mut retired = identity("fixer", &["staging"]);
+        retired.spec.retire_at = Some(Time(now()));
+        let narrowed = identity("fixer", &["other"]);
+        for (id, expected) in [
+            (Some(&suspended), "IdentitySuspended"),
+            (Some(&retired), "IdentityRetired"),
+            (None, "IdentityDeleted"),
+            (Some(&narrowed), "CeilingLowered"),
+        ] {
+            match decide(&g, id, now()) {
+                Step::Revoke { phase, reason, .. } => {
+                    assert_eq!(phase, GrantPhase::Revoked);
+                    assert_eq!(reason, expected);
+                }
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn interrupted_issuance_resumes_with_the_same_expiry() {
+        let id = identity("fixer", &["staging"]);
+        let g = with_status(
+            grant(
+                "read",
+                "fixer",
+                "15m",
+                vec![rule("staging", "", "pods", "get")],
+            ),
+            GrantPhase::Pending,
+            Some(plus(300)),
+        );
+        assert_eq!(
+            decide(&g, Some(&id), now()),
+            Step::Issue {
+                expires_at: plus(300)
+            }
+        );
+        // ...unless it expired meanwhile (operator down): revoke, never issue.
+        assert!(matches!(
+            decide(&g, Some(&id), plus(300)),
+            Step::Revoke {
+                phase: GrantPhase::Expired,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn terminal_grants_stay_terminal_but_finish_an_interrupted_revocation() {
+        let id = identity("fixer", &["staging"]);
+        let base = grant(
+            "read",
+            "fixer",
+            "15m",
+            vec![rule("staging", "", "pods", "get")],
+        );
+        let g = with_status(base.clone(), GrantPhase::Expired, Some(plus(-5)));
+        assert!(matches!(
+            decide(&g, Some(&id), now()),
+            Step::Revoke {
+                phase: GrantPhase::Expired,
+                ..
+            }
+        ));
+        let mut done = g.clone();
+        if let Some(s) = done.status.as_mut() {
+            s.revoked_at = Some(Time(now()));
+        }
+        assert_eq!(
+            decide(&done, Some(&id), now()),
+            Step::Wait { recheck_at: None }
+        );
+        let rejected = with_status(base, GrantPhase::Rejected, None);
+        assert_eq!(
+            decide(&rejected, Some(&id), now()),
+            Step::Wait { recheck_at: None }
+        );
+    }
+
+    #[test]
+    fn active_grant_rechecks_at_retirement_if_sooner() {
+        let mut id = identity("fixer", &["staging"]);
+        id.spec.retire_at = Some(Time(plus(60)));
+        let g = with_status(
+            grant(
+                "read",
+                "fixer",
+                "15m",
+                vec![rule("staging", "", "pods", "get")],
+            ),
+            GrantPhase::Active,
+            Some(plus(600)),
+        );
+        assert_eq!(
+            decide(&g, Some(&id), now()),
+            Step::Wait {
+                recheck_at: Some(plus(60))
+            }
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! Pure decisions: ceilings, what needs approval, the grant state machine, the objects agentid
+//! wants, and status conditions. Nothing here talks to the apiserver; everything here is unit
+//! tested.
+
+pub mod ceiling;
+pub mod classify;
+pub mod conditions;
+pub mod decide;
+pub mod desired;
+pub mod names;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,122 @@
+//! Names and labels of the objects agentid makes. Deterministic, so that a repeated or resumed
+//! reconcile finds the objects an earlier one made instead of making a second set.
+
+use std::collections::BTreeMap;
+
+/// `app.kubernetes.io/managed-by` on everything agentid makes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "agentid";
+/// The UID of the grant an object belongs to: the key for revocation and orphan sweeps.
+pub const GRANT_UID_LABEL: &str = "agentid.dev/grant-uid";
+/// The name of the grant an object belongs to (grant names are at most 63 characters).
+pub const GRANT_LABEL: &str = "agentid.dev/grant";
+/// The namespace of the grant an object belongs to.
+pub const GRANT_NAMESPACE_LABEL: &str = "agentid.dev/grant-namespace";
+/// The identity an object belongs to; also the pod label the injection webhook reads.
+pub const IDENTITY_LABEL: &str = "agentid.dev/identity";
+/// `base` for an identity's own objects, `grant` for a grant's.
+pub const COMPONENT_LABEL: &str = "agentid.dev/component";
+
+/// The field manager of every server-side apply agentid makes.
+pub const FIELD_MANAGER: &str = "agentid";
+/// Finalizer on grants: the credential is revoked before the grant disappears.
+pub const GRANT_FINALIZER: &str = "agentid.dev/revoke";
+/// Finalizer on identities: every grant is revoked before the identity disappears.
+pub const IDENTITY_FINALIZER: &str = "agentid.dev/revoke-grants";
+
+/// The identity's base ServiceAccount: `agentid-<identity>`.
+pub fn identity_service_account(identity: &str) -> String {
+    format!("agentid-{identity}")
+}
+
+/// The identity's credentials Secret, mounted into its pods: `agentid-<identity>-credentials`.
+pub fn identity_credentials_secret(identity: &str) -> String {
+    format!("agentid-{identity}-credentials")
+}
+
+/// The Role (and RoleBinding) letting the base ServiceAccount request grants.
+pub fn identity_requester_role(identity: &str) -> String {
+    format!("agentid-{identity}-requester")
+}
+
+/// The name shared by a grant's ServiceAccount, Secret, Roles and RoleBindings:
+/// `agentid-grant-<grant>-<first 8 of uid>`. The UID part makes a grant recreated under the same
+/// name get fresh objects, and keeps grants of equal names from other namespaces apart in a
+/// shared target namespace. (Identities may not be named `grant-…`, so no identity collides.)
+pub fn grant_object_name(grant: &str, uid: &str) -> String {
+    let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
+    format!("agentid-grant-{grant}-{short}")
+}
+
+/// The key prefix of a grant's entries in its identity's credentials Secret: `<grant>.`.
+pub fn identity_secret_key(grant: &str, key: &str) -> String {
+    format!("{grant}.{key}")
+}
+
+/// Labels for an identity's own objects.
+pub fn identity_labels(identity: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (IDENTITY_LABEL.to_string(), identity.to_string()),
+        (COMPONENT_LABEL.to_string(), "base".to_string()),
+    ])
+}
+
+/// Labels for a grant's objects.
+pub fn grant_labels(
+    grant_namespace: &str,
+    grant: &str,
+    uid: &str,
+    identity: &str,
+) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (IDENTITY_LABEL.to_string(), identity.to_string()),
+        (COMPONENT_LABEL.to_string(), "grant".to_string()),
+        (GRANT_LABEL.to_string(), grant.to_string()),
+        (
+            GRANT_NAMESPACE_LABEL.to_string(),
+            grant_namespace.to_string(),
+        ),
+        (GRANT_UID_LABEL.to_string(), uid.to_string()),
+    ])
+}
+
+/// Selects every object of one grant.
+pub fn grant_selector(uid: &str) -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{GRANT_UID_LABEL}={uid}")
+}
+
+/// Selects every grant object agentid made, in any namespace.
+pub fn all_grants_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}=grant")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_objects_are_named_by_grant_and_uid() {
+        let name = grant_object_name("cleanup-volume", "0b6f7c3e-5d8a-4f1e-9c2b-7a1d3e5f9b80");
+        assert_eq!(name, "agentid-grant-cleanup-volume-0b6f7c3e");
+        // Longest grant name still makes a valid DNS subdomain / label-free object name.
+        assert!(grant_object_name(&"g".repeat(63), "0b6f7c3e-5d8a").len() <= 253);
+    }
+
+    #[test]
+    fn identity_and_grant_names_cannot_collide() {
+        // Identity names may not start with "grant-" (schema rule), so their SA never has the
+        // grant prefix.
+        assert!(!identity_service_account("fixer").starts_with("agentid-grant-"));
+    }
+
+    #[test]
+    fn selector_names_the_uid() {
+        assert_eq!(
+            grant_selector("u-1"),
+            "app.kubernetes.io/managed-by=agentid,agentid.dev/grant-uid=u-1"
+        );
+    }
+}
