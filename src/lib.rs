@@ -6,4 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod controller;
+pub mod credentials;
+pub mod failpoint;
+pub mod metrics;
 pub mod policy;

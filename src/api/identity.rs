@@ -108,7 +108,7 @@ pub struct ApprovalPolicy {
     /// Distinct approvers needed before a grant that needs approval is issued (1..5).
     #[serde(default = "default_required_approvals")]
     #[schemars(range(min = 1, max = 5))]
-    pub required_approvals: u32,
+    pub required_approvals: i32,
 
     /// A grant still unapproved after this long expires without ever being issued (1m..168h).
     #[serde(default = "default_pending_timeout")]
@@ -127,7 +127,7 @@ impl Default for ApprovalPolicy {
     }
 }
 
-fn default_required_approvals() -> u32 {
+fn default_required_approvals() -> i32 {
     1
 }
 
@@ -166,7 +166,7 @@ pub struct AgentIdentityStatus {
 
     /// Grants of this identity that currently hold a credential.
     #[serde(default)]
-    pub active_grants: u32,
+    pub active_grants: i32,
 
     /// Ready, Reconciling, Stalled, and warnings such as StandingPrivilegeDetected.
     #[serde(default)]

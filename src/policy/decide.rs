@@ -154,7 +154,12 @@ pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timest
         };
     }
     let duration = SignedDuration::try_from(duration).unwrap_or(SignedDuration::ZERO);
-    match now.checked_add(duration) {
+    // Whole seconds: status timestamps carry no fraction, and the instant agentid revokes at must
+    // be the one users read in status.expiresAt.
+    match now
+        .checked_add(duration)
+        .and_then(|t| Timestamp::from_second(t.as_second()))
+    {
         Ok(expires_at) => Step::Issue { expires_at },
         Err(_) => Step::Reject(Violation::DurationOverCeiling {
             requested: grant.spec.duration.clone(),

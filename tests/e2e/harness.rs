@@ -7,8 +7,9 @@
 
 use std::{
     collections::HashMap,
+    io::{Read, Write},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, ChildStdin, Command, Stdio},
     sync::{
         Mutex, OnceLock,
         atomic::{AtomicU32, Ordering},
@@ -120,6 +121,16 @@ impl Cluster {
     }
 }
 
+/// A client authenticating with a bearer token against the test cluster.
+pub async fn client_with_token(token: &str) -> anyhow::Result<Client> {
+    let mut kubeconfig = Kubeconfig::read_from(cluster().dir.join("admin.kubeconfig"))?;
+    let auth: kube::config::AuthInfo = serde_json::from_value(serde_json::json!({"token": token}))?;
+    for named in &mut kubeconfig.auth_infos {
+        named.auth_info = Some(auth.clone());
+    }
+    client_from(kubeconfig).await
+}
+
 /// A client from a kubeconfig file, as `kubectl --kubeconfig` would use it.
 pub async fn client_from_kubeconfig(path: &Path) -> anyhow::Result<Client> {
     let kubeconfig =
@@ -139,26 +150,30 @@ pub async fn install_crds() -> anyhow::Result<()> {
     INSTALLED
         .get_or_try_init(|| async {
             let client = cluster().admin().await?;
-            let api: Api<CustomResourceDefinition> = Api::all(client);
-            let ssa = PatchParams::apply("agentid-e2e").force();
-            for entry in std::fs::read_dir(repo_root().join("crds"))? {
-                let path = entry?.path();
-                let crd: CustomResourceDefinition =
-                    serde_saphyr::from_str(&std::fs::read_to_string(&path)?)
-                        .with_context(|| format!("parsing {}", path.display()))?;
-                let name = crd.name_any();
-                api.patch(&name, &ssa, &Patch::Apply(&crd))
-                    .await
-                    .with_context(|| format!("applying {name}"))?;
-                let established =
-                    await_condition(api.clone(), &name, conditions::is_crd_established());
-                tokio::time::timeout(Duration::from_secs(30), established)
-                    .await
-                    .with_context(|| format!("{name} not established within 30s"))??;
-            }
-            anyhow::Ok(())
+            apply_crds(&client).await
         })
         .await?;
+    Ok(())
+}
+
+/// Applies every CRD in `crds/` and waits until each is established.
+async fn apply_crds(client: &Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply("agentid-e2e").force();
+    for entry in std::fs::read_dir(repo_root().join("crds"))? {
+        let path = entry?.path();
+        let crd: CustomResourceDefinition =
+            serde_saphyr::from_str(&std::fs::read_to_string(&path)?)
+                .with_context(|| format!("parsing {}", path.display()))?;
+        let name = crd.name_any();
+        api.patch(&name, &ssa, &Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("applying {name}"))?;
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        tokio::time::timeout(Duration::from_secs(30), established)
+            .await
+            .with_context(|| format!("{name} not established within 30s"))??;
+    }
     Ok(())
 }
 
@@ -230,4 +245,226 @@ pub fn assert_invalid<T: std::fmt::Debug>(result: kube::Result<T>, fragments: &[
         }
         other => panic!("expected a 422 naming {fragments:?}, got {other:?}"),
     }
+}
+
+/// A free TCP port on loopback (bound, then released for the caller).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An `agentid run` process. It exits when this test process exits (its stdin closes).
+pub struct Operator {
+    child: Mutex<Option<(Child, ChildStdin)>>,
+    kubeconfig: PathBuf,
+    metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Operator {
+    /// Starts the operator against the cluster in `dir`, with extra environment variables.
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let op = Self {
+            child: Mutex::new(None),
+            kubeconfig: dir.join("admin.kubeconfig"),
+            metrics_port: free_port(),
+            log: dir.join(format!("operator-{}.log", std::process::id())),
+        };
+        op.spawn(env)?;
+        Ok(op)
+    }
+
+    fn spawn(&self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentid"))
+            .args([
+                "run",
+                "--exit-on-stdin-eof",
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting agentid run")?;
+        let stdin = child.stdin.take().context("operator stdin")?;
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some((child, stdin));
+        Ok(())
+    }
+
+    /// SIGKILLs the operator and waits until it is gone.
+    pub fn kill(&self) {
+        if let Some((mut child, _stdin)) =
+            self.child.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the operator to exit on its own (e.g. at a failpoint); returns whether it did.
+    pub async fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+                match guard.as_mut().map(|(c, _)| c.try_wait()) {
+                    Some(Ok(Some(_))) | None => {
+                        guard.take();
+                        return true;
+                    }
+                    _ => {}
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+        }
+    }
+
+    /// Kills the operator if it runs, then starts it again with `env`.
+    pub fn restart(&self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn(env)
+    }
+
+    /// Waits until `/readyz` answers 200 (start-up sweep done, controllers running).
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let port = self.metrics_port;
+        poll_until(Duration::from_secs(30), "operator /readyz", || async move {
+            Ok(http_get(port, "/readyz")
+                .ok()
+                .filter(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+                .map(|_| ()))
+        })
+        .await
+    }
+
+    /// The operator's `/metrics` text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        http_get(self.metrics_port, "/metrics")
+    }
+
+    /// The operator's log so far (for assertions and failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// The operator shared by the tests of this run, started on first use.
+pub async fn operator() -> anyhow::Result<&'static Operator> {
+    static OPERATOR: OnceLock<Operator> = OnceLock::new();
+    install_crds().await?;
+    let op = match OPERATOR.get() {
+        Some(op) => op,
+        None => {
+            let started = Operator::start(&cluster().dir, &[])?;
+            // Another test may have won the race; its operator is the shared one.
+            let _ = OPERATOR.set(started);
+            OPERATOR.get().context("operator")?
+        }
+    };
+    op.wait_ready().await?;
+    Ok(op)
+}
+
+/// A control plane of one test's own (for tests that kill the operator), stopped on drop.
+pub struct PrivateCluster {
+    /// The cluster's directory (admin.kubeconfig and logs).
+    pub dir: PathBuf,
+}
+
+impl PrivateCluster {
+    /// Starts a fresh control plane with the CRDs installed.
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        let dir = repo_root().join(format!("tests/.clusters/{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        run(Command::new(cluster_script())
+            .arg("up")
+            .arg(&dir)
+            .env("AGENTID_CP_OWNER_PID", std::process::id().to_string()))?;
+        let this = Self { dir };
+        let client = this.admin().await?;
+        apply_crds(&client).await?;
+        Ok(this)
+    }
+
+    /// A cluster-admin client.
+    pub async fn admin(&self) -> anyhow::Result<Client> {
+        client_from_kubeconfig(&self.dir.join("admin.kubeconfig")).await
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(cluster_script())
+            .arg("down")
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `check` every 50 ms until it yields a value, for at most `timeout`.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+}
+
+/// The HTTP status of a failed request, or None for success or a non-API error.
+pub fn status_code<T>(result: &kube::Result<T>) -> Option<u16> {
+    match result {
+        Err(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Asserts a request was refused by RBAC (403).
+#[track_caller]
+pub fn assert_forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
+    assert_eq!(
+        status_code(&result),
+        Some(403),
+        "{what}: expected 403 Forbidden, got {result:?}"
+    );
 }

@@ -2,4 +2,6 @@
 //! modules (see `tests/control-plane/`). One control plane per run, one namespace per test.
 
 mod crds;
+mod fixtures;
 mod harness;
+mod lifecycle;

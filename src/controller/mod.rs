@@ -1,0 +1,308 @@
+//! The operator: one reconciler per kind. Each observes, asks `policy` what to do, applies it
+//! with server-side apply under one field manager, and writes status conditions.
+
+mod grant;
+mod identity;
+mod startup;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use serde::Serialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::{
+    api::{AccessGrant, AgentIdentity},
+    credentials::{self, kubernetes::KubernetesIssuer},
+    metrics::{HttpState, Metrics},
+    policy::{desired::ClusterAccess, names},
+};
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Issuing or revoking a credential failed.
+    #[error(transparent)]
+    Credentials(#[from] credentials::Error),
+    /// Reading or writing an agentid object failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What agentid was doing.
+        action: String,
+        /// The apiserver's answer.
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding or removing a finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A bounded label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Credentials(e) => e.category(),
+            Self::Kube { .. } => "kube",
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                _ => "finalizer",
+            },
+        }
+    }
+
+    /// Errors that retrying will not fix until a human changes something (RBAC, input).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self.category(), "forbidden" | "invalid")
+    }
+}
+
+pub(crate) fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// Settings of `agentid run`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// How issued kubeconfigs reach the apiserver.
+    pub access: ClusterAccess,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) issuer: KubernetesIssuer,
+    pub(crate) metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// Consecutive failures per object, for per-object exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context acting through `client`.
+    pub fn new(client: Client, access: ClusterAccess, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: "agentid".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            issuer: KubernetesIssuer::new(client.clone(), access),
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Publishes an Event about `obj`. Events are best effort: a failure is logged, not fatal.
+    pub(crate) async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish event");
+        }
+    }
+
+    fn backoff_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+        format!(
+            "{}/{}/{}",
+            K::kind(&()),
+            obj.namespace().unwrap_or_default(),
+            obj.name_any()
+        )
+    }
+
+    pub(crate) fn succeeded<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&Self::backoff_key(obj));
+    }
+
+    /// The delay before retrying `obj` after its `n`th consecutive failure: 1 s doubling to 5 min.
+    fn next_retry<K: Resource<DynamicType = ()>>(&self, obj: &K, permanent: bool) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(Self::backoff_key(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        if permanent {
+            return Duration::from_secs(300);
+        }
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+}
+
+/// The action that looks at an object again at `at` (just after it, so `now >= at` holds then).
+pub(crate) fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
+    match at {
+        Some(at) => {
+            let wait = at.duration_since(now).as_millis().max(0) as u64 + 1;
+            Action::requeue(Duration::from_millis(wait))
+        }
+        None => Action::await_change(),
+    }
+}
+
+/// Writes `status` to `obj`'s status subresource by server-side apply.
+pub(crate) async fn apply_status<K>(
+    client: &Client,
+    obj: &K,
+    status: &impl Serialize,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    let name = obj.name_any();
+    let patch = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+    api.patch_status(
+        &name,
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "writing status of {} {name}",
+        K::kind(&())
+    )))?;
+    Ok(())
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let kind = if K::kind(&()) == "AccessGrant" {
+        "AccessGrant"
+    } else {
+        "AgentIdentity"
+    };
+    ctx.metrics.reconcile_failed(kind, error.category());
+    let delay = ctx.next_retry(obj.as_ref(), error.is_permanent());
+    warn!(kind, namespace = obj.namespace().unwrap_or_default(), name = obj.name_any(), category = error.category(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the operator until SIGTERM/ctrl-c.
+pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings.access,
+        metrics.clone(),
+    ));
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let grants: Api<AccessGrant> = Api::all(client.clone());
+    let identities: Api<AgentIdentity> = Api::all(client.clone());
+    let grant_controller = Controller::new(grants, watcher::Config::default());
+    let grant_store = grant_controller.store();
+
+    tokio::spawn(crate::metrics::serve(
+        settings.metrics_addr,
+        HttpState {
+            metrics,
+            grants: grant_store.clone(),
+            ready: ready.clone(),
+        },
+    ));
+
+    // Overdue revocations and orphans first: nothing is issued before they are done.
+    startup::sweep(&ctx).await?;
+
+    let mapper_store = grant_store.clone();
+    let grant_run = grant_controller
+        .watches(
+            identities.clone(),
+            watcher::Config::default(),
+            move |identity: AgentIdentity| {
+                let ns = identity.namespace();
+                let name = identity.name_any();
+                mapper_store
+                    .state()
+                    .into_iter()
+                    .filter(|g| g.namespace() == ns && g.spec.identity == name)
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(grant::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    // Owned Secrets are watched by metadata only: the operator never caches Secret data.
+    let base_selector = format!(
+        "{}={},{}=base",
+        names::MANAGED_BY_LABEL,
+        names::MANAGED_BY,
+        names::COMPONENT_LABEL
+    );
+    let identity_run = Controller::new(identities, watcher::Config::default())
+        .owns(
+            Api::<ServiceAccount>::all(client.clone()),
+            watcher::Config::default().labels(&base_selector),
+        )
+        .owns(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default().labels(&base_selector),
+        )
+        .watches(
+            Api::<AccessGrant>::all(client.clone()),
+            watcher::Config::default(),
+            |grant: AccessGrant| {
+                Some(
+                    ObjectRef::new(&grant.spec.identity)
+                        .within(&grant.namespace().unwrap_or_default()),
+                )
+            },
+        )
+        .shutdown_on_signal()
+        .run(identity::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    ready.store(true, Ordering::Release);
+    info!("agentid is running");
+    futures::future::join(grant_run, identity_run).await;
+    info!("agentid stopped");
+    Ok(())
+}

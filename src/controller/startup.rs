@@ -1,0 +1,96 @@
+//! Start-up: before anything is issued, finish every revocation that fell due while the
+//! operator was down, and remove objects of grants that no longer exist.
+
+use std::collections::HashSet;
+
+use k8s_openapi::api::{
+    core::v1::{Secret, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, ListParams},
+};
+use serde::de::DeserializeOwned;
+use tracing::info;
+
+use super::{Context, Error, grant, kube_err};
+use crate::{
+    api::{AccessGrant, GrantPhase},
+    policy::names,
+};
+
+/// Runs the start-up sweep.
+pub async fn sweep(ctx: &Context) -> Result<(), Error> {
+    let grants = Api::<AccessGrant>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("listing AccessGrants"))?;
+    let now = jiff::Timestamp::now();
+    let mut overdue = 0;
+    for g in &grants.items {
+        let status = g.status.as_ref();
+        let issued = status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+        let phase = status.and_then(|s| s.phase);
+        let unfinished = matches!(phase, Some(GrantPhase::Expired | GrantPhase::Revoked))
+            && status.is_some_and(|s| s.revoked_at.is_none());
+        if issued.is_some_and(|at| at <= now) || unfinished {
+            overdue += 1;
+            grant::reevaluate(g, ctx).await?;
+        }
+    }
+
+    // Objects labelled for a grant UID that no longer exists are orphans (e.g. a finalizer
+    // removed by hand). Delete them, ServiceAccounts first.
+    let live: HashSet<String> = grants.items.iter().filter_map(|g| g.uid()).collect();
+    let mut orphans = 0;
+    orphans += delete_orphans::<ServiceAccount>(ctx, &live).await?;
+    orphans += delete_orphans::<RoleBinding>(ctx, &live).await?;
+    orphans += delete_orphans::<Role>(ctx, &live).await?;
+    orphans += delete_orphans::<Secret>(ctx, &live).await?;
+    info!(overdue, orphans, "start-up sweep done");
+    Ok(())
+}
+
+async fn delete_orphans<K>(ctx: &Context, live: &HashSet<String>) -> Result<usize, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let all: Api<K> = Api::all(ctx.client.clone());
+    let selector = names::all_grants_selector();
+    // Metadata only: listing Secrets this way never brings their data into the operator.
+    let list = all
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))?;
+    let mut deleted = 0;
+    for obj in list.items {
+        let uid = obj
+            .labels()
+            .get(names::GRANT_UID_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        if live.contains(&uid) {
+            continue;
+        }
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+        match api
+            .delete(&obj.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(kube_err(format!(
+                    "deleting orphaned {} {}",
+                    K::kind(&()),
+                    obj.name_any()
+                ))(e));
+            }
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,243 @@
+//! The Kubernetes issuer: per grant a ServiceAccount, Roles + RoleBindings carrying exactly the
+//! grant's rules, a Secret, and a TokenRequest token bound to that Secret.
+//!
+//! Issuance is idempotent (server-side apply with deterministic names), so a repeat after a
+//! crash makes no second set of objects. Revocation deletes the ServiceAccount first — every
+//! token issued for it stops authenticating at once — then the rest, and tolerates what is
+//! already gone.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+        core::v1::{Secret, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    },
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use tracing::debug;
+
+use super::{Doing, Error};
+use crate::{
+    api::{AccessGrant, KubernetesRule},
+    failpoint,
+    policy::{
+        desired::{ClusterAccess, GrantObjects, credential_data},
+        names,
+    },
+};
+
+/// The apiserver refuses TokenRequests shorter than this; revocation, not the token's own
+/// expiry, is what ends a shorter grant on time.
+pub const MIN_TOKEN_SECONDS: i64 = 600;
+
+/// Issues and revokes Kubernetes credentials.
+#[derive(Clone)]
+pub struct KubernetesIssuer {
+    client: Client,
+    access: ClusterAccess,
+}
+
+fn rules_of(grant: &AccessGrant) -> &[KubernetesRule] {
+    grant
+        .spec
+        .kubernetes
+        .as_ref()
+        .map(|k| k.rules.as_slice())
+        .unwrap_or_default()
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = obj.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .doing(|| format!("applying {} {name}", K::kind(&Default::default())))
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(source) => Err(Error::Kube {
+            action: format!("deleting {} {name}", K::kind(&Default::default())),
+            source,
+        }),
+    }
+}
+
+impl KubernetesIssuer {
+    /// An issuer acting through `client`, writing kubeconfigs that reach the cluster via `access`.
+    pub fn new(client: Client, access: ClusterAccess) -> Self {
+        Self { client, access }
+    }
+
+    /// Makes (or completes) the grant's credential, valid until `expires_at`. The token is
+    /// written only into Secrets; it is never returned, logged or put in status.
+    pub async fn issue(
+        &self,
+        grant: &AccessGrant,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let objects = GrantObjects::new(grant);
+        let ns = &objects.namespace;
+        let rules = rules_of(grant);
+
+        // The identity's credentials Secret must exist before anything is made, so that a grant
+        // never holds a credential its pods cannot see.
+        let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        if secrets
+            .get_metadata_opt(&identity_secret)
+            .await
+            .doing(|| format!("reading Secret {identity_secret}"))?
+            .is_none()
+        {
+            return Err(Error::NotReady(format!(
+                "the identity's credentials Secret {identity_secret} does not exist yet"
+            )));
+        }
+
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        apply(&sas, &objects.service_account()).await?;
+        failpoint::hit("issue:after-service-account");
+        for role in objects.roles(rules) {
+            let api: Api<Role> =
+                Api::namespaced(self.client.clone(), &role.namespace().unwrap_or_default());
+            apply(&api, &role).await?;
+        }
+        failpoint::hit("issue:after-roles");
+        for binding in objects.role_bindings(rules) {
+            let api: Api<RoleBinding> = Api::namespaced(
+                self.client.clone(),
+                &binding.namespace().unwrap_or_default(),
+            );
+            apply(&api, &binding).await?;
+        }
+        failpoint::hit("issue:after-role-bindings");
+        let secret = apply(&secrets, &objects.secret()).await?;
+        failpoint::hit("issue:after-secret");
+        let secret_uid = secret
+            .uid()
+            .ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
+
+        let seconds = (expires_at.as_second() - now.as_second()).max(MIN_TOKEN_SECONDS);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: None,
+                expiration_seconds: Some(seconds),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Secret".into()),
+                    name: Some(objects.name.clone()),
+                    uid: Some(secret_uid),
+                }),
+            }),
+            ..Default::default()
+        };
+        let response: TokenRequest = sas
+            .create_subresource("token", &objects.name, &PostParams::default(), &request)
+            .await
+            .doing(|| format!("requesting a token for ServiceAccount {}", objects.name))?;
+        let token = response
+            .status
+            .and_then(|s| s.token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::Malformed("TokenRequest answered without a token".into()))?;
+        failpoint::hit("issue:after-token");
+
+        let data = credential_data(grant, &self.access, &token, expires_at);
+        let grant_name = grant.name_any();
+        let identity_entries: BTreeMap<String, ByteString> = data
+            .iter()
+            .map(|(k, v)| (names::identity_secret_key(&grant_name, k), v.clone()))
+            .collect();
+        secrets
+            .patch(
+                &objects.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": data})),
+            )
+            .await
+            .doing(|| format!("writing Secret {}", objects.name))?;
+        failpoint::hit("issue:after-grant-secret");
+        secrets
+            .patch(
+                &identity_secret,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": identity_entries})),
+            )
+            .await
+            .doing(|| format!("writing the grant's entries into Secret {identity_secret}"))?;
+        debug!(grant = %grant_name, secret = %objects.name, "credential written");
+        Ok(())
+    }
+
+    /// Takes the credential away: ServiceAccount first, then bindings, roles, Secrets and the
+    /// entries in the identity's Secret. Safe to repeat; returns when the ServiceAccount was
+    /// deleted (None if it was already gone).
+    pub async fn revoke(&self, grant: &AccessGrant) -> Result<Option<Timestamp>, Error> {
+        let objects = GrantObjects::new(grant);
+        let ns = &objects.namespace;
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let sa_deleted = delete_if_present(&sas, &objects.name)
+            .await?
+            .then(Timestamp::now);
+        failpoint::hit("revoke:after-service-account");
+
+        for namespace in GrantObjects::target_namespaces(rules_of(grant)) {
+            let bindings: Api<RoleBinding> = Api::namespaced(self.client.clone(), &namespace);
+            delete_if_present(&bindings, &objects.name).await?;
+            let roles: Api<Role> = Api::namespaced(self.client.clone(), &namespace);
+            delete_if_present(&roles, &objects.name).await?;
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        delete_if_present(&secrets, &objects.name).await?;
+
+        let grant_name = grant.name_any();
+        let removal: BTreeMap<String, Option<()>> =
+            ["token", "kubeconfig", "ca.crt", "expires-at", "scope"]
+                .iter()
+                .map(|k| (names::identity_secret_key(&grant_name, k), None))
+                .collect();
+        let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
+        match secrets
+            .patch(
+                &identity_secret,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": removal})),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("removing the grant's entries from Secret {identity_secret}"),
+                    source,
+                });
+            }
+        }
+        Ok(sa_deleted)
+    }
+}

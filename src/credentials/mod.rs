@@ -1,0 +1,78 @@
+//! Credential issuers. Each turns an approved, in-ceiling grant into a credential that dies at
+//! the grant's end, and takes it away again. `kubernetes` (ServiceAccount + RBAC +
+//! TokenRequest) is the only one so far.
+
+pub mod kubernetes;
+
+/// Why issuing or revoking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The apiserver refused or failed a call.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What agentid was doing, e.g. "creating the grant's token".
+        action: String,
+        /// The apiserver's answer.
+        #[source]
+        source: kube::Error,
+    },
+    /// Something agentid needs is not there yet (e.g. the identity's credentials Secret).
+    #[error("{0}")]
+    NotReady(String),
+    /// The apiserver answered without what it must contain.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl Error {
+    /// A bounded label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 403 => "forbidden",
+            Self::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 409 => "conflict",
+            Self::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 422 => "invalid",
+            Self::Kube { .. } => "kube",
+            Self::NotReady(_) => "not-ready",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Adds what agentid was doing to a kube error.
+pub(crate) trait Doing<T> {
+    fn doing(self, action: impl FnOnce() -> String) -> Result<T, Error>;
+}
+
+impl<T> Doing<T> for kube::Result<T> {
+    fn doing(self, action: impl FnOnce() -> String) -> Result<T, Error> {
+        self.map_err(|source| Error::Kube {
+            action: action(),
+            source,
+        })
+    }
+}
+
+/// DER certificates as one PEM bundle.
+pub fn pem_certificates(ders: &[Vec<u8>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for der in ders {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}

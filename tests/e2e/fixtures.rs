@@ -1,0 +1,248 @@
+//! Builders and waits shared by the operator tests.
+
+use std::time::Duration;
+
+use agentid::api::{
+    AccessGrant, AccessGrantSpec, AgentIdentity, AgentIdentitySpec, ApprovalPolicy, GrantPhase,
+    KubernetesAccess, KubernetesRule,
+};
+use anyhow::Context as _;
+use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
+    core::v1::{Secret, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, PostParams},
+    config::Kubeconfig,
+};
+
+use crate::harness::{client_from, client_with_token, poll_until};
+
+/// An identity allowing grants into `allowed`.
+pub fn identity(name: &str, allowed: &[&str]) -> AgentIdentity {
+    AgentIdentity::new(
+        name,
+        AgentIdentitySpec {
+            owner: "platform-team".into(),
+            purpose: "e2e".into(),
+            max_grant_duration: "1h".into(),
+            allowed_namespaces: allowed.iter().map(|s| s.to_string()).collect(),
+            approval: ApprovalPolicy::default(),
+            suspended: false,
+            retire_at: None,
+        },
+    )
+}
+
+/// One rule.
+pub fn rule(
+    namespace: &str,
+    group: &str,
+    resources: &[&str],
+    verbs: &[&str],
+    names: &[&str],
+) -> KubernetesRule {
+    let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect();
+    KubernetesRule {
+        namespace: namespace.into(),
+        api_groups: vec![group.into()],
+        resources: v(resources),
+        verbs: v(verbs),
+        resource_names: v(names),
+    }
+}
+
+/// A grant for `identity`.
+pub fn grant(
+    name: &str,
+    identity: &str,
+    duration: &str,
+    rules: Vec<KubernetesRule>,
+) -> AccessGrant {
+    AccessGrant::new(
+        name,
+        AccessGrantSpec {
+            identity: identity.into(),
+            duration: duration.into(),
+            reason: "e2e".into(),
+            kubernetes: Some(KubernetesAccess { rules }),
+        },
+    )
+}
+
+/// Creates `obj` in `ns` as `client`.
+pub async fn create<K>(client: &Client, ns: &str, obj: &K) -> anyhow::Result<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Ok(Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), obj)
+        .await?)
+}
+
+/// Waits until the grant reaches `phase` and returns it.
+pub async fn wait_phase(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    phase: GrantPhase,
+) -> anyhow::Result<AccessGrant> {
+    let api: Api<AccessGrant> = Api::namespaced(client.clone(), ns);
+    poll_until(
+        Duration::from_secs(30),
+        &format!("grant {ns}/{name} to be {phase:?}"),
+        || {
+            let api = api.clone();
+            async move {
+                let g = api.get(name).await?;
+                Ok((g.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(g))
+            }
+        },
+    )
+    .await
+}
+
+/// The reason of a grant's Ready condition.
+pub fn ready_reason(grant: &AccessGrant) -> (String, String) {
+    grant
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+/// A client acting as the agent, with the kubeconfig agentid wrote into the grant's Secret.
+pub async fn agent_client(admin: &Client, grant: &AccessGrant) -> anyhow::Result<Client> {
+    let ns = grant.namespace().context("namespace")?;
+    let secret_name = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.credentials_secret.clone())
+        .context("credentialsSecret")?;
+    let secret = Api::<Secret>::namespaced(admin.clone(), &ns)
+        .get(&secret_name)
+        .await?;
+    kubeconfig_client(&secret, "kubeconfig").await
+}
+
+/// A client built from the kubeconfig under `key` of `secret`.
+pub async fn kubeconfig_client(secret: &Secret, key: &str) -> anyhow::Result<Client> {
+    let data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .with_context(|| format!("{key} in {}", secret.name_any()))?;
+    let kubeconfig = Kubeconfig::from_yaml(std::str::from_utf8(&data.0)?)?;
+    client_from(kubeconfig).await
+}
+
+/// A client acting as an identity's base ServiceAccount (a token made by the admin).
+pub async fn base_sa_client(admin: &Client, ns: &str, identity: &str) -> anyhow::Result<Client> {
+    // Ready means the base ServiceAccount and its one standing right exist.
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), ns);
+    poll_until(Duration::from_secs(30), "the identity to be Ready", || {
+        let identities = identities.clone();
+        async move {
+            let id = identities.get(identity).await?;
+            let ready = id
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok(ready.then_some(()))
+        }
+    })
+    .await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    let name = format!("agentid-{identity}");
+    let request: TokenRequest =
+        serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 600}}))?;
+    let response: TokenRequest = sas
+        .create_subresource("token", &name, &PostParams::default(), &request)
+        .await?;
+    let token = response.status.and_then(|s| s.token).context("token")?;
+    client_with_token(&token).await
+}
+
+/// Names of every object labelled for grant `uid` in `namespaces`: "Kind/namespace/name".
+pub async fn grant_objects(
+    admin: &Client,
+    uid: &str,
+    namespaces: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let selector = format!("agentid.dev/grant-uid={uid}");
+    let lp = ListParams::default().labels(&selector);
+    let mut found = Vec::new();
+    for ns in namespaces {
+        for o in Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+            .list_metadata(&lp)
+            .await?
+        {
+            found.push(format!("ServiceAccount/{ns}/{}", o.name_any()));
+        }
+        for o in Api::<Secret>::namespaced(admin.clone(), ns)
+            .list_metadata(&lp)
+            .await?
+        {
+            found.push(format!("Secret/{ns}/{}", o.name_any()));
+        }
+        for o in Api::<Role>::namespaced(admin.clone(), ns)
+            .list_metadata(&lp)
+            .await?
+        {
+            found.push(format!("Role/{ns}/{}", o.name_any()));
+        }
+        for o in Api::<RoleBinding>::namespaced(admin.clone(), ns)
+            .list_metadata(&lp)
+            .await?
+        {
+            found.push(format!("RoleBinding/{ns}/{}", o.name_any()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Keys of the identity's credentials Secret.
+pub async fn identity_secret_keys(
+    admin: &Client,
+    ns: &str,
+    identity: &str,
+) -> anyhow::Result<Vec<String>> {
+    let secret = Api::<Secret>::namespaced(admin.clone(), ns)
+        .get(&format!("agentid-{identity}-credentials"))
+        .await?;
+    Ok(secret.data.unwrap_or_default().into_keys().collect())
+}
+
+/// Polls a request with the agent's client until the apiserver refuses it (401 or 403);
+/// returns when that happened.
+pub async fn wait_rejected<F, Fut, T>(
+    what: &str,
+    timeout: Duration,
+    mut request: F,
+) -> anyhow::Result<jiff::Timestamp>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = kube::Result<T>>,
+{
+    poll_until(timeout, what, || {
+        let fut = request();
+        async move {
+            match fut.await {
+                Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
+                    Ok(Some(jiff::Timestamp::now()))
+                }
+                _ => Ok(None),
+            }
+        }
+    })
+    .await
+}
