@@ -404,6 +404,19 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
         Vec::<String>::new()
     );
     assert!(identity_secret_keys(&s.admin, a, "fixer").await?.is_empty());
+
+    // The lag is exported, without any object name in the labels.
+    let metrics = operator().await?.metrics()?;
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("agentid_grant_revocation_lag_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(count >= 1, "no revocation lag recorded:\n{metrics}");
+    assert!(
+        !metrics.contains("brief"),
+        "metrics must not carry object names"
+    );
     s.cleanup().await
 }
 

@@ -1,6 +1,9 @@
 //! End-to-end tests on a real kube-apiserver + etcd + kube-controller-manager built from Go
-//! modules (see `tests/control-plane/`). One control plane per run, one namespace per test.
+//! modules (see `tests/control-plane/`). One control plane per run, one namespace per test;
+//! the crash tests start control planes of their own.
 
+mod audit;
+mod crash;
 mod crds;
 mod fixtures;
 mod harness;
