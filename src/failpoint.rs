@@ -6,9 +6,7 @@ use std::sync::OnceLock;
 
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
-    ARMED
-        .get_or_init(|| std::env::var("AGENTID_FAILPOINT").ok())
-        .as_deref()
+    ARMED.get_or_init(|| std::env::var("AGENTID_FAILPOINT").ok()).as_deref()
 }
 
 /// Aborts the process if the failpoint `name` is armed.

@@ -5,6 +5,7 @@
 //! destructive grants wait for an authorized human ([`api::Approval`]).
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod controller;
 pub mod credentials;

@@ -3,8 +3,9 @@
 
 use std::{io::Write, net::SocketAddr, path::PathBuf};
 
+use agentid::{admission::register::Endpoint, api::ProtectedResource};
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// agentid: zero standing privilege for AI agents on Kubernetes.
 #[derive(Parser)]
@@ -22,41 +23,53 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
-    Run {
-        /// Address for /metrics, /healthz and /readyz.
-        #[arg(long, default_value = "0.0.0.0:8080", env = "AGENTID_METRICS_ADDR")]
-        metrics_addr: SocketAddr,
-        /// The apiserver URL written into issued kubeconfigs [default: the URL agentid itself uses].
-        #[arg(long, env = "AGENTID_API_SERVER_URL")]
-        api_server_url: Option<String>,
-        /// PEM file with the CA that issued kubeconfigs trust [default: the CA agentid itself trusts].
-        #[arg(long, env = "AGENTID_API_SERVER_CA_FILE")]
-        api_server_ca_file: Option<PathBuf>,
-        /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
-        #[arg(long, hide = true)]
-        exit_on_stdin_eof: bool,
-    },
+    /// Run the operator and its admission webhook against the cluster of the current kubeconfig
+    /// (or the in-cluster config).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "AGENTID_METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+    /// The apiserver URL written into issued kubeconfigs [default: the URL agentid itself uses].
+    #[arg(long, env = "AGENTID_API_SERVER_URL")]
+    api_server_url: Option<String>,
+    /// PEM file with the CA that issued kubeconfigs trust [default: the CA agentid itself trusts].
+    #[arg(long, env = "AGENTID_API_SERVER_CA_FILE")]
+    api_server_ca_file: Option<PathBuf>,
+    /// A resource every grant needs approval for, whatever the verb: `GROUP/RESOURCE[/NAME]`
+    /// (the core group is empty, e.g. `/configmaps/feature-flags`). Repeatable.
+    #[arg(long = "protected-resource", value_name = "GROUP/RESOURCE[/NAME]")]
+    protected_resources: Vec<String>,
+    /// Address the admission webhook (HTTPS) listens on.
+    #[arg(long, default_value = "0.0.0.0:9443", env = "AGENTID_WEBHOOK_ADDR")]
+    webhook_addr: SocketAddr,
+    /// Register the webhook with this URL, for an operator outside the cluster
+    /// (e.g. `https://127.0.0.1:9443`).
+    #[arg(long, env = "AGENTID_WEBHOOK_URL", conflicts_with = "webhook_service")]
+    webhook_url: Option<String>,
+    /// Register the webhook behind this Service: `NAMESPACE/NAME[:PORT]` (port 443 by default).
+    #[arg(long, env = "AGENTID_WEBHOOK_SERVICE")]
+    webhook_service: Option<String>,
+    /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd { out_dir } => crd(out_dir),
-        Command::Run {
-            metrics_addr,
-            api_server_url,
-            api_server_ca_file,
-            exit_on_stdin_eof,
-        } => {
-            if exit_on_stdin_eof {
+        Command::Run(args) => {
+            if args.exit_on_stdin_eof {
                 std::thread::spawn(|| {
                     // Reads until EOF (or an error): the parent is gone, and so is the reason to run.
                     let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
                     std::process::exit(0);
                 });
             }
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(run(metrics_addr, api_server_url, api_server_ca_file))
+            tokio::runtime::Runtime::new()?.block_on(run(args))
         }
     }
 }
@@ -68,8 +81,7 @@ fn crd(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
         match &out_dir {
             Some(dir) => {
                 let path = dir.join(agentid::api::crd_file_name(&crd));
-                std::fs::write(&path, yaml)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
             }
             None => stdout.write_all(yaml.as_bytes())?,
         }
@@ -77,48 +89,66 @@ fn crd(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(
-    metrics_addr: SocketAddr,
-    server: Option<String>,
-    ca_file: Option<PathBuf>,
-) -> anyhow::Result<()> {
+/// Parses `GROUP/RESOURCE[/NAME]`.
+fn parse_protected(text: &str) -> anyhow::Result<ProtectedResource> {
+    let parts: Vec<&str> = text.split('/').collect();
+    let (group, resource, name) = match parts.as_slice() {
+        [group, resource] => (*group, *resource, None),
+        [group, resource, name] => (*group, *resource, Some(*name)),
+        _ => anyhow::bail!(
+            "--protected-resource {text:?}: expected GROUP/RESOURCE[/NAME], e.g. apps/deployments/payments or /configmaps/flags"
+        ),
+    };
+    anyhow::ensure!(!resource.is_empty(), "--protected-resource {text:?}: the resource is empty");
+    Ok(ProtectedResource {
+        api_group: group.into(),
+        resource: resource.into(),
+        resource_names: name.map(|n| vec![n.to_string()]).unwrap_or_default(),
+        namespaces: vec![],
+    })
+}
+
+/// Parses `NAMESPACE/NAME[:PORT]`.
+fn parse_service(text: &str) -> anyhow::Result<Endpoint> {
+    let (namespace, rest) = text.split_once('/').context("--webhook-service: expected NAMESPACE/NAME[:PORT]")?;
+    let (name, port) = match rest.split_once(':') {
+        Some((name, port)) => (name, port.parse().context("--webhook-service: the port is not a number")?),
+        None => (rest, 443),
+    };
+    Ok(Endpoint::Service { namespace: namespace.into(), name: name.into(), port })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
-    let config = kube::Config::infer()
-        .await
-        .context("loading kubeconfig or in-cluster config")?;
-    let server = server.unwrap_or_else(|| {
-        config
-            .cluster_url
-            .to_string()
-            .trim_end_matches('/')
-            .to_string()
-    });
-    let ca_pem = match ca_file {
-        Some(path) => {
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
-        }
-        None => {
-            agentid::credentials::pem_certificates(config.root_cert.as_deref().unwrap_or_default())
-        }
+    let protected = args.protected_resources.iter().map(|p| parse_protected(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let webhook_endpoint = match (&args.webhook_url, &args.webhook_service) {
+        (Some(url), _) => Some(Endpoint::Url(url.clone())),
+        (None, Some(service)) => Some(parse_service(service)?),
+        (None, None) => None,
+    };
+    let config = kube::Config::infer().await.context("loading kubeconfig or in-cluster config")?;
+    let server =
+        args.api_server_url.unwrap_or_else(|| config.cluster_url.to_string().trim_end_matches('/').to_string());
+    let ca_pem = match args.api_server_ca_file {
+        Some(path) => std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+        None => agentid::credentials::pem_certificates(config.root_cert.as_deref().unwrap_or_default()),
     };
     anyhow::ensure!(
         !ca_pem.is_empty(),
         "no CA for issued kubeconfigs: the current config trusts system roots; pass --api-server-ca-file"
     );
     let client = kube::Client::try_from(config)?;
-    let access = agentid::policy::desired::ClusterAccess { server, ca_pem };
-    agentid::controller::run(
-        client,
-        agentid::controller::Settings {
-            metrics_addr,
-            access,
-        },
-    )
-    .await
+    let settings = agentid::controller::Settings {
+        metrics_addr: args.metrics_addr,
+        access: agentid::policy::desired::ClusterAccess { server, ca_pem },
+        protected,
+        webhook_addr: args.webhook_addr,
+        webhook_endpoint,
+    };
+    agentid::controller::run(client, settings).await
 }

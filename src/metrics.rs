@@ -70,22 +70,13 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("agentid");
-        let reconcile_duration: HistogramFamily<KindLabels> =
-            Family::new_with_constructor(duration_buckets);
+        let reconcile_duration: HistogramFamily<KindLabels> = Family::new_with_constructor(duration_buckets);
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let issuance_latency = duration_buckets();
         let revocation_lag = duration_buckets();
         let grants_by_phase = Family::<PhaseLabels, Gauge>::default();
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile",
-            reconcile_duration.clone(),
-        );
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by kind and error category",
-            reconcile_errors.clone(),
-        );
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
+        registry.register("reconcile_errors", "Failed reconciles by kind and error category", reconcile_errors.clone());
         registry.register(
             "grant_issuance_latency_seconds",
             "From AccessGrant creation to its credential being issued",
@@ -97,14 +88,7 @@ impl Default for Metrics {
             revocation_lag.clone(),
         );
         registry.register("grants", "AccessGrants by phase", grants_by_phase.clone());
-        Self {
-            registry,
-            reconcile_duration,
-            reconcile_errors,
-            issuance_latency,
-            revocation_lag,
-            grants_by_phase,
-        }
+        Self { registry, reconcile_duration, reconcile_errors, issuance_latency, revocation_lag, grants_by_phase }
     }
 }
 
@@ -118,28 +102,19 @@ pub struct ReconcileTimer<'a> {
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed().as_secs_f64();
-        self.metrics
-            .reconcile_duration
-            .get_or_create(&KindLabels { kind: self.kind })
-            .observe(elapsed);
+        self.metrics.reconcile_duration.get_or_create(&KindLabels { kind: self.kind }).observe(elapsed);
     }
 }
 
 impl Metrics {
     /// Starts timing one reconcile of `kind`.
     pub fn reconcile_timer(&self, kind: &'static str) -> ReconcileTimer<'_> {
-        ReconcileTimer {
-            metrics: self,
-            kind,
-            start: Instant::now(),
-        }
+        ReconcileTimer { metrics: self, kind, start: Instant::now() }
     }
 
     /// Counts a failed reconcile.
     pub fn reconcile_failed(&self, kind: &'static str, category: &'static str) {
-        self.reconcile_errors
-            .get_or_create(&ErrorLabels { kind, category })
-            .inc();
+        self.reconcile_errors.get_or_create(&ErrorLabels { kind, category }).inc();
     }
 
     fn count_grants(&self, grants: &Store<AccessGrant>) {
@@ -155,16 +130,12 @@ impl Metrics {
         let mut counts = [0i64; 8];
         for grant in grants.state() {
             let phase = grant.status.as_ref().and_then(|s| s.phase);
-            let index = phase
-                .and_then(|p| phases.iter().position(|q| *q == p))
-                .unwrap_or(7);
+            let index = phase.and_then(|p| phases.iter().position(|q| *q == p)).unwrap_or(7);
             counts[index] += 1;
         }
         for (index, count) in counts.iter().enumerate() {
             let phase = phases.get(index).map(phase_name).unwrap_or("Unknown");
-            self.grants_by_phase
-                .get_or_create(&PhaseLabels { phase })
-                .set(*count);
+            self.grants_by_phase.get_or_create(&PhaseLabels { phase }).set(*count);
         }
     }
 
@@ -203,10 +174,7 @@ pub struct HttpState {
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(&state.grants),
     )
 }
@@ -215,10 +183,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "starting: finishing overdue revocations",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "starting: finishing overdue revocations")
     }
 }
 
@@ -246,18 +211,10 @@ mod tests {
         let (reader, _writer) = kube::runtime::reflector::store::<AccessGrant>();
         let text = metrics.encode(&reader);
         assert!(
-            text.contains(
-                "agentid_reconcile_errors_total{kind=\"AccessGrant\",category=\"forbidden\"} 1"
-            ),
+            text.contains("agentid_reconcile_errors_total{kind=\"AccessGrant\",category=\"forbidden\"} 1"),
             "{text}"
         );
-        assert!(
-            text.contains("agentid_grant_revocation_lag_seconds_count 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("agentid_grants{phase=\"Active\"} 0"),
-            "{text}"
-        );
+        assert!(text.contains("agentid_grant_revocation_lag_seconds_count 1"), "{text}");
+        assert!(text.contains("agentid_grants{phase=\"Active\"} 0"), "{text}");
     }
 }

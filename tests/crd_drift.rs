@@ -11,18 +11,10 @@ fn crds_directory_matches_the_generated_crds() {
     expected.sort();
     let mut present: Vec<String> = std::fs::read_dir(&dir)
         .expect("crds/ exists")
-        .map(|e| {
-            e.expect("readable entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
         .collect();
     present.sort();
-    assert_eq!(
-        present, expected,
-        "crds/ holds other files than the generated ones"
-    );
+    assert_eq!(present, expected, "crds/ holds other files than the generated ones");
 
     for crd in &crds {
         let path = dir.join(agentid::api::crd_file_name(crd));

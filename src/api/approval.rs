@@ -23,17 +23,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Grant", type_ = "string", json_path = ".spec.grant"),
     printcolumn(name = "Decision", type_ = "string", json_path = ".spec.decision"),
     printcolumn(name = "Approver", type_ = "string", json_path = ".spec.approver"),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".spec.reason",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Reason", type_ = "string", json_path = ".spec.reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("Approval spec is immutable: a decision cannot be edited; delete it and create a new Approval"))]
 #[x_kube(validation = Rule::new("self.decision != 'Deny' || self.reason.trim().size() > 0").message("a Deny must give a reason"))]

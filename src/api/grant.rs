@@ -140,10 +140,7 @@ pub enum GrantPhase {
 impl GrantPhase {
     /// Terminal phases never change again and hold no credential.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Expired | Self::Revoked | Self::Denied | Self::Rejected
-        )
+        matches!(self, Self::Expired | Self::Revoked | Self::Denied | Self::Rejected)
     }
 }
 

@@ -110,11 +110,39 @@ pub struct ApprovalPolicy {
     #[schemars(range(min = 1, max = 5))]
     pub required_approvals: i32,
 
-    /// A grant still unapproved after this long expires without ever being issued (1m..168h).
+    /// A grant still unapproved after this long expires without ever being issued (10s..168h).
     #[serde(default = "default_pending_timeout")]
-    #[x_kube(validation = duration::format_rule(), validation = duration::range_rule("1m", "168h"))]
+    #[x_kube(validation = duration::format_rule(), validation = duration::range_rule("10s", "168h"))]
     #[schemars(length(max = 32))]
     pub pending_timeout: String,
+
+    /// Resources any grant of this identity may touch only with approval, whatever the verb
+    /// (e.g. the ConfigMap holding production feature flags).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub protected_resources: Vec<ProtectedResource>,
+}
+
+/// A resource that always needs approval.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtectedResource {
+    /// The API group; `""` is the core group.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub api_group: String,
+    /// The resource, e.g. `configmaps`.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("resource must name a resource"))]
+    #[schemars(length(max = 253))]
+    pub resource: String,
+    /// Only these objects; empty: every object of the resource.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 253)))]
+    pub resource_names: Vec<String>,
+    /// Only in these namespaces; empty: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 63)))]
+    pub namespaces: Vec<String>,
 }
 
 impl Default for ApprovalPolicy {
@@ -123,6 +151,7 @@ impl Default for ApprovalPolicy {
             approvers: Approvers::default(),
             required_approvals: default_required_approvals(),
             pending_timeout: default_pending_timeout(),
+            protected_resources: Vec::new(),
         }
     }
 }

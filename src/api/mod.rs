@@ -15,11 +15,10 @@ mod identity;
 
 pub use approval::{Approval, ApprovalSpec, ApprovalStatus, Decision};
 pub use grant::{
-    AccessGrant, AccessGrantSpec, AccessGrantStatus, ApprovalRecord, GrantPhase, KubernetesAccess,
-    KubernetesRule,
+    AccessGrant, AccessGrantSpec, AccessGrantStatus, ApprovalRecord, GrantPhase, KubernetesAccess, KubernetesRule,
 };
 pub use identity::{
-    AgentIdentity, AgentIdentitySpec, AgentIdentityStatus, ApprovalPolicy, Approvers,
+    AgentIdentity, AgentIdentitySpec, AgentIdentityStatus, ApprovalPolicy, Approvers, ProtectedResource,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -56,19 +55,10 @@ mod tests {
         for crd in crds() {
             assert_eq!(crd.spec.group, GROUP);
             assert_eq!(crd.spec.scope, "Namespaced");
-            assert_eq!(
-                crd.spec.names.categories.as_deref(),
-                Some(&[CATEGORY.to_string()][..])
-            );
+            assert_eq!(crd.spec.names.categories.as_deref(), Some(&[CATEGORY.to_string()][..]));
             let version = &crd.spec.versions[0];
             assert_eq!(version.name, VERSION);
-            assert!(
-                version
-                    .subresources
-                    .as_ref()
-                    .and_then(|s| s.status.as_ref())
-                    .is_some()
-            );
+            assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
         }
     }
 

@@ -16,21 +16,73 @@ use tracing::{info, instrument};
 
 use super::{Context, Error, apply_status, kube_err, requeue_at};
 use crate::{
-    api::{AccessGrant, AgentIdentity, GrantPhase},
+    api::{AccessGrant, AgentIdentity, Approval, GrantPhase},
     policy::{
+        approval::{self, Candidate, Verdict},
         conditions::{Summary, set_summary},
-        decide::{Step, decide},
+        decide::{Facts, Step, decide},
         desired::GrantObjects,
         names,
     },
 };
 
+/// Asks the apiserver's authorizer, now, whether `user` in `groups` may `approve` the grant.
+async fn may_approve(ctx: &Context, user: &str, groups: &[String], ns: &str, grant: &str) -> Result<bool, Error> {
+    use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.into()),
+            groups: Some(groups.to_vec()),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.into()),
+                verb: Some("approve".into()),
+                group: Some(crate::api::GROUP.into()),
+                resource: Some("accessgrants".into()),
+                name: Some(grant.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(ctx.client.clone())
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .map_err(kube_err("asking the authorizer whether an approver may approve"))?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// What the grant's Approvals add up to, each approver re-checked against RBAC now.
+async fn verdict(
+    grant: &AccessGrant,
+    identity: Option<&AgentIdentity>,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Verdict, Error> {
+    let ns = grant.namespace().unwrap_or_default();
+    let name = grant.name_any();
+    let approvals: Vec<Approval> = Api::<Approval>::namespaced(ctx.client.clone(), &ns)
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(kube_err("listing Approvals"))?
+        .items
+        .into_iter()
+        .filter(|a| a.spec.grant == name)
+        .collect();
+    let mut candidates = Vec::with_capacity(approvals.len());
+    for a in &approvals {
+        let groups = Candidate::recorded_groups(a);
+        let may = may_approve(ctx, &a.spec.approver, &groups, &ns, &name).await?;
+        candidates.push(Candidate { approval: a, groups, may_approve: may });
+    }
+    Ok(approval::tally(grant, identity, &candidates, now))
+}
+
 /// Reconciles one AccessGrant.
 #[instrument(skip_all, fields(kind = "AccessGrant", namespace = grant.namespace().unwrap_or_default(), name = grant.name_any()))]
 pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AccessGrant");
-    let api: Api<AccessGrant> =
-        Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
+    let api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
     let result = finalizer(&api, names::GRANT_FINALIZER, grant.clone(), |event| async {
         match event {
             Finalizer::Apply(g) => apply(&g, &ctx).await,
@@ -58,45 +110,60 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     let identity = Api::<AgentIdentity>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&grant.spec.identity)
         .await
-        .map_err(kube_err(format!(
-            "reading AgentIdentity {}",
-            grant.spec.identity
-        )))?
+        .map_err(kube_err(format!("reading AgentIdentity {}", grant.spec.identity)))?
         .filter(|i| i.metadata.deletion_timestamp.is_none());
+
+    let terminal = grant.status.as_ref().and_then(|s| s.phase).is_some_and(GrantPhase::is_terminal);
+    let verdict = if terminal {
+        Verdict::Waiting { counted: vec![], ignored: vec![] }
+    } else {
+        verdict(grant, identity.as_ref(), ctx, now).await?
+    };
 
     let old = grant.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let generation = grant.metadata.generation;
+    status.requested_by = approval::requested_by(grant).map(str::to_string);
+    match &verdict {
+        Verdict::Approved(records) => status.approvals = records.clone(),
+        Verdict::Waiting { counted, .. } => status.approvals = counted.clone(),
+        Verdict::Denied { .. } => {}
+    }
+    // Keep the time each approval was first counted.
+    for record in &mut status.approvals {
+        if let Some(seen) = old.approvals.iter().find(|o| o.approval == record.approval) {
+            record.at = seen.at.clone();
+        }
+    }
 
-    match decide(grant, identity.as_ref(), now) {
+    let facts = Facts { identity: identity.as_ref(), verdict: &verdict, protected: &ctx.protected, now };
+    match decide(grant, facts) {
         Step::Wait { recheck_at } => Ok(requeue_at(recheck_at, now)),
 
         Step::Reject(violation) => {
             status.phase = Some(GrantPhase::Rejected);
             let message = format!("rejected: {violation}");
-            set_summary(
-                &mut status.conditions,
-                Summary::Stalled,
-                violation.reason(),
-                message.clone(),
-                generation,
-                now,
-            );
+            set_summary(&mut status.conditions, Summary::Stalled, violation.reason(), message.clone(), generation, now);
             apply_status(&ctx.client, grant, &status).await?;
             info!(reason = violation.reason(), "grant rejected");
-            ctx.event(grant, EventType::Warning, "Rejected", message)
-                .await;
+            ctx.event(grant, EventType::Warning, "Rejected", message).await;
             Ok(Action::await_change())
         }
 
-        Step::AwaitApproval {
-            reasons,
-            recheck_at,
-        } => {
+        Step::AwaitApproval { reasons, recheck_at } => {
             status.phase = Some(GrantPhase::AwaitingApproval);
             status.requires_approval = Some(true);
             status.approval_reasons = reasons.clone();
-            let message = format!("waiting for approval: {}", reasons.join("; "));
+            let need = identity.as_ref().map(|i| i.spec.approval.required_approvals).unwrap_or(1);
+            let mut message =
+                format!("waiting for approval ({} of {need}): {}", status.approvals.len(), reasons.join("; "));
+            if let Verdict::Waiting { ignored, .. } = &verdict
+                && !ignored.is_empty()
+            {
+                let why: Vec<String> =
+                    ignored.iter().map(|(name, why)| format!("Approval {name} does not count: {why}")).collect();
+                message.push_str(&format!(". {}", why.join(". ")));
+            }
             set_summary(
                 &mut status.conditions,
                 Summary::Reconciling,
@@ -109,8 +176,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 apply_status(&ctx.client, grant, &status).await?;
             }
             if old.phase != status.phase {
-                ctx.event(grant, EventType::Normal, "AwaitingApproval", message)
-                    .await;
+                ctx.event(grant, EventType::Normal, "AwaitingApproval", message).await;
             }
             Ok(requeue_at(recheck_at, now))
         }
@@ -141,65 +207,39 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             status.phase = Some(GrantPhase::Active);
             status.issued_at = Some(Time(issued_at));
             let namespaces = GrantObjects::target_namespaces(
-                grant
-                    .spec
-                    .kubernetes
-                    .as_ref()
-                    .map(|k| k.rules.as_slice())
-                    .unwrap_or_default(),
+                grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default(),
             );
             let message = format!(
                 "credential issued in Secret {}, valid until {expires_at} in {}",
                 objects.name,
                 namespaces.join(", ")
             );
-            set_summary(
-                &mut status.conditions,
-                Summary::Ready,
-                "Issued",
-                message.clone(),
-                generation,
-                issued_at,
-            );
+            set_summary(&mut status.conditions, Summary::Ready, "Issued", message.clone(), generation, issued_at);
             apply_status(&ctx.client, grant, &status).await?;
             if let Some(created) = grant.metadata.creation_timestamp.as_ref() {
-                ctx.metrics
-                    .issuance_latency
-                    .observe(issued_at.duration_since(created.0).as_secs_f64().max(0.0));
+                ctx.metrics.issuance_latency.observe(issued_at.duration_since(created.0).as_secs_f64().max(0.0));
             }
             info!(%expires_at, "credential issued");
             ctx.event(grant, EventType::Normal, "Issued", message).await;
             Ok(requeue_at(Some(expires_at), Timestamp::now()))
         }
 
-        Step::Revoke {
-            phase,
-            reason,
-            message,
-        } => {
+        Step::Revoke { phase, reason, message } => {
             let sa_deleted = ctx.issuer.revoke(grant).await?;
             let revoked_at = Timestamp::now();
             if reason == "Expired"
                 && let (Some(deleted), Some(expires_at)) = (sa_deleted, status.expires_at.as_ref())
             {
-                ctx.metrics
-                    .revocation_lag
-                    .observe(deleted.duration_since(expires_at.0).as_secs_f64().max(0.0));
+                ctx.metrics.revocation_lag.observe(deleted.duration_since(expires_at.0).as_secs_f64().max(0.0));
             }
             status.phase = Some(phase);
             status.revoked_at = Some(Time(revoked_at));
             let message = format!("credential revoked: {message}");
-            set_summary(
-                &mut status.conditions,
-                Summary::Done,
-                reason,
-                message.clone(),
-                generation,
-                revoked_at,
-            );
+            set_summary(&mut status.conditions, Summary::Done, reason, message.clone(), generation, revoked_at);
             apply_status(&ctx.client, grant, &status).await?;
-            info!(reason, "credential revoked");
-            ctx.event(grant, EventType::Normal, reason, message).await;
+            info!(reason, "grant ended");
+            let kind = if phase == GrantPhase::Denied { EventType::Warning } else { EventType::Normal };
+            ctx.event(grant, kind, reason, message).await;
             Ok(Action::await_change())
         }
     }
@@ -211,13 +251,7 @@ async fn cleanup(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     ctx.issuer.revoke(grant).await?;
     if held {
         info!("credential revoked: grant deleted");
-        ctx.event(
-            grant,
-            EventType::Normal,
-            "Revoked",
-            "credential revoked: the grant was deleted".into(),
-        )
-        .await;
+        ctx.event(grant, EventType::Normal, "Revoked", "credential revoked: the grant was deleted".into()).await;
     }
     Ok(Action::await_change())
 }

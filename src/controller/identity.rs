@@ -34,21 +34,13 @@ use crate::{
 #[instrument(skip_all, fields(kind = "AgentIdentity", namespace = identity.namespace().unwrap_or_default(), name = identity.name_any()))]
 pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AgentIdentity");
-    let api: Api<AgentIdentity> = Api::namespaced(
-        ctx.client.clone(),
-        &identity.namespace().unwrap_or_default(),
-    );
-    let result = finalizer(
-        &api,
-        names::IDENTITY_FINALIZER,
-        identity.clone(),
-        |event| async {
-            match event {
-                Finalizer::Apply(i) => apply(&i, &ctx).await,
-                Finalizer::Cleanup(i) => cleanup(&i, &ctx).await,
-            }
-        },
-    )
+    let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &identity.namespace().unwrap_or_default());
+    let result = finalizer(&api, names::IDENTITY_FINALIZER, identity.clone(), |event| async {
+        match event {
+            Finalizer::Apply(i) => apply(&i, &ctx).await,
+            Finalizer::Cleanup(i) => cleanup(&i, &ctx).await,
+        }
+    })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     if result.is_ok() {
@@ -67,30 +59,19 @@ where
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let name = obj.name_any();
-    api.patch(
-        &name,
-        &PatchParams::apply(names::FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))?;
+    api.patch(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))?;
     Ok(())
 }
 
 async fn grants_of(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<AccessGrant>, Error> {
     let name = identity.name_any();
-    let grants = Api::<AccessGrant>::namespaced(
-        ctx.client.clone(),
-        &identity.namespace().unwrap_or_default(),
-    )
-    .list(&ListParams::default())
-    .await
-    .map_err(kube_err("listing AccessGrants"))?;
-    Ok(grants
-        .items
-        .into_iter()
-        .filter(|g| g.spec.identity == name)
-        .collect())
+    let grants = Api::<AccessGrant>::namespaced(ctx.client.clone(), &identity.namespace().unwrap_or_default())
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("listing AccessGrants"))?;
+    Ok(grants.items.into_iter().filter(|g| g.spec.identity == name).collect())
 }
 
 async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {
@@ -124,38 +105,18 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
                 names::identity_service_account(&name)
             ),
         ),
-        Err(v) => (
-            v.reason(),
-            format!("{v}: every grant is revoked and none is issued"),
-        ),
+        Err(v) => (v.reason(), format!("{v}: every grant is revoked and none is issued")),
     };
-    set_summary(
-        &mut status.conditions,
-        Summary::Ready,
-        reason,
-        message.clone(),
-        generation,
-        now,
-    );
+    set_summary(&mut status.conditions, Summary::Ready, reason, message.clone(), generation, now);
     if status != old {
         apply_status(&ctx.client, identity, &status).await?;
-        let old_reason = old
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .map(|c| c.reason.clone());
+        let old_reason = old.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
         if old_reason.as_deref() != Some(reason) {
-            ctx.event(identity, EventType::Normal, reason, message)
-                .await;
+            ctx.event(identity, EventType::Normal, reason, message).await;
         }
     }
     // Look again at retirement, so that status and Events say so on time.
-    let retire_at = identity
-        .spec
-        .retire_at
-        .as_ref()
-        .map(|t| t.0)
-        .filter(|t| *t > now);
+    let retire_at = identity.spec.retire_at.as_ref().map(|t| t.0).filter(|t| *t > now);
     Ok(requeue_at(retire_at, now))
 }
 
@@ -165,9 +126,7 @@ async fn cleanup(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Erro
     let mut revoked = 0;
     for g in grants_of(identity, ctx).await? {
         let phase = g.status.as_ref().and_then(|s| s.phase);
-        if phase.is_some_and(GrantPhase::is_terminal)
-            && g.status.as_ref().is_some_and(|s| s.revoked_at.is_some())
-        {
+        if phase.is_some_and(GrantPhase::is_terminal) && g.status.as_ref().is_some_and(|s| s.revoked_at.is_some()) {
             continue;
         }
         // With the identity going away, the grant's own decision is to revoke.

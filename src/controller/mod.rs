@@ -34,7 +34,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::{
-    api::{AccessGrant, AgentIdentity},
+    admission::register::Endpoint,
+    api::{AccessGrant, AgentIdentity, Approval, ProtectedResource},
     credentials::{self, kubernetes::KubernetesIssuer},
     metrics::{HttpState, Metrics},
     policy::{desired::ClusterAccess, names},
@@ -67,8 +68,9 @@ impl Error {
             Self::Credentials(e) => e.category(),
             Self::Kube { .. } => "kube",
             Self::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.category()
+                }
                 _ => "finalizer",
             },
         }
@@ -92,6 +94,12 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// How issued kubeconfigs reach the apiserver.
     pub access: ClusterAccess,
+    /// Resources that always need approval, whatever the identity says.
+    pub protected: Vec<ProtectedResource>,
+    /// Where the admission webhook listens.
+    pub webhook_addr: SocketAddr,
+    /// How the apiserver reaches the webhook; None: serve it but do not register it.
+    pub webhook_endpoint: Option<Endpoint>,
 }
 
 /// Shared by every reconcile.
@@ -99,6 +107,8 @@ pub struct Context {
     pub(crate) client: Client,
     pub(crate) issuer: KubernetesIssuer,
     pub(crate) metrics: Arc<Metrics>,
+    /// Resources the cluster-wide policy marks protected.
+    pub(crate) protected: Vec<ProtectedResource>,
     recorder: Recorder,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -106,16 +116,19 @@ pub struct Context {
 
 impl Context {
     /// A context acting through `client`.
-    pub fn new(client: Client, access: ClusterAccess, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: "agentid".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+    pub fn new(
+        client: Client,
+        access: ClusterAccess,
+        protected: Vec<ProtectedResource>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter { controller: "agentid".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             issuer: KubernetesIssuer::new(client.clone(), access),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            protected,
             failures: Mutex::default(),
         }
     }
@@ -128,32 +141,18 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
-        };
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish event");
         }
     }
 
     fn backoff_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-        format!(
-            "{}/{}/{}",
-            K::kind(&()),
-            obj.namespace().unwrap_or_default(),
-            obj.name_any()
-        )
+        format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
     }
 
     pub(crate) fn succeeded<K: Resource<DynamicType = ()>>(&self, obj: &K) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&Self::backoff_key(obj));
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&Self::backoff_key(obj));
     }
 
     /// The delay before retrying `obj` after its `n`th consecutive failure: 1 s doubling to 5 min.
@@ -180,11 +179,7 @@ pub(crate) fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
 }
 
 /// Writes `status` to `obj`'s status subresource by server-side apply.
-pub(crate) async fn apply_status<K>(
-    client: &Client,
-    obj: &K,
-    status: &impl Serialize,
-) -> Result<(), Error>
+pub(crate) async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -194,29 +189,14 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
     let name = obj.name_any();
     let patch = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
-    api.patch_status(
-        &name,
-        &PatchParams::apply(names::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(kube_err(format!(
-        "writing status of {} {name}",
-        K::kind(&())
-    )))?;
+    api.patch_status(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(kube_err(format!("writing status of {} {name}", K::kind(&()))))?;
     Ok(())
 }
 
-fn error_policy<K: Resource<DynamicType = ()>>(
-    obj: Arc<K>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
-    let kind = if K::kind(&()) == "AccessGrant" {
-        "AccessGrant"
-    } else {
-        "AgentIdentity"
-    };
+fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let kind = if K::kind(&()) == "AccessGrant" { "AccessGrant" } else { "AgentIdentity" };
     ctx.metrics.reconcile_failed(kind, error.category());
     let delay = ctx.next_retry(obj.as_ref(), error.is_permanent());
     warn!(kind, namespace = obj.namespace().unwrap_or_default(), name = obj.name_any(), category = error.category(), error = %error, retry_in = ?delay, "reconcile failed");
@@ -226,11 +206,7 @@ fn error_policy<K: Resource<DynamicType = ()>>(
 /// Runs the operator until SIGTERM/ctrl-c.
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings.access,
-        metrics.clone(),
-    ));
+    let ctx = Arc::new(Context::new(client.clone(), settings.access, settings.protected, metrics.clone()));
     let ready = Arc::new(AtomicBool::new(false));
 
     let grants: Api<AccessGrant> = Api::all(client.clone());
@@ -238,13 +214,28 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let grant_controller = Controller::new(grants, watcher::Config::default());
     let grant_store = grant_controller.store();
 
+    // Admission first: without it no grant records its requester and no Approval is checked.
+    let endpoint_hosts =
+        settings.webhook_endpoint.as_ref().map(Endpoint::hosts).unwrap_or_else(|| vec!["localhost".into()]);
+    let cert = crate::admission::certs::generate(&endpoint_hosts)?;
+    let webhook_client = client.clone();
+    let webhook_addr = settings.webhook_addr;
+    let ca_pem = cert.ca_pem.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::admission::server::serve(webhook_addr, &cert, webhook_client).await {
+            tracing::error!(error = %e, "admission webhook stopped");
+        }
+    });
+    match &settings.webhook_endpoint {
+        Some(endpoint) => crate::admission::server::register(&client, endpoint, &ca_pem).await?,
+        None => warn!(
+            "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded and no approval can count"
+        ),
+    }
+
     tokio::spawn(crate::metrics::serve(
         settings.metrics_addr,
-        HttpState {
-            metrics,
-            grants: grant_store.clone(),
-            ready: ready.clone(),
-        },
+        HttpState { metrics, grants: grant_store.clone(), ready: ready.clone() },
     ));
 
     // Overdue revocations and orphans first: nothing is issued before they are done.
@@ -252,50 +243,31 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     let mapper_store = grant_store.clone();
     let grant_run = grant_controller
-        .watches(
-            identities.clone(),
-            watcher::Config::default(),
-            move |identity: AgentIdentity| {
-                let ns = identity.namespace();
-                let name = identity.name_any();
-                mapper_store
-                    .state()
-                    .into_iter()
-                    .filter(|g| g.namespace() == ns && g.spec.identity == name)
-                    .map(|g| ObjectRef::from_obj(g.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches(identities.clone(), watcher::Config::default(), move |identity: AgentIdentity| {
+            let ns = identity.namespace();
+            let name = identity.name_any();
+            mapper_store
+                .state()
+                .into_iter()
+                .filter(|g| g.namespace() == ns && g.spec.identity == name)
+                .map(|g| ObjectRef::from_obj(g.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches(Api::<Approval>::all(client.clone()), watcher::Config::default(), |approval: Approval| {
+            Some(ObjectRef::new(&approval.spec.grant).within(&approval.namespace().unwrap_or_default()))
+        })
         .shutdown_on_signal()
         .run(grant::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
     // Owned Secrets are watched by metadata only: the operator never caches Secret data.
-    let base_selector = format!(
-        "{}={},{}=base",
-        names::MANAGED_BY_LABEL,
-        names::MANAGED_BY,
-        names::COMPONENT_LABEL
-    );
+    let base_selector = format!("{}={},{}=base", names::MANAGED_BY_LABEL, names::MANAGED_BY, names::COMPONENT_LABEL);
     let identity_run = Controller::new(identities, watcher::Config::default())
-        .owns(
-            Api::<ServiceAccount>::all(client.clone()),
-            watcher::Config::default().labels(&base_selector),
-        )
-        .owns(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-            watcher::Config::default().labels(&base_selector),
-        )
-        .watches(
-            Api::<AccessGrant>::all(client.clone()),
-            watcher::Config::default(),
-            |grant: AccessGrant| {
-                Some(
-                    ObjectRef::new(&grant.spec.identity)
-                        .within(&grant.namespace().unwrap_or_default()),
-                )
-            },
-        )
+        .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default().labels(&base_selector))
+        .owns(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default().labels(&base_selector))
+        .watches(Api::<AccessGrant>::all(client.clone()), watcher::Config::default(), |grant: AccessGrant| {
+            Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
+        })
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

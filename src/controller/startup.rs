@@ -68,27 +68,16 @@ where
         .map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))?;
     let mut deleted = 0;
     for obj in list.items {
-        let uid = obj
-            .labels()
-            .get(names::GRANT_UID_LABEL)
-            .cloned()
-            .unwrap_or_default();
+        let uid = obj.labels().get(names::GRANT_UID_LABEL).cloned().unwrap_or_default();
         if live.contains(&uid) {
             continue;
         }
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-        match api
-            .delete(&obj.name_any(), &DeleteParams::background())
-            .await
-        {
+        match api.delete(&obj.name_any(), &DeleteParams::background()).await {
             Ok(_) => deleted += 1,
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => {
-                return Err(kube_err(format!(
-                    "deleting orphaned {} {}",
-                    K::kind(&()),
-                    obj.name_any()
-                ))(e));
+                return Err(kube_err(format!("deleting orphaned {} {}", K::kind(&()), obj.name_any()))(e));
             }
         }
     }

@@ -47,12 +47,7 @@ pub struct KubernetesIssuer {
 }
 
 fn rules_of(grant: &AccessGrant) -> &[KubernetesRule] {
-    grant
-        .spec
-        .kubernetes
-        .as_ref()
-        .map(|k| k.rules.as_slice())
-        .unwrap_or_default()
+    grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default()
 }
 
 async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
@@ -61,13 +56,9 @@ where
     K::DynamicType: Default,
 {
     let name = obj.name_any();
-    api.patch(
-        &name,
-        &PatchParams::apply(names::FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .doing(|| format!("applying {} {name}", K::kind(&Default::default())))
+    api.patch(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .doing(|| format!("applying {} {name}", K::kind(&Default::default())))
 }
 
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
@@ -78,10 +69,7 @@ where
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(source) => Err(Error::Kube {
-            action: format!("deleting {} {name}", K::kind(&Default::default())),
-            source,
-        }),
+        Err(source) => Err(Error::Kube { action: format!("deleting {} {name}", K::kind(&Default::default())), source }),
     }
 }
 
@@ -93,12 +81,7 @@ impl KubernetesIssuer {
 
     /// Makes (or completes) the grant's credential, valid until `expires_at`. The token is
     /// written only into Secrets; it is never returned, logged or put in status.
-    pub async fn issue(
-        &self,
-        grant: &AccessGrant,
-        expires_at: Timestamp,
-        now: Timestamp,
-    ) -> Result<(), Error> {
+    pub async fn issue(&self, grant: &AccessGrant, expires_at: Timestamp, now: Timestamp) -> Result<(), Error> {
         let objects = GrantObjects::new(grant);
         let ns = &objects.namespace;
         let rules = rules_of(grant);
@@ -122,24 +105,18 @@ impl KubernetesIssuer {
         apply(&sas, &objects.service_account()).await?;
         failpoint::hit("issue:after-service-account");
         for role in objects.roles(rules) {
-            let api: Api<Role> =
-                Api::namespaced(self.client.clone(), &role.namespace().unwrap_or_default());
+            let api: Api<Role> = Api::namespaced(self.client.clone(), &role.namespace().unwrap_or_default());
             apply(&api, &role).await?;
         }
         failpoint::hit("issue:after-roles");
         for binding in objects.role_bindings(rules) {
-            let api: Api<RoleBinding> = Api::namespaced(
-                self.client.clone(),
-                &binding.namespace().unwrap_or_default(),
-            );
+            let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), &binding.namespace().unwrap_or_default());
             apply(&api, &binding).await?;
         }
         failpoint::hit("issue:after-role-bindings");
         let secret = apply(&secrets, &objects.secret()).await?;
         failpoint::hit("issue:after-secret");
-        let secret_uid = secret
-            .uid()
-            .ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
+        let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
 
         let seconds = (expires_at.as_second() - now.as_second()).max(MIN_TOKEN_SECONDS);
         let request = TokenRequest {
@@ -168,25 +145,15 @@ impl KubernetesIssuer {
 
         let data = credential_data(grant, &self.access, &token, expires_at);
         let grant_name = grant.name_any();
-        let identity_entries: BTreeMap<String, ByteString> = data
-            .iter()
-            .map(|(k, v)| (names::identity_secret_key(&grant_name, k), v.clone()))
-            .collect();
+        let identity_entries: BTreeMap<String, ByteString> =
+            data.iter().map(|(k, v)| (names::identity_secret_key(&grant_name, k), v.clone())).collect();
         secrets
-            .patch(
-                &objects.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"data": data})),
-            )
+            .patch(&objects.name, &PatchParams::default(), &Patch::Merge(json!({"data": data})))
             .await
             .doing(|| format!("writing Secret {}", objects.name))?;
         failpoint::hit("issue:after-grant-secret");
         secrets
-            .patch(
-                &identity_secret,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"data": identity_entries})),
-            )
+            .patch(&identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": identity_entries})))
             .await
             .doing(|| format!("writing the grant's entries into Secret {identity_secret}"))?;
         debug!(grant = %grant_name, secret = %objects.name, "credential written");
@@ -200,9 +167,7 @@ impl KubernetesIssuer {
         let objects = GrantObjects::new(grant);
         let ns = &objects.namespace;
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        let sa_deleted = delete_if_present(&sas, &objects.name)
-            .await?
-            .then(Timestamp::now);
+        let sa_deleted = delete_if_present(&sas, &objects.name).await?.then(Timestamp::now);
         failpoint::hit("revoke:after-service-account");
 
         for namespace in GrantObjects::target_namespaces(rules_of(grant)) {
@@ -215,20 +180,12 @@ impl KubernetesIssuer {
         delete_if_present(&secrets, &objects.name).await?;
 
         let grant_name = grant.name_any();
-        let removal: BTreeMap<String, Option<()>> =
-            ["token", "kubeconfig", "ca.crt", "expires-at", "scope"]
-                .iter()
-                .map(|k| (names::identity_secret_key(&grant_name, k), None))
-                .collect();
+        let removal: BTreeMap<String, Option<()>> = ["token", "kubeconfig", "ca.crt", "expires-at", "scope"]
+            .iter()
+            .map(|k| (names::identity_secret_key(&grant_name, k), None))
+            .collect();
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
-        match secrets
-            .patch(
-                &identity_secret,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"data": removal})),
-            )
-            .await
-        {
+        match secrets.patch(&identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": removal}))).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(source) => {

@@ -28,18 +28,9 @@ impl Error {
     /// A bounded label for metrics and Event reasons.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Kube {
-                source: kube::Error::Api(s),
-                ..
-            } if s.code == 403 => "forbidden",
-            Self::Kube {
-                source: kube::Error::Api(s),
-                ..
-            } if s.code == 409 => "conflict",
-            Self::Kube {
-                source: kube::Error::Api(s),
-                ..
-            } if s.code == 422 => "invalid",
+            Self::Kube { source: kube::Error::Api(s), .. } if s.code == 403 => "forbidden",
+            Self::Kube { source: kube::Error::Api(s), .. } if s.code == 409 => "conflict",
+            Self::Kube { source: kube::Error::Api(s), .. } if s.code == 422 => "invalid",
             Self::Kube { .. } => "kube",
             Self::NotReady(_) => "not-ready",
             Self::Malformed(_) => "malformed",
@@ -54,10 +45,7 @@ pub(crate) trait Doing<T> {
 
 impl<T> Doing<T> for kube::Result<T> {
     fn doing(self, action: impl FnOnce() -> String) -> Result<T, Error> {
-        self.map_err(|source| Error::Kube {
-            action: action(),
-            source,
-        })
+        self.map_err(|source| Error::Kube { action: action(), source })
     }
 }
 

@@ -72,11 +72,7 @@ pub fn identity_usable(identity: &AgentIdentity, now: Timestamp) -> Result<(), V
 }
 
 /// Checks a grant against its identity's ceiling; on success returns the grant's duration.
-pub fn check(
-    identity: &AgentIdentity,
-    grant: &AccessGrantSpec,
-    now: Timestamp,
-) -> Result<Duration, Violation> {
+pub fn check(identity: &AgentIdentity, grant: &AccessGrantSpec, now: Timestamp) -> Result<Duration, Violation> {
     identity_usable(identity, now)?;
     let requested = duration::parse(&grant.duration)?;
     let max = duration::parse(&identity.spec.max_grant_duration)?;
@@ -86,11 +82,7 @@ pub fn check(
             max: identity.spec.max_grant_duration.clone(),
         });
     }
-    let rules = grant
-        .kubernetes
-        .as_ref()
-        .map(|k| k.rules.as_slice())
-        .unwrap_or_default();
+    let rules = grant.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
     if rules.is_empty() {
         return Err(Violation::NoAccess);
     }
@@ -117,14 +109,8 @@ mod tests {
     #[test]
     fn within_the_ceiling_returns_the_duration() {
         let id = identity("fixer", &["staging"]);
-        assert_eq!(
-            check(&id, &grant_spec("15m", "staging"), now()),
-            Ok(Duration::from_secs(900))
-        );
-        assert_eq!(
-            check(&id, &grant_spec("1h", "staging"), now()),
-            Ok(Duration::from_secs(3600))
-        );
+        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()), Ok(Duration::from_secs(900)));
+        assert_eq!(check(&id, &grant_spec("1h", "staging"), now()), Ok(Duration::from_secs(3600)));
     }
 
     #[test]
@@ -132,10 +118,7 @@ mod tests {
         let id = identity("fixer", &["staging"]);
         let err = check(&id, &grant_spec("2h", "staging"), now()).unwrap_err();
         assert_eq!(err.reason(), "DurationOverCeiling");
-        assert_eq!(
-            err.to_string(),
-            "duration 2h exceeds the identity's maxGrantDuration 1h"
-        );
+        assert_eq!(err.to_string(), "duration 2h exceeds the identity's maxGrantDuration 1h");
     }
 
     #[test]
@@ -149,36 +132,19 @@ mod tests {
     #[test]
     fn no_allowed_namespaces_allows_nothing() {
         let id = identity("fixer", &[]);
-        assert_eq!(
-            check(&id, &grant_spec("15m", "staging"), now())
-                .unwrap_err()
-                .reason(),
-            "NamespaceNotAllowed"
-        );
+        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "NamespaceNotAllowed");
     }
 
     #[test]
     fn suspended_and_retired_identities_get_nothing() {
         let mut id = identity("fixer", &["staging"]);
         id.spec.suspended = true;
-        assert_eq!(
-            check(&id, &grant_spec("15m", "staging"), now())
-                .unwrap_err()
-                .reason(),
-            "IdentitySuspended"
-        );
+        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "IdentitySuspended");
         let mut id = identity("fixer", &["staging"]);
         id.spec.retire_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
-        assert_eq!(
-            check(&id, &grant_spec("15m", "staging"), now())
-                .unwrap_err()
-                .reason(),
-            "IdentityRetired"
-        );
+        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "IdentityRetired");
         let mut id = identity("fixer", &["staging"]);
-        let later = now()
-            .checked_add(jiff::SignedDuration::from_secs(1))
-            .expect("in range");
+        let later = now().checked_add(jiff::SignedDuration::from_secs(1)).expect("in range");
         id.spec.retire_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(later));
         assert!(check(&id, &grant_spec("15m", "staging"), now()).is_ok());
     }
@@ -186,19 +152,9 @@ mod tests {
     #[test]
     fn malformed_durations_fail_closed() {
         let id = identity("fixer", &["staging"]);
-        assert_eq!(
-            check(&id, &grant_spec("forever", "staging"), now())
-                .unwrap_err()
-                .reason(),
-            "InvalidDuration"
-        );
+        assert_eq!(check(&id, &grant_spec("forever", "staging"), now()).unwrap_err().reason(), "InvalidDuration");
         let mut id = identity("fixer", &["staging"]);
         id.spec.max_grant_duration = "lots".into();
-        assert_eq!(
-            check(&id, &grant_spec("15m", "staging"), now())
-                .unwrap_err()
-                .reason(),
-            "InvalidDuration"
-        );
+        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "InvalidDuration");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::api::KubernetesRule;
+use crate::api::{KubernetesRule, ProtectedResource};
 
 /// Why a grant needs a human's approval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -15,6 +15,8 @@ pub enum Category {
     Escalation,
     /// Reads Secrets.
     Sensitive,
+    /// A resource the identity or the cluster policy marks protected.
+    Protected,
     /// A verb, or a write to a resource, that agentid does not know.
     Unknown,
 }
@@ -26,6 +28,7 @@ impl Category {
             Self::Destructive => "destructive",
             Self::Escalation => "escalation",
             Self::Sensitive => "sensitive",
+            Self::Protected => "protected",
             Self::Unknown => "unknown",
         }
     }
@@ -46,14 +49,7 @@ pub struct Reason {
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {} {} in {}",
-            self.category.as_str(),
-            self.verb,
-            self.target,
-            self.namespace
-        )
+        write!(f, "{}: {} {} in {}", self.category.as_str(), self.verb, self.target, self.namespace)
     }
 }
 
@@ -63,20 +59,11 @@ const DELETE_VERBS: &[&str] = &["delete", "deletecollection"];
 const ESCALATION_VERBS: &[&str] = &["escalate", "bind", "impersonate"];
 
 /// API groups where any write is destructive.
-const DESTRUCTIVE_GROUPS: &[&str] = &[
-    "rbac.authorization.k8s.io",
-    "admissionregistration.k8s.io",
-    "apiextensions.k8s.io",
-    crate::api::GROUP,
-];
+const DESTRUCTIVE_GROUPS: &[&str] =
+    &["rbac.authorization.k8s.io", "admissionregistration.k8s.io", "apiextensions.k8s.io", crate::api::GROUP];
 
 /// Core resources where any write is destructive.
-const DESTRUCTIVE_CORE: &[&str] = &[
-    "secrets",
-    "namespaces",
-    "persistentvolumeclaims",
-    "persistentvolumes",
-];
+const DESTRUCTIVE_CORE: &[&str] = &["secrets", "namespaces", "persistentvolumeclaims", "persistentvolumes"];
 
 /// Resources (any verb) that hand out a shell, a tunnel, a token or a node.
 const ESCALATION_RESOURCES: &[(&str, &str)] = &[
@@ -136,8 +123,7 @@ fn classify_one(group: &str, resource: &str, verb: &str) -> Option<Category> {
         // approve, sign, use, proxy, or anything else RBAC may grow: fail closed.
         return Some(Category::Unknown);
     }
-    if DESTRUCTIVE_GROUPS.contains(&group) || (group.is_empty() && DESTRUCTIVE_CORE.contains(&base))
-    {
+    if DESTRUCTIVE_GROUPS.contains(&group) || (group.is_empty() && DESTRUCTIVE_CORE.contains(&base)) {
         return Some(Category::Destructive);
     }
     // Creating or changing a pod runs code as that pod's ServiceAccount; an ephemeral container
@@ -171,14 +157,33 @@ fn target(group: &str, resource: &str, names: &[String]) -> String {
     out
 }
 
+/// Whether a rule's (group, resource) in `namespace`, limited to `names` (empty: all), can touch
+/// a protected resource.
+fn touches(p: &ProtectedResource, group: &str, resource: &str, names: &[String], namespace: &str) -> bool {
+    let base = resource.split('/').next().unwrap_or(resource);
+    let group_matches = group == "*" || group == p.api_group;
+    let resource_matches = resource == "*" || base == p.resource || resource == p.resource;
+    let namespace_matches = p.namespaces.is_empty() || p.namespaces.iter().any(|n| n == namespace);
+    let names_match =
+        p.resource_names.is_empty() || names.is_empty() || names.iter().any(|n| p.resource_names.contains(n));
+    group_matches && resource_matches && namespace_matches && names_match
+}
+
 /// Every reason the rules need approval, sorted and without repeats. Empty: issue at once.
-pub fn classify(rules: &[KubernetesRule]) -> Vec<Reason> {
+/// `protected` holds what the identity and the cluster policy mark protected.
+pub fn classify(rules: &[KubernetesRule], protected: &[ProtectedResource]) -> Vec<Reason> {
     let mut reasons = Vec::new();
     for rule in rules {
         for group in &rule.api_groups {
             for resource in &rule.resources {
                 for verb in &rule.verbs {
-                    if let Some(category) = classify_one(group, resource, verb) {
+                    let category = classify_one(group, resource, verb).or_else(|| {
+                        protected
+                            .iter()
+                            .any(|p| touches(p, group, resource, &rule.resource_names, &rule.namespace))
+                            .then_some(Category::Protected)
+                    });
+                    if let Some(category) = category {
                         let target = if resource.contains('/')
                             && ESCALATION_RESOURCES.contains(&(group.as_str(), resource.as_str()))
                         {
@@ -259,30 +264,10 @@ mod tests {
             ("", "namespaces", "update", Some(Destructive)),
             ("", "persistentvolumeclaims", "create", Some(Destructive)),
             ("", "persistentvolumes", "patch", Some(Destructive)),
-            (
-                "rbac.authorization.k8s.io",
-                "rolebindings",
-                "create",
-                Some(Destructive),
-            ),
-            (
-                "rbac.authorization.k8s.io",
-                "clusterroles",
-                "patch",
-                Some(Destructive),
-            ),
-            (
-                "admissionregistration.k8s.io",
-                "validatingwebhookconfigurations",
-                "update",
-                Some(Destructive),
-            ),
-            (
-                "apiextensions.k8s.io",
-                "customresourcedefinitions",
-                "create",
-                Some(Destructive),
-            ),
+            ("rbac.authorization.k8s.io", "rolebindings", "create", Some(Destructive)),
+            ("rbac.authorization.k8s.io", "clusterroles", "patch", Some(Destructive)),
+            ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "update", Some(Destructive)),
+            ("apiextensions.k8s.io", "customresourcedefinitions", "create", Some(Destructive)),
             ("agentid.dev", "accessgrants", "create", Some(Destructive)),
             ("agentid.dev", "approvals", "create", Some(Destructive)),
             ("agentid.dev", "agentidentities", "patch", Some(Destructive)),
@@ -291,18 +276,8 @@ mod tests {
             ("", "*", "get", Some(Escalation)),
             ("", "pods", "*", Some(Escalation)),
             ("", "pods/*", "get", Some(Escalation)),
-            (
-                "rbac.authorization.k8s.io",
-                "roles",
-                "escalate",
-                Some(Escalation),
-            ),
-            (
-                "rbac.authorization.k8s.io",
-                "rolebindings",
-                "bind",
-                Some(Escalation),
-            ),
+            ("rbac.authorization.k8s.io", "roles", "escalate", Some(Escalation)),
+            ("rbac.authorization.k8s.io", "rolebindings", "bind", Some(Escalation)),
             ("", "users", "impersonate", Some(Escalation)),
             ("", "serviceaccounts", "impersonate", Some(Escalation)),
             ("", "pods", "create", Some(Escalation)),
@@ -315,12 +290,7 @@ mod tests {
             ("", "serviceaccounts/token", "create", Some(Escalation)),
             ("", "nodes/proxy", "get", Some(Escalation)),
             // Unknown verbs and writes to unknown resources fail closed.
-            (
-                "certificates.k8s.io",
-                "certificatesigningrequests/approval",
-                "approve",
-                Some(Unknown),
-            ),
+            ("certificates.k8s.io", "certificatesigningrequests/approval", "approve", Some(Unknown)),
             ("policy", "podsecuritypolicies", "use", Some(Unknown)),
             ("", "services/proxy", "proxy", Some(Unknown)),
             ("example.com", "widgets", "create", Some(Unknown)),
@@ -329,58 +299,33 @@ mod tests {
             ("", "nodes", "patch", Some(Unknown)),
         ];
         for (group, resource, verb, expected) in table {
-            assert_eq!(
-                one(group, resource, verb),
-                *expected,
-                "{verb} {resource} in group {group:?}"
-            );
+            assert_eq!(one(group, resource, verb), *expected, "{verb} {resource} in group {group:?}");
         }
     }
 
     #[test]
     fn incident_grant_says_why_in_words() {
-        let reasons = classify(&[rule(
-            &[""],
-            &["persistentvolumeclaims"],
-            &["get", "delete"],
-            &["db-volume"],
-        )]);
+        let reasons = classify(&[rule(&[""], &["persistentvolumeclaims"], &["get", "delete"], &["db-volume"])], &[]);
         let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            texts,
-            vec!["destructive: delete persistentvolumeclaims/db-volume in staging"]
-        );
+        assert_eq!(texts, vec!["destructive: delete persistentvolumeclaims/db-volume in staging"]);
     }
 
     #[test]
     fn exec_reason_names_the_subresource() {
-        let reasons = classify(&[rule(&[""], &["pods/exec"], &["create"], &[])]);
-        assert_eq!(
-            reasons[0].to_string(),
-            "escalation: create pods/exec in staging"
-        );
+        let reasons = classify(&[rule(&[""], &["pods/exec"], &["create"], &[])], &[]);
+        assert_eq!(reasons[0].to_string(), "escalation: create pods/exec in staging");
     }
 
     #[test]
     fn read_only_grant_needs_nothing() {
-        let rules = [rule(
-            &["", "apps"],
-            &["pods", "deployments", "pods/log"],
-            &["get", "list", "watch"],
-            &[],
-        )];
-        assert!(classify(&rules).is_empty());
+        let rules = [rule(&["", "apps"], &["pods", "deployments", "pods/log"], &["get", "list", "watch"], &[])];
+        assert!(classify(&rules, &[]).is_empty());
     }
 
     #[test]
     fn every_combination_of_a_rule_is_considered() {
         // A harmless first entry must not hide a dangerous later one.
-        let reasons = classify(&[rule(
-            &["apps", ""],
-            &["deployments", "secrets"],
-            &["get", "patch"],
-            &[],
-        )]);
+        let reasons = classify(&[rule(&["apps", ""], &["deployments", "secrets"], &["get", "patch"], &[])], &[]);
         let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(
             texts,
@@ -396,6 +341,44 @@ mod tests {
     #[test]
     fn reasons_are_sorted_and_unique() {
         let r = rule(&[""], &["secrets"], &["get", "get"], &[]);
-        assert_eq!(classify(&[r.clone(), r]).len(), 1);
+        assert_eq!(classify(&[r.clone(), r], &[]).len(), 1);
+    }
+
+    fn protect(group: &str, resource: &str, names: &[&str], namespaces: &[&str]) -> ProtectedResource {
+        ProtectedResource {
+            api_group: group.into(),
+            resource: resource.into(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn protected_resources_need_approval_for_any_verb() {
+        let flags = [protect("", "configmaps", &["feature-flags"], &[])];
+        let read = rule(&[""], &["configmaps"], &["get"], &["feature-flags"]);
+        let texts: Vec<String> = classify(&[read], &flags).iter().map(ToString::to_string).collect();
+        assert_eq!(texts, vec!["protected: get configmaps/feature-flags in staging"]);
+        // All configmaps includes the protected one.
+        assert_eq!(classify(&[rule(&[""], &["configmaps"], &["list"], &[])], &flags).len(), 1);
+        // Another name, another resource, another group: not protected.
+        assert!(classify(&[rule(&[""], &["configmaps"], &["get"], &["other"])], &flags).is_empty());
+        assert!(classify(&[rule(&[""], &["services"], &["get"], &["feature-flags"])], &flags).is_empty());
+        assert!(classify(&[rule(&["example.com"], &["configmaps"], &["get"], &[])], &flags).is_empty());
+        // Limited to a namespace.
+        let prod_only = [protect("apps", "deployments", &[], &["production"])];
+        assert!(classify(&[rule(&["apps"], &["deployments"], &["get"], &[])], &prod_only).is_empty());
+        let mut in_prod = rule(&["apps"], &["deployments"], &["get"], &[]);
+        in_prod.namespace = "production".into();
+        assert_eq!(classify(&[in_prod], &prod_only)[0].category, Protected);
+        // Subresources of a protected resource are protected too.
+        assert_eq!(
+            classify(
+                &[rule(&["apps"], &["deployments/scale"], &["get"], &[])],
+                &[protect("apps", "deployments", &[], &[])]
+            )
+            .len(),
+            1
+        );
     }
 }

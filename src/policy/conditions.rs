@@ -25,12 +25,7 @@ pub struct Desired<'a> {
 }
 
 /// Sets `desired` in `conditions`, keeping lastTransitionTime when the status did not change.
-pub fn set(
-    conditions: &mut Vec<Condition>,
-    desired: Desired<'_>,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
+pub fn set(conditions: &mut Vec<Condition>, desired: Desired<'_>, generation: Option<i64>, now: Timestamp) {
     let status = if desired.status { "True" } else { "False" }.to_string();
     match conditions.iter_mut().find(|c| c.type_ == desired.type_) {
         Some(existing) => {
@@ -68,32 +63,10 @@ pub fn set_summary(
         Summary::Stalled => (false, false, true),
         Summary::Done => (false, false, false),
     };
-    for (type_, status) in [
-        (READY, ready),
-        (RECONCILING, reconciling),
-        (STALLED, stalled),
-    ] {
-        let message = if status || type_ == READY {
-            message.clone()
-        } else {
-            String::new()
-        };
-        let reason = if status || type_ == READY {
-            reason
-        } else {
-            "AsExpected"
-        };
-        set(
-            conditions,
-            Desired {
-                type_,
-                status,
-                reason,
-                message,
-            },
-            generation,
-            now,
-        );
+    for (type_, status) in [(READY, ready), (RECONCILING, reconciling), (STALLED, stalled)] {
+        let message = if status || type_ == READY { message.clone() } else { String::new() };
+        let reason = if status || type_ == READY { reason } else { "AsExpected" };
+        set(conditions, Desired { type_, status, reason, message }, generation, now);
     }
 }
 
@@ -121,34 +94,14 @@ mod tests {
     #[test]
     fn transition_time_moves_only_on_status_change() {
         let mut cs = Vec::new();
-        let d = |status, reason: &'static str| Desired {
-            type_: READY,
-            status,
-            reason,
-            message: "m".into(),
-        };
-        set(
-            &mut cs,
-            d(false, "Issuing"),
-            Some(1),
-            at("2026-01-01T00:00:00Z"),
-        );
-        set(
-            &mut cs,
-            d(false, "StillIssuing"),
-            Some(2),
-            at("2026-01-01T00:01:00Z"),
-        );
+        let d = |status, reason: &'static str| Desired { type_: READY, status, reason, message: "m".into() };
+        set(&mut cs, d(false, "Issuing"), Some(1), at("2026-01-01T00:00:00Z"));
+        set(&mut cs, d(false, "StillIssuing"), Some(2), at("2026-01-01T00:01:00Z"));
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].last_transition_time.0, at("2026-01-01T00:00:00Z"));
         assert_eq!(cs[0].reason, "StillIssuing");
         assert_eq!(cs[0].observed_generation, Some(2));
-        set(
-            &mut cs,
-            d(true, "Issued"),
-            Some(2),
-            at("2026-01-01T00:02:00Z"),
-        );
+        set(&mut cs, d(true, "Issued"), Some(2), at("2026-01-01T00:02:00Z"));
         assert_eq!(cs[0].last_transition_time.0, at("2026-01-01T00:02:00Z"));
         assert_eq!(cs[0].status, "True");
     }
@@ -156,16 +109,8 @@ mod tests {
     #[test]
     fn summary_sets_ready_reconciling_stalled_together() {
         let mut cs = Vec::new();
-        set_summary(
-            &mut cs,
-            Summary::Stalled,
-            "NamespaceNotAllowed",
-            "no".into(),
-            Some(1),
-            at("2026-01-01T00:00:00Z"),
-        );
-        let get =
-            |cs: &[Condition], t: &str| cs.iter().find(|c| c.type_ == t).map(|c| c.status.clone());
+        set_summary(&mut cs, Summary::Stalled, "NamespaceNotAllowed", "no".into(), Some(1), at("2026-01-01T00:00:00Z"));
+        let get = |cs: &[Condition], t: &str| cs.iter().find(|c| c.type_ == t).map(|c| c.status.clone());
         assert_eq!(get(&cs, READY).as_deref(), Some("False"));
         assert_eq!(get(&cs, RECONCILING).as_deref(), Some("False"));
         assert_eq!(get(&cs, STALLED).as_deref(), Some("True"));

@@ -3,10 +3,24 @@
 use jiff::{SignedDuration, Timestamp};
 
 use super::{
+    approval::Verdict,
     ceiling::{self, Violation},
     classify,
 };
-use crate::api::{AccessGrant, AgentIdentity, GrantPhase};
+use crate::api::{AccessGrant, AgentIdentity, GrantPhase, ProtectedResource, duration};
+
+/// What the decision depends on besides the grant itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    /// The grant's identity (same namespace), if it exists and is not being deleted.
+    pub identity: Option<&'a AgentIdentity>,
+    /// What the grant's Approvals add up to.
+    pub verdict: &'a Verdict,
+    /// What the cluster-wide policy marks protected.
+    pub protected: &'a [ProtectedResource],
+    /// The current time.
+    pub now: Timestamp,
+}
 
 /// The next step for one grant.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +46,7 @@ pub enum Step {
     },
     /// Take the credential away and end the grant in `phase`.
     Revoke {
-        /// Expired or Revoked.
+        /// Expired, Revoked or Denied.
         phase: GrantPhase,
         /// CamelCase reason for the condition and the Event.
         reason: &'static str,
@@ -42,11 +56,7 @@ pub enum Step {
 }
 
 fn expires_at_of(grant: &AccessGrant) -> Option<Timestamp> {
-    grant
-        .status
-        .as_ref()
-        .and_then(|s| s.expires_at.as_ref())
-        .map(|t| t.0)
+    grant.status.as_ref().and_then(|s| s.expires_at.as_ref()).map(|t| t.0)
 }
 
 fn phase_of(grant: &AccessGrant) -> Option<GrantPhase> {
@@ -54,9 +64,7 @@ fn phase_of(grant: &AccessGrant) -> Option<GrantPhase> {
 }
 
 fn retire_at(identity: Option<&AgentIdentity>) -> Option<Timestamp> {
-    identity
-        .and_then(|i| i.spec.retire_at.as_ref())
-        .map(|t| t.0)
+    identity.and_then(|i| i.spec.retire_at.as_ref()).map(|t| t.0)
 }
 
 fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
@@ -66,8 +74,21 @@ fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
     }
 }
 
-/// Decides the next step for `grant`, whose identity (same namespace) is `identity`.
-pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
+/// The reasons a grant needs approval (identity's and cluster's protected resources included).
+pub fn approval_reasons(grant: &AccessGrant, identity: &AgentIdentity, protected: &[ProtectedResource]) -> Vec<String> {
+    let mut all = identity.spec.approval.protected_resources.clone();
+    all.extend_from_slice(protected);
+    let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+    classify::classify(rules, &all).iter().map(ToString::to_string).collect()
+}
+
+fn denied(by: &str, reason: &str) -> Step {
+    Step::Revoke { phase: GrantPhase::Denied, reason: "Denied", message: format!("denied by {by}: {reason}") }
+}
+
+/// Decides the next step for `grant`.
+pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
+    let Facts { identity, verdict, now, .. } = facts;
     let phase = phase_of(grant);
     let issued_until = expires_at_of(grant);
 
@@ -75,11 +96,8 @@ pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timest
         && phase.is_terminal()
     {
         // An interrupted revocation (no revokedAt yet) is finished before anything else.
-        let revoked = grant
-            .status
-            .as_ref()
-            .is_some_and(|s| s.revoked_at.is_some());
-        if matches!(phase, GrantPhase::Expired | GrantPhase::Revoked)
+        let revoked = grant.status.as_ref().is_some_and(|s| s.revoked_at.is_some());
+        if matches!(phase, GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied)
             && !revoked
             && issued_until.is_some()
         {
@@ -104,6 +122,9 @@ pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timest
                 message: format!("the grant ran its course at {expires_at}"),
             };
         }
+        if let Verdict::Denied { by, reason } = verdict {
+            return denied(by, reason);
+        }
         let Some(identity) = identity else {
             return Step::Revoke {
                 phase: GrantPhase::Revoked,
@@ -113,21 +134,15 @@ pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timest
         };
         if let Err(violation) = ceiling::check(identity, &grant.spec, now) {
             let reason = match violation {
-                Violation::IdentitySuspended(_) | Violation::IdentityRetired(..) => {
-                    violation.reason()
-                }
+                Violation::IdentitySuspended(_) | Violation::IdentityRetired(..) => violation.reason(),
                 _ => "CeilingLowered",
             };
-            return Step::Revoke {
-                phase: GrantPhase::Revoked,
-                reason,
-                message: violation.to_string(),
-            };
+            return Step::Revoke { phase: GrantPhase::Revoked, reason, message: violation.to_string() };
         }
         return match phase {
-            Some(GrantPhase::Active) => Step::Wait {
-                recheck_at: earliest(Some(expires_at), retire_at(Some(identity))),
-            },
+            Some(GrantPhase::Active) => {
+                Step::Wait { recheck_at: earliest(Some(expires_at), retire_at(Some(identity))) }
+            }
             // Pending with an expiry: an issuance was interrupted; finish it with the same end.
             _ => Step::Issue { expires_at },
         };
@@ -140,26 +155,37 @@ pub fn decide(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timest
         Ok(d) => d,
         Err(violation) => return Step::Reject(violation),
     };
-    let rules = grant
-        .spec
-        .kubernetes
-        .as_ref()
-        .map(|k| k.rules.as_slice())
-        .unwrap_or_default();
-    let reasons = classify::classify(rules);
+    let reasons = approval_reasons(grant, identity, facts.protected);
     if !reasons.is_empty() {
-        return Step::AwaitApproval {
-            reasons: reasons.iter().map(ToString::to_string).collect(),
-            recheck_at: retire_at(Some(identity)),
-        };
+        match verdict {
+            Verdict::Denied { by, reason } => return denied(by, reason),
+            Verdict::Approved(_) => {}
+            Verdict::Waiting { .. } => {
+                let timeout = duration::parse(&identity.spec.approval.pending_timeout)
+                    .ok()
+                    .and_then(|d| SignedDuration::try_from(d).ok())
+                    .unwrap_or(SignedDuration::from_hours(24));
+                let deadline = grant.metadata.creation_timestamp.as_ref().and_then(|c| c.0.checked_add(timeout).ok());
+                if let Some(deadline) = deadline
+                    && now >= deadline
+                {
+                    return Step::Revoke {
+                        phase: GrantPhase::Expired,
+                        reason: "PendingTimeout",
+                        message: format!(
+                            "not approved within pendingTimeout {}",
+                            identity.spec.approval.pending_timeout
+                        ),
+                    };
+                }
+                return Step::AwaitApproval { reasons, recheck_at: earliest(deadline, retire_at(Some(identity))) };
+            }
+        }
     }
     let duration = SignedDuration::try_from(duration).unwrap_or(SignedDuration::ZERO);
     // Whole seconds: status timestamps carry no fraction, and the instant agentid revokes at must
     // be the one users read in status.expiresAt.
-    match now
-        .checked_add(duration)
-        .and_then(|t| Timestamp::from_second(t.as_second()))
-    {
+    match now.checked_add(duration).and_then(|t| Timestamp::from_second(t.as_second())) {
         Ok(expires_at) => Step::Issue { expires_at },
         Err(_) => Step::Reject(Violation::DurationOverCeiling {
             requested: grant.spec.duration.clone(),
@@ -174,59 +200,41 @@ mod tests {
 
     use super::*;
     use crate::{
-        api::AccessGrantStatus,
+        api::{AccessGrantStatus, ApprovalRecord},
         policy::testing::{grant, identity, rule},
     };
+
+    const WAITING: Verdict = Verdict::Waiting { counted: vec![], ignored: vec![] };
+
+    fn decide_at(g: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
+        decide(g, Facts { identity, verdict: &WAITING, protected: &[], now })
+    }
 
     fn now() -> Timestamp {
         "2026-11-25T12:00:00Z".parse().expect("valid timestamp")
     }
 
     fn plus(secs: i64) -> Timestamp {
-        now()
-            .checked_add(SignedDuration::from_secs(secs))
-            .expect("in range")
+        now().checked_add(SignedDuration::from_secs(secs)).expect("in range")
     }
 
-    fn with_status(
-        mut g: AccessGrant,
-        phase: GrantPhase,
-        expires_at: Option<Timestamp>,
-    ) -> AccessGrant {
-        g.status = Some(AccessGrantStatus {
-            phase: Some(phase),
-            expires_at: expires_at.map(Time),
-            ..Default::default()
-        });
+    fn with_status(mut g: AccessGrant, phase: GrantPhase, expires_at: Option<Timestamp>) -> AccessGrant {
+        g.status =
+            Some(AccessGrantStatus { phase: Some(phase), expires_at: expires_at.map(Time), ..Default::default() });
         g
     }
 
     #[test]
     fn a_read_grant_within_the_ceiling_is_issued_for_its_duration() {
         let id = identity("fixer", &["staging"]);
-        let g = grant(
-            "read",
-            "fixer",
-            "15m",
-            vec![rule("staging", "apps", "deployments", "get")],
-        );
-        assert_eq!(
-            decide(&g, Some(&id), now()),
-            Step::Issue {
-                expires_at: plus(900)
-            }
-        );
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "apps", "deployments", "get")]);
+        assert_eq!(decide_at(&g, Some(&id), now()), Step::Issue { expires_at: plus(900) });
     }
 
     #[test]
     fn missing_identity_rejects_a_new_grant() {
-        let g = grant(
-            "read",
-            "ghost",
-            "15m",
-            vec![rule("staging", "", "pods", "get")],
-        );
-        match decide(&g, None, now()) {
+        let g = grant("read", "ghost", "15m", vec![rule("staging", "", "pods", "get")]);
+        match decide_at(&g, None, now()) {
             Step::Reject(v) => assert_eq!(v.reason(), "IdentityNotFound"),
             other => panic!("{other:?}"),
         }
@@ -235,64 +243,35 @@ mod tests {
     #[test]
     fn over_ceiling_is_rejected() {
         let id = identity("fixer", &["staging"]);
-        let g = grant(
-            "read",
-            "fixer",
-            "15m",
-            vec![rule("production", "", "pods", "get")],
-        );
-        assert!(matches!(
-            decide(&g, Some(&id), now()),
-            Step::Reject(Violation::NamespaceNotAllowed { .. })
-        ));
+        let g = grant("read", "fixer", "15m", vec![rule("production", "", "pods", "get")]);
+        assert!(matches!(decide_at(&g, Some(&id), now()), Step::Reject(Violation::NamespaceNotAllowed { .. })));
     }
 
     #[test]
     fn destructive_grant_waits_for_approval_and_is_never_issued_here() {
         let id = identity("fixer", &["staging"]);
-        let g = grant(
-            "rm",
-            "fixer",
-            "15m",
-            vec![rule("staging", "", "persistentvolumeclaims", "delete")],
-        );
-        match decide(&g, Some(&id), now()) {
+        let g = grant("rm", "fixer", "15m", vec![rule("staging", "", "persistentvolumeclaims", "delete")]);
+        match decide_at(&g, Some(&id), now()) {
             Step::AwaitApproval { reasons, .. } => {
-                assert_eq!(
-                    reasons,
-                    vec!["destructive: delete persistentvolumeclaims in staging"]
-                )
+                assert_eq!(reasons, vec!["destructive: delete persistentvolumeclaims in staging"])
             }
             other => panic!("{other:?}"),
         }
         // Still waiting when already marked AwaitingApproval.
         let g = with_status(g, GrantPhase::AwaitingApproval, None);
-        assert!(matches!(
-            decide(&g, Some(&id), now()),
-            Step::AwaitApproval { .. }
-        ));
+        assert!(matches!(decide_at(&g, Some(&id), now()), Step::AwaitApproval { .. }));
     }
 
     #[test]
     fn active_grant_waits_until_expiry_then_expires() {
         let id = identity("fixer", &["staging"]);
         let g = with_status(
-            grant(
-                "read",
-                "fixer",
-                "15m",
-                vec![rule("staging", "", "pods", "get")],
-            ),
+            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
             GrantPhase::Active,
             Some(plus(10)),
         );
-        assert_eq!(
-            decide(&g, Some(&id), now()),
-            Step::Wait {
-                recheck_at: Some(plus(10))
-            }
-        );
-        match decide(&g, Some(&id), plus(10)) {
+        assert_eq!(decide_at(&g, Some(&id), now()), Step::Wait { recheck_at: Some(plus(10)) });
+        match decide_at(&g, Some(&id), plus(10)) {
             Step::Revoke { phase, reason, .. } => {
                 assert_eq!(phase, GrantPhase::Expired);
                 assert_eq!(reason, "Expired");
@@ -304,12 +283,7 @@ mod tests {
     #[test]
     fn active_grant_is_revoked_when_identity_is_suspended_retired_deleted_or_narrowed() {
         let g = with_status(
-            grant(
-                "read",
-                "fixer",
-                "15m",
-                vec![rule("staging", "", "pods", "get")],
-            ),
+            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
             GrantPhase::Active,
             Some(plus(600)),
         );
@@ -324,7 +298,7 @@ mod tests {
             (None, "IdentityDeleted"),
             (Some(&narrowed), "CeilingLowered"),
         ] {
-            match decide(&g, id, now()) {
+            match decide_at(&g, id, now()) {
                 Step::Revoke { phase, reason, .. } => {
                     assert_eq!(phase, GrantPhase::Revoked);
                     assert_eq!(reason, expected);
@@ -338,61 +312,28 @@ mod tests {
     fn interrupted_issuance_resumes_with_the_same_expiry() {
         let id = identity("fixer", &["staging"]);
         let g = with_status(
-            grant(
-                "read",
-                "fixer",
-                "15m",
-                vec![rule("staging", "", "pods", "get")],
-            ),
+            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
             GrantPhase::Pending,
             Some(plus(300)),
         );
-        assert_eq!(
-            decide(&g, Some(&id), now()),
-            Step::Issue {
-                expires_at: plus(300)
-            }
-        );
+        assert_eq!(decide_at(&g, Some(&id), now()), Step::Issue { expires_at: plus(300) });
         // ...unless it expired meanwhile (operator down): revoke, never issue.
-        assert!(matches!(
-            decide(&g, Some(&id), plus(300)),
-            Step::Revoke {
-                phase: GrantPhase::Expired,
-                ..
-            }
-        ));
+        assert!(matches!(decide_at(&g, Some(&id), plus(300)), Step::Revoke { phase: GrantPhase::Expired, .. }));
     }
 
     #[test]
     fn terminal_grants_stay_terminal_but_finish_an_interrupted_revocation() {
         let id = identity("fixer", &["staging"]);
-        let base = grant(
-            "read",
-            "fixer",
-            "15m",
-            vec![rule("staging", "", "pods", "get")],
-        );
+        let base = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
         let g = with_status(base.clone(), GrantPhase::Expired, Some(plus(-5)));
-        assert!(matches!(
-            decide(&g, Some(&id), now()),
-            Step::Revoke {
-                phase: GrantPhase::Expired,
-                ..
-            }
-        ));
+        assert!(matches!(decide_at(&g, Some(&id), now()), Step::Revoke { phase: GrantPhase::Expired, .. }));
         let mut done = g.clone();
         if let Some(s) = done.status.as_mut() {
             s.revoked_at = Some(Time(now()));
         }
-        assert_eq!(
-            decide(&done, Some(&id), now()),
-            Step::Wait { recheck_at: None }
-        );
+        assert_eq!(decide_at(&done, Some(&id), now()), Step::Wait { recheck_at: None });
         let rejected = with_status(base, GrantPhase::Rejected, None);
-        assert_eq!(
-            decide(&rejected, Some(&id), now()),
-            Step::Wait { recheck_at: None }
-        );
+        assert_eq!(decide_at(&rejected, Some(&id), now()), Step::Wait { recheck_at: None });
     }
 
     #[test]
@@ -400,20 +341,80 @@ mod tests {
         let mut id = identity("fixer", &["staging"]);
         id.spec.retire_at = Some(Time(plus(60)));
         let g = with_status(
-            grant(
-                "read",
-                "fixer",
-                "15m",
-                vec![rule("staging", "", "pods", "get")],
-            ),
+            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
             GrantPhase::Active,
             Some(plus(600)),
         );
-        assert_eq!(
-            decide(&g, Some(&id), now()),
-            Step::Wait {
-                recheck_at: Some(plus(60))
+        assert_eq!(decide_at(&g, Some(&id), now()), Step::Wait { recheck_at: Some(plus(60)) });
+    }
+
+    fn with_verdict(g: &AccessGrant, id: &AgentIdentity, verdict: &Verdict, now: Timestamp) -> Step {
+        decide(g, Facts { identity: Some(id), verdict, protected: &[], now })
+    }
+
+    fn approved() -> Verdict {
+        Verdict::Approved(vec![ApprovalRecord { approver: "alice".into(), approval: "a".into(), at: None }])
+    }
+
+    #[test]
+    fn approval_issues_a_held_grant_and_deny_ends_it() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant("rm", "fixer", "15m", vec![rule("staging", "", "persistentvolumeclaims", "delete")]);
+        assert_eq!(with_verdict(&g, &id, &approved(), now()), Step::Issue { expires_at: plus(900) });
+        let deny = Verdict::Denied { by: "erin".into(), reason: "no".into() };
+        match with_verdict(&g, &id, &deny, now()) {
+            Step::Revoke { phase, reason, message } => {
+                assert_eq!((phase, reason), (GrantPhase::Denied, "Denied"));
+                assert_eq!(message, "denied by erin: no");
             }
+            other => panic!("{other:?}"),
+        }
+        // A Deny also ends a grant that was already issued.
+        let active = with_status(g, GrantPhase::Active, Some(plus(600)));
+        assert!(matches!(with_verdict(&active, &id, &deny, now()), Step::Revoke { phase: GrantPhase::Denied, .. }));
+        // ...but approvals never revive a terminal one.
+        let mut done = with_status(active, GrantPhase::Denied, Some(plus(600)));
+        if let Some(s) = done.status.as_mut() {
+            s.revoked_at = Some(Time(now()));
+        }
+        assert_eq!(with_verdict(&done, &id, &approved(), now()), Step::Wait { recheck_at: None });
+    }
+
+    #[test]
+    fn unapproved_grant_expires_after_pending_timeout() {
+        let mut id = identity("fixer", &["staging"]);
+        id.spec.approval.pending_timeout = "10m".into();
+        let mut g = grant("rm", "fixer", "15m", vec![rule("staging", "", "persistentvolumeclaims", "delete")]);
+        g.metadata.creation_timestamp = Some(Time(now()));
+        assert!(
+            matches!(decide_at(&g, Some(&id), plus(599)), Step::AwaitApproval { recheck_at: Some(t), .. } if t == plus(600))
         );
+        match decide_at(&g, Some(&id), plus(600)) {
+            Step::Revoke { phase, reason, .. } => assert_eq!((phase, reason), (GrantPhase::Expired, "PendingTimeout")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn protected_resources_hold_even_reads() {
+        let mut id = identity("fixer", &["staging"]);
+        id.spec.approval.protected_resources = vec![ProtectedResource {
+            api_group: "".into(),
+            resource: "configmaps".into(),
+            resource_names: vec!["flags".into()],
+            namespaces: vec![],
+        }];
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "configmaps", "get")]);
+        assert!(matches!(decide_at(&g, Some(&id), now()), Step::AwaitApproval { .. }));
+        // The same via the cluster-wide policy.
+        let plain = identity("fixer", &["staging"]);
+        let cluster = [ProtectedResource {
+            api_group: "".into(),
+            resource: "configmaps".into(),
+            resource_names: vec![],
+            namespaces: vec![],
+        }];
+        let step = decide(&g, Facts { identity: Some(&plain), verdict: &WAITING, protected: &cluster, now: now() });
+        assert!(matches!(step, Step::AwaitApproval { .. }));
     }
 }

@@ -30,12 +30,7 @@ fn owner_ref<K: Resource<DynamicType = ()>>(obj: &K) -> Option<OwnerReference> {
     obj.controller_owner_ref(&())
 }
 
-fn meta(
-    name: String,
-    namespace: &str,
-    labels: BTreeMap<String, String>,
-    owner: Option<OwnerReference>,
-) -> ObjectMeta {
+fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>, owner: Option<OwnerReference>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(namespace.to_string()),
@@ -154,12 +149,7 @@ impl GrantObjects {
     /// The grant's own ServiceAccount: what the apiserver's audit log shows for the agent's calls.
     pub fn service_account(&self) -> ServiceAccount {
         ServiceAccount {
-            metadata: meta(
-                self.name.clone(),
-                &self.namespace,
-                self.labels.clone(),
-                self.owner.clone(),
-            ),
+            metadata: meta(self.name.clone(), &self.namespace, self.labels.clone(), self.owner.clone()),
             automount_service_account_token: Some(false),
             ..Default::default()
         }
@@ -168,12 +158,7 @@ impl GrantObjects {
     /// The grant's Secret, without data; the token is bound to this object.
     pub fn secret(&self) -> Secret {
         Secret {
-            metadata: meta(
-                self.name.clone(),
-                &self.namespace,
-                self.labels.clone(),
-                self.owner.clone(),
-            ),
+            metadata: meta(self.name.clone(), &self.namespace, self.labels.clone(), self.owner.clone()),
             type_: Some("Opaque".into()),
             ..Default::default()
         }
@@ -184,20 +169,12 @@ impl GrantObjects {
     pub fn roles(&self, rules: &[KubernetesRule]) -> Vec<Role> {
         let mut by_namespace: BTreeMap<&str, Vec<PolicyRule>> = BTreeMap::new();
         for rule in rules {
-            by_namespace
-                .entry(&rule.namespace)
-                .or_default()
-                .push(policy_rule(rule));
+            by_namespace.entry(&rule.namespace).or_default().push(policy_rule(rule));
         }
         by_namespace
             .into_iter()
             .map(|(namespace, rules)| Role {
-                metadata: meta(
-                    self.name.clone(),
-                    namespace,
-                    self.labels.clone(),
-                    self.same_namespace_owner(namespace),
-                ),
+                metadata: meta(self.name.clone(), namespace, self.labels.clone(), self.same_namespace_owner(namespace)),
                 rules: Some(rules),
             })
             .collect()
@@ -233,9 +210,7 @@ impl GrantObjects {
     }
 
     fn same_namespace_owner(&self, namespace: &str) -> Option<OwnerReference> {
-        (namespace == self.namespace)
-            .then(|| self.owner.clone())
-            .flatten()
+        (namespace == self.namespace).then(|| self.owner.clone()).flatten()
     }
 
     /// The namespaces the grant's Roles live in.
@@ -259,12 +234,7 @@ fn policy_rule(rule: &KubernetesRule) -> PolicyRule {
 
 /// The `scope` entry: what the credential allows and until when, for the agent and for humans.
 pub fn scope_json(grant: &AccessGrant, expires_at: Timestamp) -> String {
-    let rules = grant
-        .spec
-        .kubernetes
-        .as_ref()
-        .map(|k| k.rules.clone())
-        .unwrap_or_default();
+    let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.clone()).unwrap_or_default();
     json!({
         "grant": grant.name_any(),
         "namespace": grant.namespace(),
@@ -298,16 +268,8 @@ pub fn credential_data(
     token: &str,
     expires_at: Timestamp,
 ) -> BTreeMap<String, ByteString> {
-    let rules = grant
-        .spec
-        .kubernetes
-        .as_ref()
-        .map(|k| k.rules.as_slice())
-        .unwrap_or_default();
-    let namespace = rules
-        .first()
-        .map(|r| r.namespace.as_str())
-        .unwrap_or("default");
+    let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+    let namespace = rules.first().map(|r| r.namespace.as_str()).unwrap_or("default");
     let user = names::grant_object_name(&grant.name_any(), &grant.uid().unwrap_or_default());
     [
         ("token", token.to_string()),
@@ -332,13 +294,7 @@ mod tests {
         let sa = identity_service_account(&id);
         assert_eq!(sa.metadata.name.as_deref(), Some("agentid-fixer"));
         assert_eq!(sa.automount_service_account_token, Some(false));
-        assert_eq!(
-            sa.metadata
-                .owner_references
-                .as_ref()
-                .map(|o| o[0].kind.as_str()),
-            Some("AgentIdentity")
-        );
+        assert_eq!(sa.metadata.owner_references.as_ref().map(|o| o[0].kind.as_str()), Some("AgentIdentity"));
     }
 
     #[test]
@@ -347,19 +303,15 @@ mod tests {
         let rules = role.rules.unwrap_or_default();
         assert_eq!(rules.len(), 2);
         for r in &rules {
-            assert_eq!(
-                r.api_groups.as_deref(),
-                Some(&["agentid.dev".to_string()][..])
-            );
+            assert_eq!(r.api_groups.as_deref(), Some(&["agentid.dev".to_string()][..]));
             assert!(r.resource_names.is_none());
-            assert!(!r.verbs.iter().any(|v| {
-                ["update", "patch", "delete", "*", "deletecollection"].contains(&v.as_str())
-            }));
+            assert!(
+                !r.verbs
+                    .iter()
+                    .any(|v| { ["update", "patch", "delete", "*", "deletecollection"].contains(&v.as_str()) })
+            );
         }
-        assert_eq!(
-            rules[0].resources.as_deref(),
-            Some(&["accessgrants".to_string()][..])
-        );
+        assert_eq!(rules[0].resources.as_deref(), Some(&["accessgrants".to_string()][..]));
         assert_eq!(rules[1].verbs, vec!["get"]);
     }
 
@@ -371,54 +323,25 @@ mod tests {
         let r3 = rule("monitoring", "", "configmaps", "list");
         let g = grant("deploy", "ci", "15m", vec![r1.clone(), r2, r3]);
         let objects = GrantObjects::new(&g);
-        let roles = objects.roles(
-            g.spec
-                .kubernetes
-                .as_ref()
-                .map(|k| k.rules.as_slice())
-                .unwrap_or_default(),
-        );
+        let roles = objects.roles(g.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default());
         assert_eq!(roles.len(), 2);
-        let staging = roles
-            .iter()
-            .find(|r| r.metadata.namespace.as_deref() == Some("staging"))
-            .expect("staging role");
+        let staging = roles.iter().find(|r| r.metadata.namespace.as_deref() == Some("staging")).expect("staging role");
         let rules = staging.rules.clone().unwrap_or_default();
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].resource_names, Some(vec!["web".to_string()]));
         assert_eq!(rules[0].verbs, vec!["patch"]);
         assert_eq!(rules[1].resource_names, None);
         // The Role in another namespace cannot be owned by the grant.
-        let monitoring = roles
-            .iter()
-            .find(|r| r.metadata.namespace.as_deref() == Some("monitoring"))
-            .expect("role");
+        let monitoring = roles.iter().find(|r| r.metadata.namespace.as_deref() == Some("monitoring")).expect("role");
         assert!(monitoring.metadata.owner_references.is_none());
-        assert_eq!(
-            monitoring
-                .labels()
-                .get(names::GRANT_UID_LABEL)
-                .map(String::as_str),
-            Some("uid-deploy")
-        );
+        assert_eq!(monitoring.labels().get(names::GRANT_UID_LABEL).map(String::as_str), Some("uid-deploy"));
     }
 
     #[test]
     fn bindings_bind_the_grant_service_account_only() {
-        let g = grant(
-            "read",
-            "fixer",
-            "15m",
-            vec![rule("staging", "", "pods", "get")],
-        );
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
         let objects = GrantObjects::new(&g);
-        let bindings = objects.role_bindings(
-            &g.spec
-                .kubernetes
-                .clone()
-                .map(|k| k.rules)
-                .unwrap_or_default(),
-        );
+        let bindings = objects.role_bindings(&g.spec.kubernetes.clone().map(|k| k.rules).unwrap_or_default());
         assert_eq!(bindings.len(), 1);
         let subjects = bindings[0].subjects.clone().unwrap_or_default();
         assert_eq!(subjects.len(), 1);
@@ -430,48 +353,26 @@ mod tests {
 
     #[test]
     fn credential_data_has_the_documented_keys_and_a_working_kubeconfig() {
-        let g = grant(
-            "read",
-            "fixer",
-            "15m",
-            vec![rule("staging", "", "pods", "get")],
-        );
-        let access = ClusterAccess {
-            server: "https://127.0.0.1:6443".into(),
-            ca_pem: "-----BEGIN CERTIFICATE-----\n".into(),
-        };
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        let access =
+            ClusterAccess { server: "https://127.0.0.1:6443".into(), ca_pem: "-----BEGIN CERTIFICATE-----\n".into() };
         let at: Timestamp = "2026-11-25T12:15:00Z".parse().expect("valid");
         let data = credential_data(&g, &access, "tok", at);
         let keys: Vec<&str> = data.keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            vec!["ca.crt", "expires-at", "kubeconfig", "scope", "token"]
-        );
+        assert_eq!(keys, vec!["ca.crt", "expires-at", "kubeconfig", "scope", "token"]);
         let kubeconfig: kube::config::Kubeconfig =
             serde_json::from_slice(&data["kubeconfig"].0).expect("kubeconfig parses");
         assert_eq!(
-            kubeconfig.clusters[0]
-                .cluster
-                .as_ref()
-                .and_then(|c| c.server.clone())
-                .as_deref(),
+            kubeconfig.clusters[0].cluster.as_ref().and_then(|c| c.server.clone()).as_deref(),
             Some("https://127.0.0.1:6443")
         );
         assert_eq!(
-            kubeconfig.contexts[0]
-                .context
-                .as_ref()
-                .and_then(|c| c.namespace.clone())
-                .as_deref(),
+            kubeconfig.contexts[0].context.as_ref().and_then(|c| c.namespace.clone()).as_deref(),
             Some("staging")
         );
-        let scope: serde_json::Value =
-            serde_json::from_slice(&data["scope"].0).expect("scope is JSON");
+        let scope: serde_json::Value = serde_json::from_slice(&data["scope"].0).expect("scope is JSON");
         assert_eq!(scope["expiresAt"], "2026-11-25T12:15:00Z");
         assert_eq!(scope["kubernetes"]["rules"][0]["resources"][0], "pods");
-        assert_eq!(
-            String::from_utf8_lossy(&data["expires-at"].0),
-            "2026-11-25T12:15:00Z"
-        );
+        assert_eq!(String::from_utf8_lossy(&data["expires-at"].0), "2026-11-25T12:15:00Z");
     }
 }

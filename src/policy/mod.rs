@@ -2,6 +2,7 @@
 //! wants, and status conditions. Nothing here talks to the apiserver; everything here is unit
 //! tested.
 
+pub mod approval;
 pub mod ceiling;
 pub mod classify;
 pub mod conditions;
@@ -10,4 +11,4 @@ pub mod desired;
 pub mod names;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;

@@ -64,21 +64,13 @@ pub fn identity_labels(identity: &str) -> BTreeMap<String, String> {
 }
 
 /// Labels for a grant's objects.
-pub fn grant_labels(
-    grant_namespace: &str,
-    grant: &str,
-    uid: &str,
-    identity: &str,
-) -> BTreeMap<String, String> {
+pub fn grant_labels(grant_namespace: &str, grant: &str, uid: &str, identity: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (IDENTITY_LABEL.to_string(), identity.to_string()),
         (COMPONENT_LABEL.to_string(), "grant".to_string()),
         (GRANT_LABEL.to_string(), grant.to_string()),
-        (
-            GRANT_NAMESPACE_LABEL.to_string(),
-            grant_namespace.to_string(),
-        ),
+        (GRANT_NAMESPACE_LABEL.to_string(), grant_namespace.to_string()),
         (GRANT_UID_LABEL.to_string(), uid.to_string()),
     ])
 }
@@ -114,9 +106,6 @@ mod tests {
 
     #[test]
     fn selector_names_the_uid() {
-        assert_eq!(
-            grant_selector("u-1"),
-            "app.kubernetes.io/managed-by=agentid,agentid.dev/grant-uid=u-1"
-        );
+        assert_eq!(grant_selector("u-1"), "app.kubernetes.io/managed-by=agentid,agentid.dev/grant-uid=u-1");
     }
 }

@@ -3,8 +3,7 @@
 use kube::api::ObjectMeta;
 
 use crate::api::{
-    AccessGrant, AccessGrantSpec, AgentIdentity, AgentIdentitySpec, ApprovalPolicy,
-    KubernetesAccess, KubernetesRule,
+    AccessGrant, AccessGrantSpec, AgentIdentity, AgentIdentitySpec, ApprovalPolicy, KubernetesAccess, KubernetesRule,
 };
 
 pub fn identity(name: &str, allowed: &[&str]) -> AgentIdentity {
@@ -40,18 +39,11 @@ pub fn grant_spec(duration: &str, namespace: &str) -> AccessGrantSpec {
         identity: "fixer".into(),
         duration: duration.into(),
         reason: "tests".into(),
-        kubernetes: Some(KubernetesAccess {
-            rules: vec![rule(namespace, "", "pods", "get")],
-        }),
+        kubernetes: Some(KubernetesAccess { rules: vec![rule(namespace, "", "pods", "get")] }),
     }
 }
 
-pub fn grant(
-    name: &str,
-    identity: &str,
-    duration: &str,
-    rules: Vec<KubernetesRule>,
-) -> AccessGrant {
+pub fn grant(name: &str, identity: &str, duration: &str, rules: Vec<KubernetesRule>) -> AccessGrant {
     let mut g = AccessGrant::new(
         name,
         AccessGrantSpec {

@@ -28,39 +28,23 @@ const ISSUE_STEPS: &[&str] = &[
     "issue:after-grant-secret",
 ];
 
-async fn namespaces(
-    admin: &Client,
-    prefix: &str,
-) -> anyhow::Result<(TestNamespace, TestNamespace)> {
+async fn namespaces(admin: &Client, prefix: &str) -> anyhow::Result<(TestNamespace, TestNamespace)> {
     let agents = TestNamespace::new(admin, &format!("{prefix}-a")).await?;
     let target = TestNamespace::new(admin, &format!("{prefix}-t")).await?;
-    let cm: ConfigMap =
-        serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
-    Api::<ConfigMap>::namespaced(admin.clone(), &target.name)
-        .create(&PostParams::default(), &cm)
-        .await?;
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
+    Api::<ConfigMap>::namespaced(admin.clone(), &target.name).create(&PostParams::default(), &cm).await?;
     create(admin, &agents.name, &identity("fixer", &[&target.name])).await?;
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(admin.clone(), &agents.name);
-    poll_until(
-        Duration::from_secs(30),
-        "the identity's credentials Secret",
-        || {
-            let secrets = secrets.clone();
-            async move {
-                Ok(secrets
-                    .get_metadata_opt("agentid-fixer-credentials")
-                    .await?)
-            }
-        },
-    )
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), &agents.name);
+    poll_until(Duration::from_secs(30), "the identity's credentials Secret", || {
+        let secrets = secrets.clone();
+        async move { Ok(secrets.get_metadata_opt("agentid-fixer-credentials").await?) }
+    })
     .await?;
     Ok((agents, target))
 }
 
 #[tokio::test]
-async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
--> anyhow::Result<()> {
+async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set() -> anyhow::Result<()> {
     let cluster = PrivateCluster::start("crash-issue").await?;
     let admin = cluster.admin().await?;
     let operator = Operator::start(&cluster.dir, &[])?;
@@ -72,17 +56,8 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
         operator.restart(&[("AGENTID_FAILPOINT", step)])?;
         operator.wait_ready().await?;
         let name = format!("g{i}");
-        create(
-            &admin,
-            a,
-            &grant(
-                &name,
-                "fixer",
-                "30m",
-                vec![rule(t, "", &["configmaps"], &["get"], &["settings"])],
-            ),
-        )
-        .await?;
+        create(&admin, a, &grant(&name, "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &["settings"])]))
+            .await?;
         assert!(
             operator.wait_exit(Duration::from_secs(30)).await,
             "the operator did not reach {step}:\n{}",
@@ -92,11 +67,7 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
         operator.restart(&[])?;
         operator.wait_ready().await?;
         let g = wait_phase(&admin, a, &name, GrantPhase::Active).await?;
-        let object = g
-            .status
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default();
+        let object = g.status.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default();
         assert_eq!(
             grant_objects(&admin, &g.uid().unwrap_or_default(), &[a, t]).await?,
             vec![
@@ -108,14 +79,10 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
             "after a crash at {step}"
         );
         let agent = agent_client(&admin, &g).await?;
-        Api::<ConfigMap>::namespaced(agent, t)
-            .get("settings")
-            .await?;
+        Api::<ConfigMap>::namespaced(agent, t).get("settings").await?;
         let keys = identity_secret_keys(&admin, a, "fixer").await?;
         assert_eq!(
-            keys.iter()
-                .filter(|k| k.starts_with(&format!("{name}.")))
-                .count(),
+            keys.iter().filter(|k| k.starts_with(&format!("{name}."))).count(),
             5,
             "after a crash at {step}: {keys:?}"
         );
@@ -124,12 +91,8 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
     // A crash in the middle of revoking: the restarted operator finishes the job.
     operator.restart(&[("AGENTID_FAILPOINT", "revoke:after-service-account")])?;
     operator.wait_ready().await?;
-    let g0 = Api::<AccessGrant>::namespaced(admin.clone(), a)
-        .get("g0")
-        .await?;
-    Api::<AccessGrant>::namespaced(admin.clone(), a)
-        .delete("g0", &DeleteParams::default())
-        .await?;
+    let g0 = Api::<AccessGrant>::namespaced(admin.clone(), a).get("g0").await?;
+    Api::<AccessGrant>::namespaced(admin.clone(), a).delete("g0", &DeleteParams::default()).await?;
     assert!(
         operator.wait_exit(Duration::from_secs(30)).await,
         "the operator did not reach revoke:after-service-account"
@@ -142,22 +105,13 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
         async move { Ok(grants.get_opt("g0").await?.is_none().then_some(())) }
     })
     .await?;
-    assert_eq!(
-        grant_objects(&admin, &g0.uid().unwrap_or_default(), &[a, t]).await?,
-        Vec::<String>::new()
-    );
-    assert!(
-        !identity_secret_keys(&admin, a, "fixer")
-            .await?
-            .iter()
-            .any(|k| k.starts_with("g0."))
-    );
+    assert_eq!(grant_objects(&admin, &g0.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
+    assert!(!identity_secret_keys(&admin, a, "fixer").await?.iter().any(|k| k.starts_with("g0.")));
     Ok(())
 }
 
 #[tokio::test]
-async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_restart()
--> anyhow::Result<()> {
+async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_restart() -> anyhow::Result<()> {
     let cluster = PrivateCluster::start("crash-overdue").await?;
     let admin = cluster.admin().await?;
     let operator = Operator::start(&cluster.dir, &[])?;
@@ -165,38 +119,17 @@ async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_res
     let (agents, target) = namespaces(&admin, "overdue").await?;
     let (a, t) = (agents.name.as_str(), target.name.as_str());
 
-    create(
-        &admin,
-        a,
-        &grant(
-            "brief",
-            "fixer",
-            "10s",
-            vec![rule(t, "", &["configmaps"], &["get"], &["settings"])],
-        ),
-    )
-    .await?;
+    create(&admin, a, &grant("brief", "fixer", "10s", vec![rule(t, "", &["configmaps"], &["get"], &["settings"])]))
+        .await?;
     let g = wait_phase(&admin, a, "brief", GrantPhase::Active).await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&admin, &g).await?, t);
     config_maps.get("settings").await?;
-    let expires_at = g
-        .status
-        .as_ref()
-        .and_then(|s| s.expires_at.clone())
-        .map(|t| t.0)
-        .expect("expiresAt");
+    let expires_at = g.status.as_ref().and_then(|s| s.expires_at.clone()).map(|t| t.0).expect("expiresAt");
 
     operator.kill();
-    poll_until(
-        Duration::from_secs(30),
-        "the grant's end to pass",
-        || async move {
-            Ok(
-                (jiff::Timestamp::now() > expires_at + jiff::SignedDuration::from_secs(2))
-                    .then_some(()),
-            )
-        },
-    )
+    poll_until(Duration::from_secs(30), "the grant's end to pass", || async move {
+        Ok((jiff::Timestamp::now() > expires_at + jiff::SignedDuration::from_secs(2)).then_some(()))
+    })
     .await?;
     // With the operator down, only the token's own expiry (600 s minimum) would end it: this is
     // the window DESIGN.md accepts, and why the restart must revoke before anything else.
@@ -204,22 +137,13 @@ async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_res
 
     let restarted = jiff::Timestamp::now();
     operator.restart(&[])?;
-    let rejected = wait_rejected(
-        "the overdue credential to be refused",
-        Duration::from_secs(30),
-        || config_maps.get("settings"),
-    )
-    .await?;
+    let rejected =
+        wait_rejected("the overdue credential to be refused", Duration::from_secs(30), || config_maps.get("settings"))
+            .await?;
     let after_restart = rejected.duration_since(restarted);
-    println!(
-        "overdue grant refused {} ms after the operator restarted",
-        after_restart.as_millis()
-    );
+    println!("overdue grant refused {} ms after the operator restarted", after_restart.as_millis());
     assert!(after_restart.as_secs_f64() < 10.0, "took {after_restart:?}");
     let g = wait_phase(&admin, a, "brief", GrantPhase::Expired).await?;
-    assert_eq!(
-        grant_objects(&admin, &g.uid().unwrap_or_default(), &[a, t]).await?,
-        Vec::<String>::new()
-    );
+    assert_eq!(grant_objects(&admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     Ok(())
 }

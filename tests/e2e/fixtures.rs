@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use agentid::api::{
-    AccessGrant, AccessGrantSpec, AgentIdentity, AgentIdentitySpec, ApprovalPolicy, GrantPhase,
-    KubernetesAccess, KubernetesRule,
+    AccessGrant, AccessGrantSpec, AgentIdentity, AgentIdentitySpec, ApprovalPolicy, GrantPhase, KubernetesAccess,
+    KubernetesRule,
 };
 use anyhow::Context as _;
 use k8s_openapi::api::{
@@ -37,13 +37,7 @@ pub fn identity(name: &str, allowed: &[&str]) -> AgentIdentity {
 }
 
 /// One rule.
-pub fn rule(
-    namespace: &str,
-    group: &str,
-    resources: &[&str],
-    verbs: &[&str],
-    names: &[&str],
-) -> KubernetesRule {
+pub fn rule(namespace: &str, group: &str, resources: &[&str], verbs: &[&str], names: &[&str]) -> KubernetesRule {
     let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect();
     KubernetesRule {
         namespace: namespace.into(),
@@ -55,12 +49,7 @@ pub fn rule(
 }
 
 /// A grant for `identity`.
-pub fn grant(
-    name: &str,
-    identity: &str,
-    duration: &str,
-    rules: Vec<KubernetesRule>,
-) -> AccessGrant {
+pub fn grant(name: &str, identity: &str, duration: &str, rules: Vec<KubernetesRule>) -> AccessGrant {
     AccessGrant::new(
         name,
         AccessGrantSpec {
@@ -81,30 +70,19 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    Ok(Api::<K>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), obj)
-        .await?)
+    Ok(Api::<K>::namespaced(client.clone(), ns).create(&PostParams::default(), obj).await?)
 }
 
 /// Waits until the grant reaches `phase` and returns it.
-pub async fn wait_phase(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    phase: GrantPhase,
-) -> anyhow::Result<AccessGrant> {
+pub async fn wait_phase(client: &Client, ns: &str, name: &str, phase: GrantPhase) -> anyhow::Result<AccessGrant> {
     let api: Api<AccessGrant> = Api::namespaced(client.clone(), ns);
-    poll_until(
-        Duration::from_secs(30),
-        &format!("grant {ns}/{name} to be {phase:?}"),
-        || {
-            let api = api.clone();
-            async move {
-                let g = api.get(name).await?;
-                Ok((g.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(g))
-            }
-        },
-    )
+    poll_until(Duration::from_secs(30), &format!("grant {ns}/{name} to be {phase:?}"), || {
+        let api = api.clone();
+        async move {
+            let g = api.get(name).await?;
+            Ok((g.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(g))
+        }
+    })
     .await
 }
 
@@ -121,24 +99,15 @@ pub fn ready_reason(grant: &AccessGrant) -> (String, String) {
 /// A client acting as the agent, with the kubeconfig agentid wrote into the grant's Secret.
 pub async fn agent_client(admin: &Client, grant: &AccessGrant) -> anyhow::Result<Client> {
     let ns = grant.namespace().context("namespace")?;
-    let secret_name = grant
-        .status
-        .as_ref()
-        .and_then(|s| s.credentials_secret.clone())
-        .context("credentialsSecret")?;
-    let secret = Api::<Secret>::namespaced(admin.clone(), &ns)
-        .get(&secret_name)
-        .await?;
+    let secret_name = grant.status.as_ref().and_then(|s| s.credentials_secret.clone()).context("credentialsSecret")?;
+    let secret = Api::<Secret>::namespaced(admin.clone(), &ns).get(&secret_name).await?;
     kubeconfig_client(&secret, "kubeconfig").await
 }
 
 /// A client built from the kubeconfig under `key` of `secret`.
 pub async fn kubeconfig_client(secret: &Secret, key: &str) -> anyhow::Result<Client> {
-    let data = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .with_context(|| format!("{key} in {}", secret.name_any()))?;
+    let data =
+        secret.data.as_ref().and_then(|d| d.get(key)).with_context(|| format!("{key} in {}", secret.name_any()))?;
     let kubeconfig = Kubeconfig::from_yaml(std::str::from_utf8(&data.0)?)?;
     client_from(kubeconfig).await
 }
@@ -151,58 +120,35 @@ pub async fn base_sa_client(admin: &Client, ns: &str, identity: &str) -> anyhow:
         let identities = identities.clone();
         async move {
             let id = identities.get(identity).await?;
-            let ready = id
-                .status
-                .iter()
-                .flat_map(|s| &s.conditions)
-                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ready = id.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "Ready" && c.status == "True");
             Ok(ready.then_some(()))
         }
     })
     .await?;
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
     let name = format!("agentid-{identity}");
-    let request: TokenRequest =
-        serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 600}}))?;
-    let response: TokenRequest = sas
-        .create_subresource("token", &name, &PostParams::default(), &request)
-        .await?;
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 600}}))?;
+    let response: TokenRequest = sas.create_subresource("token", &name, &PostParams::default(), &request).await?;
     let token = response.status.and_then(|s| s.token).context("token")?;
     client_with_token(&token).await
 }
 
 /// Names of every object labelled for grant `uid` in `namespaces`: "Kind/namespace/name".
-pub async fn grant_objects(
-    admin: &Client,
-    uid: &str,
-    namespaces: &[&str],
-) -> anyhow::Result<Vec<String>> {
+pub async fn grant_objects(admin: &Client, uid: &str, namespaces: &[&str]) -> anyhow::Result<Vec<String>> {
     let selector = format!("agentid.dev/grant-uid={uid}");
     let lp = ListParams::default().labels(&selector);
     let mut found = Vec::new();
     for ns in namespaces {
-        for o in Api::<ServiceAccount>::namespaced(admin.clone(), ns)
-            .list_metadata(&lp)
-            .await?
-        {
+        for o in Api::<ServiceAccount>::namespaced(admin.clone(), ns).list_metadata(&lp).await? {
             found.push(format!("ServiceAccount/{ns}/{}", o.name_any()));
         }
-        for o in Api::<Secret>::namespaced(admin.clone(), ns)
-            .list_metadata(&lp)
-            .await?
-        {
+        for o in Api::<Secret>::namespaced(admin.clone(), ns).list_metadata(&lp).await? {
             found.push(format!("Secret/{ns}/{}", o.name_any()));
         }
-        for o in Api::<Role>::namespaced(admin.clone(), ns)
-            .list_metadata(&lp)
-            .await?
-        {
+        for o in Api::<Role>::namespaced(admin.clone(), ns).list_metadata(&lp).await? {
             found.push(format!("Role/{ns}/{}", o.name_any()));
         }
-        for o in Api::<RoleBinding>::namespaced(admin.clone(), ns)
-            .list_metadata(&lp)
-            .await?
-        {
+        for o in Api::<RoleBinding>::namespaced(admin.clone(), ns).list_metadata(&lp).await? {
             found.push(format!("RoleBinding/{ns}/{}", o.name_any()));
         }
     }
@@ -211,24 +157,14 @@ pub async fn grant_objects(
 }
 
 /// Keys of the identity's credentials Secret.
-pub async fn identity_secret_keys(
-    admin: &Client,
-    ns: &str,
-    identity: &str,
-) -> anyhow::Result<Vec<String>> {
-    let secret = Api::<Secret>::namespaced(admin.clone(), ns)
-        .get(&format!("agentid-{identity}-credentials"))
-        .await?;
+pub async fn identity_secret_keys(admin: &Client, ns: &str, identity: &str) -> anyhow::Result<Vec<String>> {
+    let secret = Api::<Secret>::namespaced(admin.clone(), ns).get(&format!("agentid-{identity}-credentials")).await?;
     Ok(secret.data.unwrap_or_default().into_keys().collect())
 }
 
 /// Polls a request with the agent's client until the apiserver refuses it (401 or 403);
 /// returns when that happened.
-pub async fn wait_rejected<F, Fut, T>(
-    what: &str,
-    timeout: Duration,
-    mut request: F,
-) -> anyhow::Result<jiff::Timestamp>
+pub async fn wait_rejected<F, Fut, T>(what: &str, timeout: Duration, mut request: F) -> anyhow::Result<jiff::Timestamp>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = kube::Result<T>>,
@@ -237,12 +173,77 @@ where
         let fut = request();
         async move {
             match fut.await {
-                Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
-                    Ok(Some(jiff::Timestamp::now()))
-                }
+                Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => Ok(Some(jiff::Timestamp::now())),
                 _ => Ok(None),
             }
         }
     })
     .await
+}
+
+/// Installs the approver ClusterRole shipped in `deploy/` (as a user would apply it).
+pub async fn install_approver_role(admin: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/approver-clusterrole.yaml"))?;
+    let role: ClusterRole = serde_saphyr::from_str(&text)?;
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(
+            "agentid-approver",
+            &kube::api::PatchParams::apply("agentid-e2e").force(),
+            &kube::api::Patch::Apply(&role),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Binds a ClusterRole in `ns` to users and groups.
+pub async fn bind(
+    admin: &Client,
+    ns: &str,
+    name: &str,
+    cluster_role: &str,
+    users: &[&str],
+    groups: &[&str],
+) -> anyhow::Result<()> {
+    let mut subjects: Vec<serde_json::Value> = users
+        .iter()
+        .map(|u| {
+            if let Some(rest) = u.strip_prefix("system:serviceaccount:") {
+                let (sa_ns, sa) = rest.split_once(':').unwrap_or((ns, rest));
+                serde_json::json!({"kind": "ServiceAccount", "name": sa, "namespace": sa_ns})
+            } else {
+                serde_json::json!({"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": u})
+            }
+        })
+        .collect();
+    subjects.extend(
+        groups.iter().map(|g| serde_json::json!({"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": g})),
+    );
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "subjects": subjects
+    }))?;
+    Api::<RoleBinding>::namespaced(admin.clone(), ns).create(&PostParams::default(), &binding).await?;
+    Ok(())
+}
+
+/// An Approval of `grant` by `approver`.
+pub fn approval(
+    name: &str,
+    grant: &AccessGrant,
+    approver: &str,
+    decision: agentid::api::Decision,
+    reason: &str,
+) -> agentid::api::Approval {
+    agentid::api::Approval::new(
+        name,
+        agentid::api::ApprovalSpec {
+            grant: grant.name_any(),
+            grant_uid: grant.uid().unwrap_or_default(),
+            decision,
+            reason: reason.into(),
+            approver: approver.into(),
+        },
+    )
 }

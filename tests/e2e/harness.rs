@@ -19,8 +19,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::{
-    api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    api::core::v1::Namespace, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
@@ -83,10 +82,7 @@ pub fn cluster() -> &'static Cluster {
             "{} has no admin.kubeconfig: is the control plane up?",
             dir.display()
         );
-        Cluster {
-            dir,
-            users: Mutex::new(HashMap::new()),
-        }
+        Cluster { dir, users: Mutex::new(HashMap::new()) }
     })
 }
 
@@ -108,11 +104,7 @@ impl Cluster {
                     bail!("user {user} was already made with groups {known:?}, not {groups:?}")
                 }
                 None => {
-                    run(Command::new(cluster_script())
-                        .arg("user")
-                        .arg(&self.dir)
-                        .arg(user)
-                        .args(&groups))?;
+                    run(Command::new(cluster_script()).arg("user").arg(&self.dir).arg(user).args(&groups))?;
                     users.insert(user.to_string(), groups);
                 }
             }
@@ -133,8 +125,7 @@ pub async fn client_with_token(token: &str) -> anyhow::Result<Client> {
 
 /// A client from a kubeconfig file, as `kubectl --kubeconfig` would use it.
 pub async fn client_from_kubeconfig(path: &Path) -> anyhow::Result<Client> {
-    let kubeconfig =
-        Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let kubeconfig = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
     client_from(kubeconfig).await
 }
 
@@ -162,13 +153,10 @@ async fn apply_crds(client: &Client) -> anyhow::Result<()> {
     let ssa = PatchParams::apply("agentid-e2e").force();
     for entry in std::fs::read_dir(repo_root().join("crds"))? {
         let path = entry?.path();
-        let crd: CustomResourceDefinition =
-            serde_saphyr::from_str(&std::fs::read_to_string(&path)?)
-                .with_context(|| format!("parsing {}", path.display()))?;
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("parsing {}", path.display()))?;
         let name = crd.name_any();
-        api.patch(&name, &ssa, &Patch::Apply(&crd))
-            .await
-            .with_context(|| format!("applying {name}"))?;
+        api.patch(&name, &ssa, &Patch::Apply(&crd)).await.with_context(|| format!("applying {name}"))?;
         let established = await_condition(api.clone(), &name, conditions::is_crd_established());
         tokio::time::timeout(Duration::from_secs(30), established)
             .await
@@ -190,27 +178,17 @@ impl TestNamespace {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.subsec_nanos();
         let unique = (nanos ^ (std::process::id() << 12)) & 0xfffff;
-        let name = format!(
-            "e2e-{prefix}-{unique:05x}{}",
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("e2e-{prefix}-{unique:05x}{}", COUNTER.fetch_add(1, Ordering::Relaxed));
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {E2E_LABEL: "true"}}
         }))?;
-        Api::<Namespace>::all(admin.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
-        Ok(Self {
-            name,
-            admin: admin.clone(),
-        })
+        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &ns).await?;
+        Ok(Self { name, admin: admin.clone() })
     }
 
     /// Deletes the namespace (the controller-manager removes its content).
     pub async fn delete(self) -> anyhow::Result<()> {
-        Api::<Namespace>::all(self.admin)
-            .delete(&self.name, &DeleteParams::default())
-            .await?;
+        Api::<Namespace>::all(self.admin).delete(&self.name, &DeleteParams::default()).await?;
         Ok(())
     }
 }
@@ -249,10 +227,7 @@ pub fn assert_invalid<T: std::fmt::Debug>(result: kube::Result<T>, fragments: &[
 
 /// A free TCP port on loopback (bound, then released for the caller).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// An `agentid run` process. It exits when this test process exits (its stdin closes).
@@ -260,6 +235,7 @@ pub struct Operator {
     child: Mutex<Option<(Child, ChildStdin)>>,
     kubeconfig: PathBuf,
     metrics_port: u16,
+    webhook_port: u16,
     log: PathBuf,
 }
 
@@ -270,6 +246,7 @@ impl Operator {
             child: Mutex::new(None),
             kubeconfig: dir.join("admin.kubeconfig"),
             metrics_port: free_port(),
+            webhook_port: free_port(),
             log: dir.join(format!("operator-{}.log", std::process::id())),
         };
         op.spawn(env)?;
@@ -277,17 +254,11 @@ impl Operator {
     }
 
     fn spawn(&self, env: &[(&str, &str)]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_agentid"))
-            .args([
-                "run",
-                "--exit-on-stdin-eof",
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", self.metrics_port),
-            ])
+            .args(["run", "--exit-on-stdin-eof", "--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args(["--webhook-addr", &format!("127.0.0.1:{}", self.webhook_port)])
+            .args(["--webhook-url", &format!("https://127.0.0.1:{}", self.webhook_port)])
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .envs(env.iter().copied())
@@ -303,9 +274,7 @@ impl Operator {
 
     /// SIGKILLs the operator and waits until it is gone.
     pub fn kill(&self) {
-        if let Some((mut child, _stdin)) =
-            self.child.lock().unwrap_or_else(|e| e.into_inner()).take()
-        {
+        if let Some((mut child, _stdin)) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -422,10 +391,7 @@ impl PrivateCluster {
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
-        let _ = Command::new(cluster_script())
-            .arg("down")
-            .arg(&self.dir)
-            .output();
+        let _ = Command::new(cluster_script()).arg("down").arg(&self.dir).output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -462,9 +428,5 @@ pub fn status_code<T>(result: &kube::Result<T>) -> Option<u16> {
 /// Asserts a request was refused by RBAC (403).
 #[track_caller]
 pub fn assert_forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
-    assert_eq!(
-        status_code(&result),
-        Some(403),
-        "{what}: expected 403 Forbidden, got {result:?}"
-    );
+    assert_eq!(status_code(&result), Some(403), "{what}: expected 403 Forbidden, got {result:?}");
 }

@@ -35,29 +35,13 @@ impl Setup {
         let agents = TestNamespace::new(&admin, &format!("{prefix}-a")).await?;
         let target = TestNamespace::new(&admin, &format!("{prefix}-t")).await?;
         let other = TestNamespace::new(&admin, &format!("{prefix}-o")).await?;
-        create(
-            &admin,
-            &agents.name,
-            &identity(name, &[&target.name, &other.name]),
-        )
-        .await?;
-        Ok(Self {
-            admin,
-            agents,
-            target,
-            other,
-        })
+        create(&admin, &agents.name, &identity(name, &[&target.name, &other.name])).await?;
+        Ok(Self { admin, agents, target, other })
     }
 
     async fn grant(&self, g: &AccessGrant) -> anyhow::Result<AccessGrant> {
         create(&self.admin, &self.agents.name, g).await?;
-        wait_phase(
-            &self.admin,
-            &self.agents.name,
-            &g.name_any(),
-            GrantPhase::Active,
-        )
-        .await
+        wait_phase(&self.admin, &self.agents.name, &g.name_any(), GrantPhase::Active).await
     }
 
     async fn cleanup(self) -> anyhow::Result<()> {
@@ -79,8 +63,7 @@ fn deployment(name: &str) -> Deployment {
 }
 
 fn config_map(name: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name}, "data": {"k": "v"}}))
-        .expect("valid configmap")
+    serde_json::from_value(json!({"metadata": {"name": name}, "data": {"k": "v"}})).expect("valid configmap")
 }
 
 #[tokio::test]
@@ -92,13 +75,11 @@ async fn credential_allows_exactly_its_rules() -> anyhow::Result<()> {
     }
     create(&s.admin, t, &config_map("settings")).await?;
     create(&s.admin, o, &config_map("settings")).await?;
-    let svc: Service = serde_json::from_value(
-        json!({"metadata": {"name": "db"}, "spec": {"ports": [{"port": 5432}]}}),
-    )?;
+    let svc: Service =
+        serde_json::from_value(json!({"metadata": {"name": "db"}, "spec": {"ports": [{"port": 5432}]}}))?;
     create(&s.admin, o, &svc).await?;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "db-password"}, "stringData": {"p": "hunter2"}}),
-    )?;
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "db-password"}, "stringData": {"p": "hunter2"}}))?;
     create(&s.admin, t, &secret).await?;
 
     let g = s
@@ -127,76 +108,29 @@ async fn credential_allows_exactly_its_rules() -> anyhow::Result<()> {
         .await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(agent.clone(), t);
     config_maps.get("settings").await?;
-    assert_eq!(
-        config_maps.list(&ListParams::default()).await?.items.len(),
-        2,
-        "settings + kube-root-ca.crt"
-    );
-    Api::<Service>::namespaced(agent.clone(), o)
-        .get("db")
-        .await?;
+    assert_eq!(config_maps.list(&ListParams::default()).await?.items.len(), 2, "settings + kube-root-ca.crt");
+    Api::<Service>::namespaced(agent.clone(), o).get("db").await?;
 
     // Everything else is refused.
-    assert_forbidden(
-        deployments.delete("web", &DeleteParams::default()).await,
-        "another verb",
-    );
+    assert_forbidden(deployments.delete("web", &DeleteParams::default()).await, "another verb");
     assert_forbidden(deployments.get("api").await, "another name");
+    assert_forbidden(deployments.list(&ListParams::default()).await, "listing when only names were granted");
+    assert_forbidden(Api::<Pod>::namespaced(agent.clone(), t).list(&ListParams::default()).await, "another resource");
+    assert_forbidden(Api::<ConfigMap>::namespaced(agent.clone(), o).get("settings").await, "another namespace");
     assert_forbidden(
-        deployments.list(&ListParams::default()).await,
-        "listing when only names were granted",
-    );
-    assert_forbidden(
-        Api::<Pod>::namespaced(agent.clone(), t)
-            .list(&ListParams::default())
-            .await,
-        "another resource",
-    );
-    assert_forbidden(
-        Api::<ConfigMap>::namespaced(agent.clone(), o)
-            .get("settings")
-            .await,
-        "another namespace",
-    );
-    assert_forbidden(
-        Api::<Deployment>::namespaced(agent.clone(), &s.agents.name)
-            .list(&ListParams::default())
-            .await,
+        Api::<Deployment>::namespaced(agent.clone(), &s.agents.name).list(&ListParams::default()).await,
         "the agents namespace",
     );
     assert_forbidden(
-        Api::<Namespace>::all(agent.clone())
-            .list(&ListParams::default())
-            .await,
+        Api::<Namespace>::all(agent.clone()).list(&ListParams::default()).await,
         "cluster-scoped namespaces",
     );
+    assert_forbidden(Api::<Node>::all(agent.clone()).list(&ListParams::default()).await, "cluster-scoped nodes");
+    assert_forbidden(Api::<Secret>::namespaced(agent.clone(), t).get("db-password").await, "a Secret not granted");
+    let own_secret = g.status.as_ref().and_then(|st| st.credentials_secret.clone()).unwrap_or_default();
+    assert_forbidden(Api::<Secret>::namespaced(agent.clone(), &s.agents.name).get(&own_secret).await, "its own Secret");
     assert_forbidden(
-        Api::<Node>::all(agent.clone())
-            .list(&ListParams::default())
-            .await,
-        "cluster-scoped nodes",
-    );
-    assert_forbidden(
-        Api::<Secret>::namespaced(agent.clone(), t)
-            .get("db-password")
-            .await,
-        "a Secret not granted",
-    );
-    let own_secret = g
-        .status
-        .as_ref()
-        .and_then(|st| st.credentials_secret.clone())
-        .unwrap_or_default();
-    assert_forbidden(
-        Api::<Secret>::namespaced(agent.clone(), &s.agents.name)
-            .get(&own_secret)
-            .await,
-        "its own Secret",
-    );
-    assert_forbidden(
-        Api::<Secret>::namespaced(agent.clone(), &s.agents.name)
-            .get("agentid-fixer-credentials")
-            .await,
+        Api::<Secret>::namespaced(agent.clone(), &s.agents.name).get("agentid-fixer-credentials").await,
         "the identity's Secret",
     );
     let binding: RoleBinding = serde_json::from_value(json!({
@@ -205,54 +139,31 @@ async fn credential_allows_exactly_its_rules() -> anyhow::Result<()> {
         "subjects": [{"kind": "ServiceAccount", "name": own_secret, "namespace": s.agents.name}]
     }))?;
     assert_forbidden(
-        Api::<RoleBinding>::namespaced(agent.clone(), t)
-            .create(&PostParams::default(), &binding)
-            .await,
+        Api::<RoleBinding>::namespaced(agent.clone(), t).create(&PostParams::default(), &binding).await,
         "creating RoleBindings",
     );
     assert_forbidden(
         Api::<AccessGrant>::namespaced(agent.clone(), &s.agents.name)
-            .create(
-                &PostParams::default(),
-                &grant(
-                    "more",
-                    "fixer",
-                    "1h",
-                    vec![rule(t, "*", &["*"], &["*"], &[])],
-                ),
-            )
+            .create(&PostParams::default(), &grant("more", "fixer", "1h", vec![rule(t, "*", &["*"], &["*"], &[])]))
             .await,
         "asking for more grants with a grant's credential",
     );
 
     // The identity's mounted Secret carries the same credential under the grant's name.
-    let mounted = Api::<Secret>::namespaced(s.admin.clone(), &s.agents.name)
-        .get("agentid-fixer-credentials")
-        .await?;
+    let mounted = Api::<Secret>::namespaced(s.admin.clone(), &s.agents.name).get("agentid-fixer-credentials").await?;
     let via_identity = kubeconfig_client(&mounted, "deploy-web.kubeconfig").await?;
-    Api::<Deployment>::namespaced(via_identity, t)
-        .get("web")
-        .await?;
+    Api::<Deployment>::namespaced(via_identity, t).get("web").await?;
     let keys = identity_secret_keys(&s.admin, &s.agents.name, "fixer").await?;
     assert_eq!(
         keys,
-        [
-            "deploy-web.ca.crt",
-            "deploy-web.expires-at",
-            "deploy-web.kubeconfig",
-            "deploy-web.scope",
-            "deploy-web.token"
-        ]
+        ["deploy-web.ca.crt", "deploy-web.expires-at", "deploy-web.kubeconfig", "deploy-web.scope", "deploy-web.token"]
     );
 
     // Status says what was issued, and nothing secret.
     let status = g.status.clone().unwrap_or_default();
     assert_eq!(status.requires_approval, Some(false));
     assert!(status.issued_at.is_some() && status.expires_at.is_some());
-    assert!(
-        !serde_json::to_string(&status)?.contains("eyJ"),
-        "status must not hold a token"
-    );
+    assert!(!serde_json::to_string(&status)?.contains("eyJ"), "status must not hold a token");
     s.cleanup().await
 }
 
@@ -267,24 +178,14 @@ async fn base_service_account_can_only_request_and_read_grants() -> anyhow::Resu
     let asked = grants
         .create(
             &PostParams::default(),
-            &grant(
-                "jit",
-                "asker",
-                "1m",
-                vec![rule(t, "", &["configmaps"], &["get"], &["settings"])],
-            ),
+            &grant("jit", "asker", "1m", vec![rule(t, "", &["configmaps"], &["get"], &["settings"])]),
         )
         .await?;
     grants.get(&asked.name_any()).await?;
     grants.list(&ListParams::default()).await?;
     grants.get_status(&asked.name_any()).await?;
 
-    assert_forbidden(
-        grants
-            .delete(&asked.name_any(), &DeleteParams::default())
-            .await,
-        "deleting a grant",
-    );
+    assert_forbidden(grants.delete(&asked.name_any(), &DeleteParams::default()).await, "deleting a grant");
     assert_forbidden(
         grants
             .patch(
@@ -305,49 +206,23 @@ async fn base_service_account_can_only_request_and_read_grants() -> anyhow::Resu
             .await,
         "writing a grant's status",
     );
+    assert_forbidden(Api::<ConfigMap>::namespaced(base.clone(), t).get("settings").await, "the target before a grant");
+    assert_forbidden(Api::<Pod>::namespaced(base.clone(), a).list(&ListParams::default()).await, "pods");
     assert_forbidden(
-        Api::<ConfigMap>::namespaced(base.clone(), t)
-            .get("settings")
-            .await,
-        "the target before a grant",
-    );
-    assert_forbidden(
-        Api::<Pod>::namespaced(base.clone(), a)
-            .list(&ListParams::default())
-            .await,
-        "pods",
-    );
-    assert_forbidden(
-        Api::<Secret>::namespaced(base.clone(), a)
-            .get("agentid-asker-credentials")
-            .await,
+        Api::<Secret>::namespaced(base.clone(), a).get("agentid-asker-credentials").await,
         "its own credentials Secret",
     );
+    assert_forbidden(Api::<AgentIdentity>::namespaced(base.clone(), a).get("asker").await, "its identity");
+    assert_forbidden(Api::<Approval>::namespaced(base.clone(), a).list(&ListParams::default()).await, "approvals");
     assert_forbidden(
-        Api::<AgentIdentity>::namespaced(base.clone(), a)
-            .get("asker")
-            .await,
-        "its identity",
-    );
-    assert_forbidden(
-        Api::<Approval>::namespaced(base.clone(), a)
-            .list(&ListParams::default())
-            .await,
-        "approvals",
-    );
-    assert_forbidden(
-        Api::<AccessGrant>::namespaced(base.clone(), t)
-            .list(&ListParams::default())
-            .await,
+        Api::<AccessGrant>::namespaced(base.clone(), t).list(&ListParams::default()).await,
         "grants elsewhere",
     );
 
     // The grant it asked for is issued and works with the issued credential, not the base one.
     let g = wait_phase(&s.admin, a, &asked.name_any(), GrantPhase::Active).await?;
     let agent = agent_client(&s.admin, &g).await?;
-    Api::<ConfigMap>::namespaced(agent, t)
-        .get("settings")
-        .await?;
+    Api::<ConfigMap>::namespaced(agent, t).get("settings").await?;
     s.cleanup().await
 }
 
@@ -356,53 +231,27 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
     let s = Setup::new("expiry", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s
-        .grant(&grant(
-            "brief",
-            "fixer",
-            "12s",
-            vec![rule(t, "", &["configmaps"], &["get"], &["settings"])],
-        ))
-        .await?;
+    let g =
+        s.grant(&grant("brief", "fixer", "12s", vec![rule(t, "", &["configmaps"], &["get"], &["settings"])])).await?;
     let agent = agent_client(&s.admin, &g).await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(agent, t);
     config_maps.get("settings").await?;
 
-    let expires_at = g
-        .status
-        .as_ref()
-        .and_then(|st| st.expires_at.clone())
-        .map(|t| t.0)
-        .expect("expiresAt");
-    let rejected_at = wait_rejected(
-        "the expired credential to be refused",
-        Duration::from_secs(30),
-        || config_maps.get("settings"),
-    )
-    .await?;
+    let expires_at = g.status.as_ref().and_then(|st| st.expires_at.clone()).map(|t| t.0).expect("expiresAt");
+    let rejected_at =
+        wait_rejected("the expired credential to be refused", Duration::from_secs(30), || config_maps.get("settings"))
+            .await?;
     let lag = rejected_at.duration_since(expires_at);
-    println!(
-        "revocation lag (expiresAt -> first rejected request): {} ms",
-        lag.as_millis()
-    );
-    assert!(
-        lag.as_secs_f64() < 2.0,
-        "credential worked {lag:?} past expiresAt"
-    );
-    assert!(
-        lag.as_secs_f64() > -0.5,
-        "credential was refused {lag:?} before expiresAt"
-    );
+    println!("revocation lag (expiresAt -> first rejected request): {} ms", lag.as_millis());
+    assert!(lag.as_secs_f64() < 2.0, "credential worked {lag:?} past expiresAt");
+    assert!(lag.as_secs_f64() > -0.5, "credential was refused {lag:?} before expiresAt");
 
     let g = wait_phase(&s.admin, a, "brief", GrantPhase::Expired).await?;
     let status = g.status.clone().unwrap_or_default();
     assert!(status.revoked_at.is_some());
     assert_eq!(ready_reason(&g).0, "Expired");
     let uid = g.uid().unwrap_or_default();
-    assert_eq!(
-        grant_objects(&s.admin, &uid, &[a, t]).await?,
-        Vec::<String>::new()
-    );
+    assert_eq!(grant_objects(&s.admin, &uid, &[a, t]).await?, Vec::<String>::new());
     assert!(identity_secret_keys(&s.admin, a, "fixer").await?.is_empty());
 
     // The lag is exported, without any object name in the labels.
@@ -413,10 +262,7 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
     assert!(count >= 1, "no revocation lag recorded:\n{metrics}");
-    assert!(
-        !metrics.contains("brief"),
-        "metrics must not carry object names"
-    );
+    assert!(!metrics.contains("brief"), "metrics must not carry object names");
     s.cleanup().await
 }
 
@@ -425,41 +271,24 @@ async fn deleting_a_grant_revokes_it_at_once() -> anyhow::Result<()> {
     let s = Setup::new("delete", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s
-        .grant(&grant(
-            "soon-gone",
-            "fixer",
-            "30m",
-            vec![rule(t, "", &["configmaps"], &["get"], &[])],
-        ))
-        .await?;
+    let g = s.grant(&grant("soon-gone", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
     config_maps.get("settings").await?;
 
     let deleted_at = jiff::Timestamp::now();
-    Api::<AccessGrant>::namespaced(s.admin.clone(), a)
-        .delete("soon-gone", &DeleteParams::default())
-        .await?;
-    let rejected_at = wait_rejected(
-        "the deleted grant's credential to be refused",
-        Duration::from_secs(10),
-        || config_maps.get("settings"),
-    )
+    Api::<AccessGrant>::namespaced(s.admin.clone(), a).delete("soon-gone", &DeleteParams::default()).await?;
+    let rejected_at = wait_rejected("the deleted grant's credential to be refused", Duration::from_secs(10), || {
+        config_maps.get("settings")
+    })
     .await?;
-    println!(
-        "deletion -> first rejected request: {} ms",
-        rejected_at.duration_since(deleted_at).as_millis()
-    );
+    println!("deletion -> first rejected request: {} ms", rejected_at.duration_since(deleted_at).as_millis());
     let grants: Api<AccessGrant> = Api::namespaced(s.admin.clone(), a);
     poll_until(Duration::from_secs(10), "the grant to be gone", || {
         let grants = grants.clone();
         async move { Ok(grants.get_opt("soon-gone").await?.is_none().then_some(())) }
     })
     .await?;
-    assert_eq!(
-        grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t]).await?,
-        Vec::<String>::new()
-    );
+    assert_eq!(grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     assert!(identity_secret_keys(&s.admin, a, "fixer").await?.is_empty());
     s.cleanup().await
 }
@@ -467,71 +296,30 @@ async fn deleting_a_grant_revokes_it_at_once() -> anyhow::Result<()> {
 #[tokio::test]
 async fn suspending_the_identity_revokes_every_grant_and_issues_none() -> anyhow::Result<()> {
     let s = Setup::new("suspend", "fixer").await?;
-    let (a, t, o) = (
-        s.agents.name.as_str(),
-        s.target.name.as_str(),
-        s.other.name.as_str(),
-    );
+    let (a, t, o) = (s.agents.name.as_str(), s.target.name.as_str(), s.other.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
     create(&s.admin, o, &config_map("settings")).await?;
-    let g1 = s
-        .grant(&grant(
-            "one",
-            "fixer",
-            "30m",
-            vec![rule(t, "", &["configmaps"], &["get"], &[])],
-        ))
-        .await?;
-    let g2 = s
-        .grant(&grant(
-            "two",
-            "fixer",
-            "30m",
-            vec![rule(o, "", &["configmaps"], &["get"], &[])],
-        ))
-        .await?;
+    let g1 = s.grant(&grant("one", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    let g2 = s.grant(&grant("two", "fixer", "30m", vec![rule(o, "", &["configmaps"], &["get"], &[])])).await?;
     let c1: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g1).await?, t);
     let c2: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g2).await?, o);
     c1.get("settings").await?;
     c2.get("settings").await?;
 
     Api::<AgentIdentity>::namespaced(s.admin.clone(), a)
-        .patch(
-            "fixer",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"suspended": true}})),
-        )
+        .patch("fixer", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspended": true}})))
         .await?;
     for name in ["one", "two"] {
         let g = wait_phase(&s.admin, a, name, GrantPhase::Revoked).await?;
         assert_eq!(ready_reason(&g).0, "IdentitySuspended");
     }
-    assert!(matches!(
-        status_code(&c1.get("settings").await),
-        Some(401 | 403)
-    ));
-    assert!(matches!(
-        status_code(&c2.get("settings").await),
-        Some(401 | 403)
-    ));
+    assert!(matches!(status_code(&c1.get("settings").await), Some(401 | 403)));
+    assert!(matches!(status_code(&c2.get("settings").await), Some(401 | 403)));
 
-    create(
-        &s.admin,
-        a,
-        &grant(
-            "three",
-            "fixer",
-            "5m",
-            vec![rule(t, "", &["configmaps"], &["get"], &[])],
-        ),
-    )
-    .await?;
+    create(&s.admin, a, &grant("three", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
     let g3 = wait_phase(&s.admin, a, "three", GrantPhase::Rejected).await?;
     assert_eq!(ready_reason(&g3).0, "IdentitySuspended");
-    assert_eq!(
-        grant_objects(&s.admin, &g3.uid().unwrap_or_default(), &[a, t]).await?,
-        Vec::<String>::new()
-    );
+    assert_eq!(grant_objects(&s.admin, &g3.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     s.cleanup().await
 }
 
@@ -540,69 +328,39 @@ async fn deleting_the_identity_removes_everything_it_caused() -> anyhow::Result<
     let s = Setup::new("idgone", "doomed").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s
-        .grant(&grant(
-            "held",
-            "doomed",
-            "30m",
-            vec![rule(t, "", &["configmaps"], &["get"], &[])],
-        ))
-        .await?;
+    let g = s.grant(&grant("held", "doomed", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
     config_maps.get("settings").await?;
 
-    Api::<AgentIdentity>::namespaced(s.admin.clone(), a)
-        .delete("doomed", &DeleteParams::default())
-        .await?;
+    Api::<AgentIdentity>::namespaced(s.admin.clone(), a).delete("doomed", &DeleteParams::default()).await?;
     let g = wait_phase(&s.admin, a, "held", GrantPhase::Revoked).await?;
     assert_eq!(ready_reason(&g).0, "IdentityDeleted");
-    assert!(matches!(
-        status_code(&config_maps.get("settings").await),
-        Some(401 | 403)
-    ));
-    assert_eq!(
-        grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t]).await?,
-        Vec::<String>::new()
-    );
+    assert!(matches!(status_code(&config_maps.get("settings").await), Some(401 | 403)));
+    assert_eq!(grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
 
     // The identity's own objects are owned by it and collected with it.
     let admin = s.admin.clone();
     let ns = a.to_string();
-    poll_until(
-        Duration::from_secs(30),
-        "the identity's objects to be collected",
-        || {
-            let admin = admin.clone();
-            let ns = ns.clone();
-            async move {
-                let lp = ListParams::default().labels("agentid.dev/identity=doomed");
-                let left = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
-                    admin.clone(),
-                    &ns,
-                )
+    poll_until(Duration::from_secs(30), "the identity's objects to be collected", || {
+        let admin = admin.clone();
+        let ns = ns.clone();
+        async move {
+            let lp = ListParams::default().labels("agentid.dev/identity=doomed");
+            let left = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), &ns)
                 .list_metadata(&lp)
                 .await?
                 .items
                 .len()
-                    + Api::<Secret>::namespaced(admin.clone(), &ns)
-                        .list_metadata(&lp)
-                        .await?
-                        .items
-                        .len()
-                    + Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), &ns)
-                        .list_metadata(&lp)
-                        .await?
-                        .items
-                        .len()
-                    + Api::<RoleBinding>::namespaced(admin.clone(), &ns)
-                        .list_metadata(&lp)
-                        .await?
-                        .items
-                        .len();
-                Ok((left == 0).then_some(()))
-            }
-        },
-    )
+                + Api::<Secret>::namespaced(admin.clone(), &ns).list_metadata(&lp).await?.items.len()
+                + Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), &ns)
+                    .list_metadata(&lp)
+                    .await?
+                    .items
+                    .len()
+                + Api::<RoleBinding>::namespaced(admin.clone(), &ns).list_metadata(&lp).await?.items.len();
+            Ok((left == 0).then_some(()))
+        }
+    })
     .await?;
     s.cleanup().await
 }
@@ -613,32 +371,17 @@ async fn grants_over_the_ceiling_are_rejected_with_a_condition_naming_it() -> an
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     let cases = [
         (
-            grant(
-                "too-long",
-                "fixer",
-                "2h",
-                vec![rule(t, "", &["pods"], &["get"], &[])],
-            ),
+            grant("too-long", "fixer", "2h", vec![rule(t, "", &["pods"], &["get"], &[])]),
             "DurationOverCeiling",
             "exceeds the identity's maxGrantDuration 1h",
         ),
         (
-            grant(
-                "elsewhere",
-                "fixer",
-                "5m",
-                vec![rule("kube-system", "", &["pods"], &["get"], &[])],
-            ),
+            grant("elsewhere", "fixer", "5m", vec![rule("kube-system", "", &["pods"], &["get"], &[])]),
             "NamespaceNotAllowed",
             "\"kube-system\" is not in the identity's allowedNamespaces",
         ),
         (
-            grant(
-                "nobody",
-                "ghost",
-                "5m",
-                vec![rule(t, "", &["pods"], &["get"], &[])],
-            ),
+            grant("nobody", "ghost", "5m", vec![rule(t, "", &["pods"], &["get"], &[])]),
             "IdentityNotFound",
             "AgentIdentity \"ghost\" does not exist",
         ),
@@ -648,10 +391,7 @@ async fn grants_over_the_ceiling_are_rejected_with_a_condition_naming_it() -> an
         let g = wait_phase(&s.admin, a, &g.name_any(), GrantPhase::Rejected).await?;
         let (got_reason, got_message) = ready_reason(&g);
         assert_eq!(got_reason, reason);
-        assert!(
-            got_message.contains(message),
-            "{got_message:?} should contain {message:?}"
-        );
+        assert!(got_message.contains(message), "{got_message:?} should contain {message:?}");
         let stalled = g
             .status
             .as_ref()
@@ -659,12 +399,7 @@ async fn grants_over_the_ceiling_are_rejected_with_a_condition_naming_it() -> an
             .map(|c| c.status.clone());
         assert_eq!(stalled.as_deref(), Some("True"));
         assert_eq!(
-            grant_objects(
-                &s.admin,
-                &g.uid().unwrap_or_default(),
-                &[a, t, "kube-system"]
-            )
-            .await?,
+            grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t, "kube-system"]).await?,
             Vec::<String>::new()
         );
     }
@@ -682,36 +417,20 @@ async fn destructive_grant_waits_for_approval_with_no_credential_at_all() -> any
             "cleanup-volume",
             "fixer",
             "15m",
-            vec![rule(
-                t,
-                "",
-                &["persistentvolumeclaims"],
-                &["get", "delete"],
-                &["db-volume"],
-            )],
+            vec![rule(t, "", &["persistentvolumeclaims"], &["get", "delete"], &["db-volume"])],
         ),
     )
     .await?;
     let g = wait_phase(&s.admin, a, "cleanup-volume", GrantPhase::AwaitingApproval).await?;
     let status = g.status.clone().unwrap_or_default();
     assert_eq!(status.requires_approval, Some(true));
-    assert_eq!(
-        status.approval_reasons,
-        vec![format!(
-            "destructive: delete persistentvolumeclaims/db-volume in {t}"
-        )]
-    );
+    assert_eq!(status.approval_reasons, vec![format!("destructive: delete persistentvolumeclaims/db-volume in {t}")]);
     assert!(
-        status.expires_at.is_none()
-            && status.credentials_secret.is_none()
-            && status.service_account_name.is_none()
+        status.expires_at.is_none() && status.credentials_secret.is_none() && status.service_account_name.is_none()
     );
     // Give the operator time to do anything it should not, then look for any trace of a credential.
     let again = wait_phase(&s.admin, a, "cleanup-volume", GrantPhase::AwaitingApproval).await?;
-    assert_eq!(
-        grant_objects(&s.admin, &again.uid().unwrap_or_default(), &[a, t]).await?,
-        Vec::<String>::new()
-    );
+    assert_eq!(grant_objects(&s.admin, &again.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     assert!(identity_secret_keys(&s.admin, a, "fixer").await?.is_empty());
     s.cleanup().await
 }
@@ -720,13 +439,7 @@ async fn destructive_grant_waits_for_approval_with_no_credential_at_all() -> any
 async fn identity_status_reports_its_base_objects_and_active_grants() -> anyhow::Result<()> {
     let s = Setup::new("idstatus", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
-    s.grant(&grant(
-        "g1",
-        "fixer",
-        "30m",
-        vec![rule(t, "", &["pods"], &["get"], &[])],
-    ))
-    .await?;
+    s.grant(&grant("g1", "fixer", "30m", vec![rule(t, "", &["pods"], &["get"], &[])])).await?;
     let identities: Api<AgentIdentity> = Api::namespaced(s.admin.clone(), a);
     let id = poll_until(Duration::from_secs(20), "activeGrants 1", || {
         let identities = identities.clone();
@@ -737,24 +450,13 @@ async fn identity_status_reports_its_base_objects_and_active_grants() -> anyhow:
     })
     .await?;
     let status = id.status.unwrap_or_default();
-    assert_eq!(
-        status.service_account_name.as_deref(),
-        Some("agentid-fixer")
-    );
-    assert_eq!(
-        status.credentials_secret.as_deref(),
-        Some("agentid-fixer-credentials")
-    );
+    assert_eq!(status.service_account_name.as_deref(), Some("agentid-fixer"));
+    assert_eq!(status.credentials_secret.as_deref(), Some("agentid-fixer-credentials"));
     assert_eq!(status.observed_generation, id.metadata.generation);
-    let ready = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
     assert_eq!(ready.status, "True");
-    let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(s.admin.clone(), a)
-        .get("agentid-fixer")
-        .await?;
+    let sa =
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(s.admin.clone(), a).get("agentid-fixer").await?;
     assert_eq!(sa.automount_service_account_token, Some(false));
     s.cleanup().await
 }

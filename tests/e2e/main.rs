@@ -2,6 +2,7 @@
 //! modules (see `tests/control-plane/`). One control plane per run, one namespace per test;
 //! the crash tests start control planes of their own.
 
+mod approval;
 mod audit;
 mod crash;
 mod crds;

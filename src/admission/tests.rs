@@ -1,0 +1,197 @@
+use serde_json::{Value, json};
+
+use super::*;
+use crate::{api::AccessGrantStatus, policy::testing};
+
+fn request(
+    kind: &str,
+    operation: &str,
+    user: &str,
+    groups: &[&str],
+    object: Value,
+    old: Option<Value>,
+) -> AdmissionRequest<DynamicObject> {
+    let review: kube::core::admission::AdmissionReview<DynamicObject> = serde_json::from_value(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "req-1",
+            "kind": {"group": "agentid.dev", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "agentid.dev", "version": "v1alpha1", "resource": format!("{}s", kind.to_lowercase())},
+            "name": object["metadata"]["name"],
+            "namespace": "agents",
+            "operation": operation,
+            "userInfo": {"username": user, "groups": groups},
+            "object": object,
+            "oldObject": old,
+            "dryRun": false
+        }
+    }))
+    .expect("review parses");
+    review.try_into().expect("review has a request")
+}
+
+fn grant_json(identity: &str, requested_by: Option<&str>) -> Value {
+    let mut g = json!({
+        "apiVersion": "agentid.dev/v1alpha1", "kind": "AccessGrant",
+        "metadata": {"name": "rm", "namespace": "agents", "uid": "uid-rm"},
+        "spec": {"identity": identity, "duration": "15m", "reason": "r", "kubernetes": {"rules": [
+            {"namespace": "staging", "apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["delete"]}
+        ]}}
+    });
+    if let Some(r) = requested_by {
+        g["metadata"]["annotations"] = json!({REQUESTED_BY: r});
+    }
+    g
+}
+
+fn approval_json(approver: &str, uid: &str, groups: Option<&[&str]>) -> Value {
+    let mut a = json!({
+        "apiVersion": "agentid.dev/v1alpha1", "kind": "Approval",
+        "metadata": {"name": "ok", "namespace": "agents"},
+        "spec": {"grant": "rm", "grantUID": uid, "decision": "Approve", "reason": "checked", "approver": approver}
+    });
+    if let Some(g) = groups {
+        a["metadata"]["annotations"] = json!({APPROVER_GROUPS: serde_json::to_string(g).expect("json")});
+    }
+    a
+}
+
+fn patched(response: &AdmissionResponse, original: Value) -> Value {
+    let patch: json_patch::Patch =
+        serde_json::from_slice(response.patch.as_deref().expect("a patch")).expect("patch parses");
+    let mut doc = original;
+    json_patch::patch(&mut doc, &patch).expect("patch applies");
+    doc
+}
+
+fn message(response: &AdmissionResponse) -> String {
+    response.result.message.clone()
+}
+
+#[test]
+fn mutation_records_the_requester_whatever_the_request_says() {
+    for claimed in [None, Some("alice")] {
+        let obj = grant_json("fixer", claimed);
+        let req = request("AccessGrant", "CREATE", "bob", &["devs"], obj.clone(), None);
+        let response = mutate(&req);
+        assert!(response.allowed);
+        assert_eq!(patched(&response, obj)["metadata"]["annotations"][REQUESTED_BY], "bob");
+    }
+}
+
+#[test]
+fn mutation_records_approver_groups() {
+    let obj = approval_json("alice", "uid-rm", Some(&["forged"]));
+    let req = request("Approval", "CREATE", "alice", &["sre-leads", "system:authenticated"], obj.clone(), None);
+    let doc = patched(&mutate(&req), obj);
+    assert_eq!(doc["metadata"]["annotations"][APPROVER_GROUPS], "[\"sre-leads\",\"system:authenticated\"]");
+}
+
+#[test]
+fn grant_create_needs_the_recorded_requester_and_base_sa_is_confined() {
+    let ok = request("AccessGrant", "CREATE", "bob", &[], grant_json("fixer", Some("bob")), None);
+    assert!(validate_grant(&ok).allowed);
+    let forged = request("AccessGrant", "CREATE", "bob", &[], grant_json("fixer", Some("alice")), None);
+    assert!(!validate_grant(&forged).allowed);
+    let missing = request("AccessGrant", "CREATE", "bob", &[], grant_json("fixer", None), None);
+    assert!(!validate_grant(&missing).allowed, "fail closed when mutation did not run");
+
+    let sa = "system:serviceaccount:agents:agentid-fixer";
+    let own = request("AccessGrant", "CREATE", sa, &[], grant_json("fixer", Some(sa)), None);
+    assert!(validate_grant(&own).allowed);
+    let other = request("AccessGrant", "CREATE", sa, &[], grant_json("db-admin", Some(sa)), None);
+    let response = validate_grant(&other);
+    assert!(!response.allowed);
+    assert!(message(&response).contains("only for that identity"), "{}", message(&response));
+    // Another namespace's base SA may not request here even for an identity of the same name.
+    let foreign = "system:serviceaccount:elsewhere:agentid-fixer";
+    assert!(
+        !validate_grant(&request("AccessGrant", "CREATE", foreign, &[], grant_json("fixer", Some(foreign)), None))
+            .allowed
+    );
+}
+
+#[test]
+fn requester_record_cannot_change() {
+    let old = grant_json("fixer", Some("bob"));
+    let new = grant_json("fixer", Some("alice"));
+    let req = request("AccessGrant", "UPDATE", "bob", &[], new, Some(old.clone()));
+    assert!(!validate_grant(&req).allowed);
+    let mut stripped = old.clone();
+    stripped["metadata"]["annotations"] = json!({});
+    assert!(!validate_grant(&request("AccessGrant", "UPDATE", "bob", &[], stripped, Some(old.clone()))).allowed);
+    let mut finalizer = old.clone();
+    finalizer["metadata"]["finalizers"] = json!(["agentid.dev/revoke"]);
+    assert!(validate_grant(&request("AccessGrant", "UPDATE", "agentid", &[], finalizer, Some(old))).allowed);
+}
+
+fn facts(requester: &str) -> ApprovalFacts {
+    let mut grant: AccessGrant = serde_json::from_value(grant_json("fixer", Some(requester))).expect("grant");
+    grant.status = Some(AccessGrantStatus::default());
+    let mut identity = testing::identity("fixer", &["staging"]);
+    identity.spec.approval.approvers.groups = vec!["sre-leads".into()];
+    ApprovalFacts { grant: Some(grant), identity: Some(identity), may_approve: true }
+}
+
+#[test]
+fn approval_create_checks_the_approver() {
+    let leads: &[&str] = &["sre-leads"];
+    let ok = request("Approval", "CREATE", "alice", leads, approval_json("alice", "uid-rm", Some(leads)), None);
+    assert!(validate_approval(&ok, &facts("bob")).allowed, "{}", message(&validate_approval(&ok, &facts("bob"))));
+
+    let cases: Vec<(&str, &[&str], Value, ApprovalFacts, &str)> = vec![
+        ("bob", leads, approval_json("bob", "uid-rm", Some(leads)), facts("bob"), "cannot approve"),
+        (
+            "bob",
+            leads,
+            approval_json("alice", "uid-rm", Some(leads)),
+            facts("bob"),
+            "must name the user who creates it",
+        ),
+        ("alice", leads, approval_json("alice", "uid-old", Some(leads)), facts("bob"), "does not match"),
+        ("dave", &["ops"], approval_json("dave", "uid-rm", Some(&["ops"])), facts("bob"), "is not an approver"),
+        (
+            "alice",
+            leads,
+            approval_json("alice", "uid-rm", Some(&["sre-leads", "extra"])),
+            facts("bob"),
+            "must hold the creating user's groups",
+        ),
+        (
+            "alice",
+            leads,
+            approval_json("alice", "uid-rm", Some(leads)),
+            ApprovalFacts { may_approve: false, ..facts("bob") },
+            "needs RBAC verb approve",
+        ),
+        (
+            "alice",
+            leads,
+            approval_json("alice", "uid-rm", Some(leads)),
+            ApprovalFacts { grant: None, ..facts("bob") },
+            "does not exist",
+        ),
+    ];
+    for (user, groups, obj, f, expected) in cases {
+        let response = validate_approval(&request("Approval", "CREATE", user, groups, obj, None), &f);
+        assert!(!response.allowed, "{user}: expected a refusal mentioning {expected:?}");
+        assert!(message(&response).contains(expected), "{user}: {:?} lacks {expected:?}", message(&response));
+    }
+    let sa = "system:serviceaccount:agents:agentid-fixer";
+    let response = validate_approval(
+        &request("Approval", "CREATE", sa, leads, approval_json(sa, "uid-rm", Some(leads)), None),
+        &facts("bob"),
+    );
+    assert!(!response.allowed && message(&response).contains("only humans can approve"));
+}
+
+#[test]
+fn approver_groups_record_cannot_change() {
+    let old = approval_json("alice", "uid-rm", Some(&["sre-leads"]));
+    let new = approval_json("alice", "uid-rm", Some(&["sre-leads", "admins"]));
+    assert!(
+        !validate_approval(&request("Approval", "UPDATE", "alice", &[], new, Some(old)), &ApprovalFacts::default())
+            .allowed
+    );
+}
