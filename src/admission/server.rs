@@ -57,12 +57,13 @@ struct AppState {
     client: Client,
 }
 
-fn parse(body: &Bytes) -> Result<AdmissionRequest<DynamicObject>, Response> {
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}")).into_response())?;
-    review
-        .try_into()
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("AdmissionReview without a request: {e}")).into_response())
+/// A body that is not an AdmissionReview with a request: 400 and why.
+type BadRequest = (StatusCode, String);
+
+fn parse(body: &Bytes) -> Result<AdmissionRequest<DynamicObject>, BadRequest> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}")))?;
+    review.try_into().map_err(|e| (StatusCode::BAD_REQUEST, format!("AdmissionReview without a request: {e}")))
 }
 
 fn answer(response: AdmissionResponse) -> Response {
@@ -72,7 +73,7 @@ fn answer(response: AdmissionResponse) -> Response {
 async fn mutate_handler(body: Bytes) -> Response {
     match parse(&body) {
         Ok(req) => answer(mutate(&req)),
-        Err(bad) => bad,
+        Err(bad) => bad.into_response(),
     }
 }
 
@@ -120,7 +121,7 @@ async fn approval_facts(client: &Client, req: &AdmissionRequest<DynamicObject>) 
 async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(req) => req,
-        Err(bad) => return bad,
+        Err(bad) => return bad.into_response(),
     };
     let response = match req.kind.kind.as_str() {
         "AccessGrant" => validate_grant(&req),
@@ -172,4 +173,29 @@ pub async fn register(client: &Client, endpoint: &Endpoint, ca_pem: &str) -> Res
         .await
         .map_err(Error::Register)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn post(path: &str, body: &'static str) -> StatusCode {
+        // The routes that never reach the apiserver: any client will do.
+        let config = kube::Config::new("https://127.0.0.1:1".parse().expect("uri"));
+        let client = Client::try_from(config).expect("client");
+        let request =
+            Request::post(path).header("content-type", "application/json").body(Body::from(body)).expect("request");
+        router(client).oneshot(request).await.expect("response").status()
+    }
+
+    #[tokio::test]
+    async fn malformed_bodies_get_400_not_a_panic() {
+        for body in ["", "{", "[]", "null", "{\"kind\":\"AdmissionReview\"}", "{\"request\": 5}", "\u{0}"] {
+            assert_eq!(post("/mutate", body).await, StatusCode::BAD_REQUEST, "{body:?}");
+            assert_eq!(post("/validate", body).await, StatusCode::BAD_REQUEST, "{body:?}");
+        }
+    }
 }

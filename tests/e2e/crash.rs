@@ -147,3 +147,41 @@ async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_res
     assert_eq!(grant_objects(&admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     Ok(())
 }
+
+#[tokio::test]
+async fn with_the_webhook_down_no_grant_or_approval_can_be_created() -> anyhow::Result<()> {
+    let cluster = PrivateCluster::start("webhook-down").await?;
+    let admin = cluster.admin().await?;
+    let operator = Operator::start(&cluster.dir, &[])?;
+    operator.wait_ready().await?;
+    let (agents, target) = namespaces(&admin, "down").await?;
+    let (a, t) = (agents.name.as_str(), target.name.as_str());
+    let held =
+        create(&admin, a, &grant("held", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["delete"], &[])])).await?;
+
+    operator.kill();
+    let g = Api::<AccessGrant>::namespaced(admin.clone(), a)
+        .create(
+            &PostParams::default(),
+            &grant("while-down", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])]),
+        )
+        .await;
+    assert!(refused_by_dead_webhook(&g), "a grant was admitted without agentid's admission: {g:?}");
+    let r = Api::<agentid::api::Approval>::namespaced(admin.clone(), a)
+        .create(&PostParams::default(), &approval("while-down", &held, "admin", agentid::api::Decision::Approve, "x"))
+        .await;
+    assert!(refused_by_dead_webhook(&r), "an Approval was admitted without agentid's admission: {r:?}");
+
+    operator.restart(&[])?;
+    operator.wait_ready().await?;
+    poll_until(Duration::from_secs(30), "grants to be admitted again", || {
+        let api = Api::<AccessGrant>::namespaced(admin.clone(), a);
+        let g = grant("after", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])]);
+        async move { Ok(api.create(&PostParams::default(), &g).await.ok().map(|_| ())) }
+    })
+    .await
+}
+
+fn refused_by_dead_webhook<T>(result: &kube::Result<T>) -> bool {
+    matches!(result, Err(kube::Error::Api(s)) if s.message.contains("failed calling webhook"))
+}
