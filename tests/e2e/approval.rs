@@ -385,3 +385,69 @@ async fn an_agent_asking_for_exec_or_secrets_waits_too_and_only_for_itself() -> 
     );
     st.cleanup().await
 }
+
+/// Runs `kubectl agentid` as `user`; returns (success, stdout, stderr).
+fn plugin(user: &str, ns: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-agentid"))
+        .arg("--kubeconfig")
+        .arg(cluster().kubeconfig(user))
+        .args(["-n", ns])
+        .args(args)
+        .output()?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+#[tokio::test]
+async fn kubectl_agentid_lists_explains_approves_and_denies() -> anyhow::Result<()> {
+    let st = stage("plugin", 1).await?;
+    let a = st.agents.name.clone();
+    cluster().user("alice", &["sre-leads"]).await?;
+    cluster().user("erin", &["sre-leads"]).await?;
+    cluster().user("dave", &["ops"]).await?;
+    let grants: Api<AccessGrant> = Api::namespaced(st.agent.clone(), &a);
+    grants.create(&PostParams::default(), &st.delete_volume("via-plugin")).await?;
+    grants.create(&PostParams::default(), &st.delete_volume("to-deny")).await?;
+    wait_phase(&st.admin, &a, "via-plugin", GrantPhase::AwaitingApproval).await?;
+    wait_phase(&st.admin, &a, "to-deny", GrantPhase::AwaitingApproval).await?;
+
+    let (ok, table, err) = plugin("alice", &a, &["pending"])?;
+    assert!(ok, "{err}");
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("via-plugin") && table.contains("0/1") && table.contains("agentid-staging-fixer"),
+        "{table}"
+    );
+    let (ok, json, err) = plugin("alice", &a, &["pending", "-o", "json"])?;
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json)?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["requestedBy"] == format!("system:serviceaccount:{a}:agentid-staging-fixer")));
+
+    let (ok, text, err) = plugin("alice", &a, &["explain", "via-plugin"])?;
+    assert!(ok, "{err}");
+    assert!(
+        text.contains(&format!("get, delete persistentvolumeclaims db-volume in namespace {}", st.staging.name)),
+        "{text}"
+    );
+    assert!(text.contains("destructive: delete persistentvolumeclaims/db-volume"), "{text}");
+    let (ok, yaml, err) = plugin("alice", &a, &["explain", "via-plugin", "-o", "yaml"])?;
+    assert!(ok && yaml.contains("needsApprovalBecause:"), "{yaml}{err}");
+
+    // dave may approve in RBAC terms but is not listed: the plugin shows admission's reason.
+    let (ok, _, err) = plugin("dave", &a, &["approve", "via-plugin"])?;
+    assert!(!ok && err.contains("dave is not an approver"), "{err}");
+    let (ok, out, err) = plugin("alice", &a, &["approve", "via-plugin", "--reason", "staging only"])?;
+    assert!(ok, "{err}");
+    assert!(out.contains("accessgrant/via-plugin approved by alice"), "{out}");
+    wait_phase(&st.admin, &a, "via-plugin", GrantPhase::Active).await?;
+
+    let (ok, _, err) = plugin("erin", &a, &["deny", "to-deny", "--reason", " "])?;
+    assert!(!ok && err.contains("needs --reason"), "{err}");
+    let (ok, _, err) = plugin("erin", &a, &["deny", "to-deny", "--reason", "use a snapshot instead"])?;
+    assert!(ok, "{err}");
+    let denied = wait_phase(&st.admin, &a, "to-deny", GrantPhase::Denied).await?;
+    assert!(ready_reason(&denied).1.contains("use a snapshot instead"));
+    let (ok, table, _) = plugin("alice", &a, &["pending"])?;
+    assert!(ok && table.contains("No AccessGrants are waiting"), "{table}");
+    st.cleanup().await
+}

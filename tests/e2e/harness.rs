@@ -87,6 +87,11 @@ pub fn cluster() -> &'static Cluster {
 }
 
 impl Cluster {
+    /// The kubeconfig file of a user made by [`Cluster::user`] (or `admin`).
+    pub fn kubeconfig(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("{user}.kubeconfig"))
+    }
+
     /// A client with cluster-admin rights (system:masters).
     pub async fn admin(&self) -> anyhow::Result<Client> {
         client_from_kubeconfig(&self.dir.join("admin.kubeconfig")).await
