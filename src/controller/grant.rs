@@ -6,15 +6,11 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, ResourceExt,
-    runtime::{
-        controller::Action,
-        events::EventType,
-        finalizer::{Event as Finalizer, finalizer},
-    },
+    runtime::{controller::Action, events::EventType},
 };
 use tracing::{info, instrument};
 
-use super::{Context, Error, apply_status, kube_err, requeue_at};
+use super::{Context, Error, apply_status, kube_err, reconcile_with_finalizer, requeue_at};
 use crate::{
     api::{AccessGrant, AgentIdentity, Approval, GrantPhase},
     policy::{
@@ -82,19 +78,7 @@ async fn verdict(
 #[instrument(skip_all, fields(kind = "AccessGrant", namespace = grant.namespace().unwrap_or_default(), name = grant.name_any()))]
 pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AccessGrant");
-    let api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
-    let result = finalizer(&api, names::GRANT_FINALIZER, grant.clone(), |event| async {
-        match event {
-            Finalizer::Apply(g) => apply(&g, &ctx).await,
-            Finalizer::Cleanup(g) => cleanup(&g, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    if result.is_ok() {
-        ctx.succeeded(grant.as_ref());
-    }
-    result
+    reconcile_with_finalizer(grant, &ctx, names::GRANT_FINALIZER, apply, cleanup).await
 }
 
 /// Runs a grant's decision outside its controller: the start-up sweep revokes overdue grants

@@ -9,18 +9,14 @@ use k8s_openapi::api::{
     rbac::v1::{Role, RoleBinding},
 };
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
-    runtime::{
-        controller::Action,
-        events::EventType,
-        finalizer::{Event as Finalizer, finalizer},
-    },
+    Api, ResourceExt,
+    api::ListParams,
+    runtime::{controller::Action, events::EventType},
 };
-use serde::{Serialize, de::DeserializeOwned};
 use tracing::{info, instrument};
 
-use super::{Context, Error, apply_status, grant, kube_err, requeue_at};
+use super::{Context, Error, apply_status, grant, kube_err, reconcile_with_finalizer, requeue_at};
+use crate::credentials::server_side_apply;
 use crate::{
     api::{AccessGrant, AgentIdentity, AgentIdentityStatus, GrantPhase},
     policy::{
@@ -34,35 +30,7 @@ use crate::{
 #[instrument(skip_all, fields(kind = "AgentIdentity", namespace = identity.namespace().unwrap_or_default(), name = identity.name_any()))]
 pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AgentIdentity");
-    let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &identity.namespace().unwrap_or_default());
-    let result = finalizer(&api, names::IDENTITY_FINALIZER, identity.clone(), |event| async {
-        match event {
-            Finalizer::Apply(i) => apply(&i, &ctx).await,
-            Finalizer::Cleanup(i) => cleanup(&i, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    if result.is_ok() {
-        ctx.succeeded(identity.as_ref());
-    }
-    result
-}
-
-async fn ssa<K>(ctx: &Context, obj: &K) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let name = obj.name_any();
-    api.patch(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))?;
-    Ok(())
+    reconcile_with_finalizer(identity, &ctx, names::IDENTITY_FINALIZER, apply, cleanup).await
 }
 
 async fn grants_of(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<AccessGrant>, Error> {
@@ -76,10 +44,10 @@ async fn grants_of(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<Access
 
 async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
-    ssa::<ServiceAccount>(ctx, &desired::identity_service_account(identity)).await?;
-    ssa::<Secret>(ctx, &desired::identity_credentials_secret(identity)).await?;
-    ssa::<Role>(ctx, &desired::identity_requester_role(identity)).await?;
-    ssa::<RoleBinding>(ctx, &desired::identity_requester_binding(identity)).await?;
+    server_side_apply::<ServiceAccount>(&ctx.client, &desired::identity_service_account(identity)).await?;
+    server_side_apply::<Secret>(&ctx.client, &desired::identity_credentials_secret(identity)).await?;
+    server_side_apply::<Role>(&ctx.client, &desired::identity_requester_role(identity)).await?;
+    server_side_apply::<RoleBinding>(&ctx.client, &desired::identity_requester_binding(identity)).await?;
 
     let name = identity.name_any();
     let active = grants_of(identity, ctx)

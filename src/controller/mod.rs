@@ -25,6 +25,7 @@ use kube::{
         Controller,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
+        finalizer::{Event as FinalizerEvent, finalizer},
         reflector::ObjectRef,
         watcher,
     },
@@ -165,6 +166,37 @@ impl Context {
         }
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
     }
+}
+
+/// Runs `apply` or, for an object being deleted, `cleanup` under finalizer `finalizer_name`, and
+/// resets the object's backoff on success.
+pub(crate) async fn reconcile_with_finalizer<K>(
+    obj: Arc<K>,
+    ctx: &Context,
+    finalizer_name: &str,
+    apply: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
+    cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let result = finalizer(&api, finalizer_name, obj.clone(), |event| async {
+        match event {
+            FinalizerEvent::Apply(o) => apply(&o, ctx).await,
+            FinalizerEvent::Cleanup(o) => cleanup(&o, ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        ctx.succeeded(obj.as_ref());
+    }
+    result
 }
 
 /// The action that looks at an object again at `at` (just after it, so `now >= at` holds then).

@@ -21,11 +21,11 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use serde::{Serialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::debug;
 
-use super::{Doing, Error};
+use super::{Doing, Error, server_side_apply};
 use crate::{
     api::{AccessGrant, KubernetesRule},
     failpoint,
@@ -48,17 +48,6 @@ pub struct KubernetesIssuer {
 
 fn rules_of(grant: &AccessGrant) -> &[KubernetesRule] {
     grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default()
-}
-
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
-where
-    K: kube::Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let name = obj.name_any();
-    api.patch(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .doing(|| format!("applying {} {name}", K::kind(&Default::default())))
 }
 
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
@@ -102,19 +91,17 @@ impl KubernetesIssuer {
         }
 
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        apply(&sas, &objects.service_account()).await?;
+        server_side_apply(&self.client, &objects.service_account()).await?;
         failpoint::hit("issue:after-service-account");
         for role in objects.roles(rules) {
-            let api: Api<Role> = Api::namespaced(self.client.clone(), &role.namespace().unwrap_or_default());
-            apply(&api, &role).await?;
+            server_side_apply(&self.client, &role).await?;
         }
         failpoint::hit("issue:after-roles");
         for binding in objects.role_bindings(rules) {
-            let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), &binding.namespace().unwrap_or_default());
-            apply(&api, &binding).await?;
+            server_side_apply(&self.client, &binding).await?;
         }
         failpoint::hit("issue:after-role-bindings");
-        let secret = apply(&secrets, &objects.secret()).await?;
+        let secret = server_side_apply(&self.client, &objects.secret()).await?;
         failpoint::hit("issue:after-secret");
         let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
 

@@ -38,6 +38,22 @@ impl Error {
     }
 }
 
+/// Server-side applies `obj` in its namespace under agentid's field manager.
+pub(crate) async fn server_side_apply<K>(client: &kube::Client, obj: &K) -> Result<K, Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    use kube::ResourceExt as _;
+    let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    let name = obj.name_any();
+    let params = kube::api::PatchParams::apply(crate::policy::names::FIELD_MANAGER).force();
+    api.patch(&name, &params, &kube::api::Patch::Apply(obj)).await.doing(|| format!("applying {} {name}", K::kind(&())))
+}
+
 /// Adds what agentid was doing to a kube error.
 pub(crate) trait Doing<T> {
     fn doing(self, action: impl FnOnce() -> String) -> Result<T, Error>;

@@ -300,12 +300,7 @@ async fn a_recreated_grant_starts_from_zero() -> anyhow::Result<()> {
     wait_phase(&st.admin, &a, "again", GrantPhase::Active).await?;
 
     Api::<AccessGrant>::namespaced(st.admin.clone(), &a).delete("again", &DeleteParams::default()).await?;
-    let admin_grants: Api<AccessGrant> = Api::namespaced(st.admin.clone(), &a);
-    poll_until(Duration::from_secs(20), "the first grant to be gone", || {
-        let g = admin_grants.clone();
-        async move { Ok(g.get_opt("again").await?.is_none().then_some(())) }
-    })
-    .await?;
+    wait_grant_gone(&st.admin, &a, "again").await?;
     let second = grants.create(&PostParams::default(), &st.delete_volume("again")).await?;
     assert_ne!(second.uid(), first.uid());
     let held = wait_phase(&st.admin, &a, "again", GrantPhase::AwaitingApproval).await?;

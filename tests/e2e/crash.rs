@@ -99,12 +99,7 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
     );
     operator.restart(&[])?;
     operator.wait_ready().await?;
-    let grants: Api<AccessGrant> = Api::namespaced(admin.clone(), a);
-    poll_until(Duration::from_secs(30), "g0 to be gone", || {
-        let grants = grants.clone();
-        async move { Ok(grants.get_opt("g0").await?.is_none().then_some(())) }
-    })
-    .await?;
+    wait_grant_gone(&admin, a, "g0").await?;
     assert_eq!(grant_objects(&admin, &g0.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     assert!(!identity_secret_keys(&admin, a, "fixer").await?.iter().any(|k| k.starts_with("g0.")));
     Ok(())

@@ -86,6 +86,16 @@ pub async fn wait_phase(client: &Client, ns: &str, name: &str, phase: GrantPhase
     .await
 }
 
+/// Waits until the grant is gone (its finalizer ran).
+pub async fn wait_grant_gone(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    let api: Api<AccessGrant> = Api::namespaced(client.clone(), ns);
+    poll_until(Duration::from_secs(30), &format!("grant {ns}/{name} to be gone"), || {
+        let api = api.clone();
+        async move { Ok(api.get_opt(name).await?.is_none().then_some(())) }
+    })
+    .await
+}
+
 /// The reason of a grant's Ready condition.
 pub fn ready_reason(grant: &AccessGrant) -> (String, String) {
     grant

@@ -282,12 +282,7 @@ async fn deleting_a_grant_revokes_it_at_once() -> anyhow::Result<()> {
     })
     .await?;
     println!("deletion -> first rejected request: {} ms", rejected_at.duration_since(deleted_at).as_millis());
-    let grants: Api<AccessGrant> = Api::namespaced(s.admin.clone(), a);
-    poll_until(Duration::from_secs(10), "the grant to be gone", || {
-        let grants = grants.clone();
-        async move { Ok(grants.get_opt("soon-gone").await?.is_none().then_some(())) }
-    })
-    .await?;
+    wait_grant_gone(&s.admin, a, "soon-gone").await?;
     assert_eq!(grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     assert!(identity_secret_keys(&s.admin, a, "fixer").await?.is_empty());
     s.cleanup().await
