@@ -11,6 +11,7 @@
 //!   approver's groups are recorded in `agentid.dev/approver-groups`. UPDATE: records cannot change.
 
 pub mod certs;
+pub mod pods;
 pub mod register;
 pub mod server;
 

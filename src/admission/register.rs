@@ -7,7 +7,7 @@ use k8s_openapi::{
         MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference, ValidatingWebhook,
         ValidatingWebhookConfiguration, WebhookClientConfig,
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta},
 };
 
 use crate::policy::names;
@@ -84,6 +84,42 @@ fn rule(resource: &str, operations: &[&str]) -> RuleWithOperations {
     }
 }
 
+fn pod_rule(resources: &[&str], operations: &[&str]) -> RuleWithOperations {
+    RuleWithOperations {
+        api_groups: Some(vec!["".into()]),
+        api_versions: Some(vec!["v1".into()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        operations: Some(operations.iter().map(|o| o.to_string()).collect()),
+        scope: Some("Namespaced".into()),
+    }
+}
+
+/// Namespaces whose pods agentid never blocks: kube-system and agentid's own (so that agentid can
+/// always start, even when its webhook is down).
+pub fn exempt_namespaces(own: Option<&str>) -> LabelSelector {
+    let mut values = vec!["kube-system".to_string()];
+    values.extend(own.map(str::to_string));
+    LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".into(),
+            operator: "NotIn".into(),
+            values: Some(values),
+        }]),
+        match_labels: None,
+    }
+}
+
+fn labelled_for_an_identity() -> LabelSelector {
+    LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: names::IDENTITY_LABEL.into(),
+            operator: "Exists".into(),
+            values: None,
+        }]),
+        match_labels: None,
+    }
+}
+
 fn meta() -> ObjectMeta {
     ObjectMeta {
         name: Some(CONFIGURATION_NAME.into()),
@@ -92,8 +128,9 @@ fn meta() -> ObjectMeta {
     }
 }
 
-/// The mutating configuration: record the requester and the approver's groups on CREATE.
-pub fn mutating(endpoint: &Endpoint, ca_pem: &str) -> MutatingWebhookConfiguration {
+/// The mutating configuration: record the requester and the approver's groups on CREATE, and
+/// give pods labelled for an identity that identity's ServiceAccount and credentials.
+pub fn mutating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>) -> MutatingWebhookConfiguration {
     let hook = |name: &str, resource: &str| MutatingWebhook {
         name: name.into(),
         client_config: endpoint.client_config("/mutate", ca_pem),
@@ -110,12 +147,20 @@ pub fn mutating(endpoint: &Endpoint, ca_pem: &str) -> MutatingWebhookConfigurati
         webhooks: Some(vec![
             hook("accessgrants.agentid.dev", "accessgrants"),
             hook("approvals.agentid.dev", "approvals"),
+            MutatingWebhook {
+                rules: Some(vec![pod_rule(&["pods"], &["CREATE"])]),
+                // Only labelled pods pay for the call; the validating hook sees every pod.
+                object_selector: Some(labelled_for_an_identity()),
+                namespace_selector: Some(exempt_namespaces(own_namespace)),
+                ..hook("pods.agentid.dev", "pods")
+            },
         ]),
     }
 }
 
-/// The validating configuration: check grants and Approvals on CREATE and UPDATE.
-pub fn validating(endpoint: &Endpoint, ca_pem: &str) -> ValidatingWebhookConfiguration {
+/// The validating configuration: check grants and Approvals on CREATE and UPDATE, and that no
+/// pod borrows an identity's or a grant's ServiceAccount or Secret.
+pub fn validating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>) -> ValidatingWebhookConfiguration {
     let hook = |name: &str, resource: &str| ValidatingWebhook {
         name: name.into(),
         client_config: endpoint.client_config("/validate", ca_pem),
@@ -131,6 +176,11 @@ pub fn validating(endpoint: &Endpoint, ca_pem: &str) -> ValidatingWebhookConfigu
         webhooks: Some(vec![
             hook("accessgrants.agentid.dev", "accessgrants"),
             hook("approvals.agentid.dev", "approvals"),
+            ValidatingWebhook {
+                rules: Some(vec![pod_rule(&["pods", "pods/ephemeralcontainers"], &["CREATE", "UPDATE"])]),
+                namespace_selector: Some(exempt_namespaces(own_namespace)),
+                ..hook("pods.agentid.dev", "pods")
+            },
         ]),
     }
 }
@@ -143,7 +193,7 @@ mod tests {
     fn url_hosts_and_paths() {
         let e = Endpoint::Url("https://127.0.0.1:9443".into());
         assert_eq!(e.hosts(), vec!["127.0.0.1"]);
-        let v = validating(&e, "CA");
+        let v = validating(&e, "CA", None);
         let hooks = v.webhooks.unwrap_or_default();
         assert_eq!(hooks[0].client_config.url.as_deref(), Some("https://127.0.0.1:9443/validate"));
         assert!(hooks.iter().all(|h| h.failure_policy.as_deref() == Some("Fail")));
@@ -152,9 +202,21 @@ mod tests {
     }
 
     #[test]
+    fn pod_hooks_spare_kube_system_and_agentids_namespace() {
+        let v = validating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA", Some("agentid-system"));
+        let pods = v.webhooks.unwrap_or_default().into_iter().find(|h| h.name == "pods.agentid.dev").expect("pod hook");
+        let exempt = pods.namespace_selector.and_then(|s| s.match_expressions).expect("selector")[0].values.clone();
+        assert_eq!(exempt, Some(vec!["kube-system".to_string(), "agentid-system".to_string()]));
+        assert_eq!(pods.failure_policy.as_deref(), Some("Fail"));
+        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA", None);
+        let pods = m.webhooks.unwrap_or_default().into_iter().find(|h| h.name == "pods.agentid.dev").expect("pod hook");
+        assert!(pods.object_selector.is_some(), "only labelled pods are mutated");
+    }
+
+    #[test]
     fn status_subresource_is_not_intercepted() {
-        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA");
-        for hook in m.webhooks.unwrap_or_default() {
+        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA", None);
+        for hook in m.webhooks.unwrap_or_default().into_iter().filter(|h| h.name != "pods.agentid.dev") {
             for rule in hook.rules.unwrap_or_default() {
                 assert!(rule.resources.unwrap_or_default().iter().all(|r| !r.contains('/')));
             }

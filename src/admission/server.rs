@@ -70,11 +70,34 @@ fn answer(response: AdmissionResponse) -> Response {
     Json(response.into_review()).into_response()
 }
 
-async fn mutate_handler(body: Bytes) -> Response {
-    match parse(&body) {
-        Ok(req) => answer(mutate(&req)),
-        Err(bad) => bad.into_response(),
+async fn mutate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let req = match parse(&body) {
+        Ok(req) => req,
+        Err(bad) => return bad.into_response(),
+    };
+    if req.kind.kind != "Pod" {
+        return answer(mutate(&req));
     }
+    let identity =
+        req.object.as_ref().and_then(|o| o.metadata.labels.as_ref()).and_then(|l| l.get(names::IDENTITY_LABEL));
+    let exists = match identity {
+        None => false,
+        Some(name) => {
+            let api =
+                Api::<AgentIdentity>::namespaced(state.client.clone(), req.namespace.as_deref().unwrap_or_default());
+            match api.get_metadata_opt(name).await {
+                Ok(found) => found.is_some(),
+                Err(e) => {
+                    warn!(error = %e, "could not look up a pod's AgentIdentity; refusing the pod");
+                    return answer(
+                        AdmissionResponse::from(&req)
+                            .deny(format!("agentid could not look up AgentIdentity {name:?} ({e}); try again")),
+                    );
+                }
+            }
+        }
+    };
+    answer(super::pods::mutate(&req, exists))
 }
 
 async fn approval_facts(client: &Client, req: &AdmissionRequest<DynamicObject>) -> kube::Result<ApprovalFacts> {
@@ -124,6 +147,7 @@ async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         Err(bad) => return bad.into_response(),
     };
     let response = match req.kind.kind.as_str() {
+        "Pod" => super::pods::validate(&req),
         "AccessGrant" => validate_grant(&req),
         "Approval" if req.operation == Operation::Create => match approval_facts(&state.client, &req).await {
             Ok(facts) => validate_approval(&req, &facts),
@@ -162,14 +186,19 @@ pub async fn serve(addr: SocketAddr, cert: &ServingCert, client: Client) -> Resu
 }
 
 /// Installs (or updates) agentid's webhook configurations pointing at `endpoint`.
-pub async fn register(client: &Client, endpoint: &Endpoint, ca_pem: &str) -> Result<(), Error> {
+pub async fn register(
+    client: &Client,
+    endpoint: &Endpoint,
+    ca_pem: &str,
+    own_namespace: Option<&str>,
+) -> Result<(), Error> {
     let ssa = PatchParams::apply(names::FIELD_MANAGER).force();
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(register::CONFIGURATION_NAME, &ssa, &Patch::Apply(register::mutating(endpoint, ca_pem)))
+        .patch(register::CONFIGURATION_NAME, &ssa, &Patch::Apply(register::mutating(endpoint, ca_pem, own_namespace)))
         .await
         .map_err(Error::Register)?;
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .patch(register::CONFIGURATION_NAME, &ssa, &Patch::Apply(register::validating(endpoint, ca_pem)))
+        .patch(register::CONFIGURATION_NAME, &ssa, &Patch::Apply(register::validating(endpoint, ca_pem, own_namespace)))
         .await
         .map_err(Error::Register)?;
     Ok(())

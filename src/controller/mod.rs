@@ -259,7 +259,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         }
     });
     match &settings.webhook_endpoint {
-        Some(endpoint) => crate::admission::server::register(&client, endpoint, &ca_pem).await?,
+        Some(endpoint) => {
+            let own_namespace = std::env::var("POD_NAMESPACE").ok();
+            crate::admission::server::register(&client, endpoint, &ca_pem, own_namespace.as_deref()).await?
+        }
         None => warn!(
             "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded and no approval can count"
         ),

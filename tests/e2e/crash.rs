@@ -144,7 +144,7 @@ async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_res
 }
 
 #[tokio::test]
-async fn with_the_webhook_down_no_grant_or_approval_can_be_created() -> anyhow::Result<()> {
+async fn with_the_webhook_down_no_grant_approval_or_agent_pod_can_be_created() -> anyhow::Result<()> {
     let cluster = PrivateCluster::start("webhook-down").await?;
     let admin = cluster.admin().await?;
     let operator = Operator::start(&cluster.dir, &[])?;
@@ -166,6 +166,14 @@ async fn with_the_webhook_down_no_grant_or_approval_can_be_created() -> anyhow::
         .create(&PostParams::default(), &approval("while-down", &held, "admin", agentid::api::Decision::Approve, "x"))
         .await;
     assert!(refused_by_dead_webhook(&r), "an Approval was admitted without agentid's admission: {r:?}");
+    let labelled: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "agent", "labels": {"agentid.dev/identity": "fixer"}},
+        "spec": {"containers": [{"name": "c", "image": "agent:1"}]}
+    }))?;
+    let p = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(admin.clone(), a)
+        .create(&PostParams::default(), &labelled)
+        .await;
+    assert!(refused_by_dead_webhook(&p), "a labelled pod was admitted without agentid's admission: {p:?}");
 
     operator.restart(&[])?;
     operator.wait_ready().await?;

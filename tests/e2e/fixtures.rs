@@ -122,11 +122,10 @@ pub async fn kubeconfig_client(secret: &Secret, key: &str) -> anyhow::Result<Cli
     client_from(kubeconfig).await
 }
 
-/// A client acting as an identity's base ServiceAccount (a token made by the admin).
-pub async fn base_sa_client(admin: &Client, ns: &str, identity: &str) -> anyhow::Result<Client> {
-    // Ready means the base ServiceAccount and its one standing right exist.
+/// Waits until the identity is Ready: its base ServiceAccount, Secret and one standing right exist.
+pub async fn wait_identity_ready(admin: &Client, ns: &str, identity: &str) -> anyhow::Result<()> {
     let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), ns);
-    poll_until(Duration::from_secs(30), "the identity to be Ready", || {
+    poll_until(Duration::from_secs(30), &format!("AgentIdentity {ns}/{identity} to be Ready"), || {
         let identities = identities.clone();
         async move {
             let id = identities.get(identity).await?;
@@ -134,7 +133,12 @@ pub async fn base_sa_client(admin: &Client, ns: &str, identity: &str) -> anyhow:
             Ok(ready.then_some(()))
         }
     })
-    .await?;
+    .await
+}
+
+/// A client acting as an identity's base ServiceAccount (a token made by the admin).
+pub async fn base_sa_client(admin: &Client, ns: &str, identity: &str) -> anyhow::Result<Client> {
+    wait_identity_ready(admin, ns, identity).await?;
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
     let name = format!("agentid-{identity}");
     let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 600}}))?;

@@ -8,4 +8,5 @@ mod crash;
 mod crds;
 mod fixtures;
 mod harness;
+mod injection;
 mod lifecycle;
