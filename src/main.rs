@@ -53,6 +53,10 @@ struct RunArgs {
     /// Register the webhook behind this Service: `NAMESPACE/NAME[:PORT]` (port 443 by default).
     #[arg(long, env = "AGENTID_WEBHOOK_SERVICE")]
     webhook_service: Option<String>,
+    /// Keep the webhook's CA and certificate in this Secret (`NAMESPACE/NAME`), shared by restarts
+    /// and replicas and renewed a month before expiry [default: a new one each start].
+    #[arg(long, env = "AGENTID_WEBHOOK_CERT_SECRET")]
+    webhook_cert_secret: Option<String>,
     /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
@@ -147,8 +151,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         access: agentid::policy::desired::ClusterAccess { server, ca_pem },
         protected,
-        webhook_addr: args.webhook_addr,
-        webhook_endpoint,
+        webhook: agentid::admission::server::WebhookSettings {
+            addr: args.webhook_addr,
+            endpoint: webhook_endpoint,
+            cert_secret: args
+                .webhook_cert_secret
+                .as_deref()
+                .map(|s| {
+                    s.split_once('/')
+                        .map(|(ns, name)| (ns.to_string(), name.to_string()))
+                        .context("--webhook-cert-secret: expected NAMESPACE/NAME")
+                })
+                .transpose()?,
+            own_namespace: std::env::var("POD_NAMESPACE").ok(),
+        },
     };
     agentid::controller::run(client, settings).await
 }

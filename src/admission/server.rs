@@ -26,9 +26,12 @@ use kube::{
 };
 use tracing::{info, warn};
 
+use axum_server::tls_rustls::RustlsConfig;
+use k8s_openapi::api::core::v1::Secret;
+
 use super::{
     ApprovalFacts,
-    certs::ServingCert,
+    certs::{self, ServingCert},
     mutate,
     register::{self, Endpoint},
     validate_approval, validate_grant,
@@ -47,9 +50,12 @@ pub enum Error {
     /// Serving failed.
     #[error("serving the webhook: {0}")]
     Serve(#[source] std::io::Error),
-    /// Installing the webhook configurations failed.
-    #[error("installing the webhook configurations: {0}")]
+    /// Installing the webhook configurations (or storing the certificate) failed.
+    #[error("installing the webhook: {0}")]
     Register(#[source] kube::Error),
+    /// The certificate could not be made.
+    #[error(transparent)]
+    Cert(#[from] certs::Error),
 }
 
 #[derive(Clone)]
@@ -171,18 +177,111 @@ pub fn router(client: Client) -> Router {
         .with_state(Arc::new(AppState { client }))
 }
 
-/// Serves the webhook over TLS on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, cert: &ServingCert, client: Client) -> Result<(), Error> {
+/// How the webhook is served and registered.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// How the apiserver reaches it; None: serve, but do not register.
+    pub endpoint: Option<Endpoint>,
+    /// The Secret (namespace, name) that keeps the certificate; None: a new one each start.
+    pub cert_secret: Option<(String, String)>,
+    /// agentid's own namespace, whose pods the webhook never blocks.
+    pub own_namespace: Option<String>,
+}
+
+impl WebhookSettings {
+    fn hosts(&self) -> Vec<String> {
+        self.endpoint.as_ref().map(Endpoint::hosts).unwrap_or_else(|| vec!["localhost".into()])
+    }
+}
+
+/// The stored certificate if it is still good for `hosts`, else a new one (stored when a Secret
+/// is named). Only this one Secret is read, by name.
+async fn current_cert(client: &Client, settings: &WebhookSettings) -> Result<ServingCert, Error> {
+    let hosts = settings.hosts();
+    let now = jiff::Timestamp::now();
+    let Some((ns, name)) = &settings.cert_secret else {
+        return certs::generate(&hosts, now).map_err(Error::Cert);
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let stored = secrets.get_opt(name).await.map_err(Error::Register)?;
+    if let Some(cert) = stored.and_then(|s| s.data).as_ref().and_then(ServingCert::from_secret_data)
+        && !cert.needs_renewal(&hosts, now)
+    {
+        return Ok(cert);
+    }
+    let cert = certs::generate(&hosts, now).map_err(Error::Cert)?;
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": ns, "labels": {names::MANAGED_BY_LABEL: names::MANAGED_BY}},
+        "stringData": cert.to_secret_data(),
+    });
+    secrets
+        .patch(name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&secret))
+        .await
+        .map_err(Error::Register)?;
+    info!(secret = %name, not_after = %cert.not_after, "webhook certificate stored");
+    Ok(cert)
+}
+
+/// Starts the webhook: certificate, registration (caBundle), the HTTPS server, and a task that
+/// renews the certificate a month before it expires. Returns once the webhook is registered.
+pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Error> {
     // Both kube's client and this server use ring; installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-        cert.cert_pem.clone().into_bytes(),
-        cert.key_pem.clone().into_bytes(),
-    )
-    .await
-    .map_err(Error::Tls)?;
-    info!(%addr, "admission webhook listening");
-    axum_server::bind_rustls(addr, tls).serve(router(client).into_make_service()).await.map_err(Error::Serve)
+    let cert = current_cert(&client, &settings).await?;
+    let tls = RustlsConfig::from_pem(cert.cert_pem.clone().into_bytes(), cert.key_pem.clone().into_bytes())
+        .await
+        .map_err(Error::Tls)?;
+    let own = settings.own_namespace.as_deref();
+    match &settings.endpoint {
+        Some(endpoint) => register(&client, endpoint, &cert.ca_pem, own).await?,
+        None => warn!(
+            "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded, no approval can count and pods are not injected"
+        ),
+    }
+    info!(addr = %settings.addr, "admission webhook listening");
+    let server = axum_server::bind_rustls(settings.addr, tls.clone()).serve(router(client.clone()).into_make_service());
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admission webhook stopped");
+        }
+    });
+    tokio::spawn(rotate(client, settings, tls, cert));
+    Ok(())
+}
+
+async fn rotate(client: Client, settings: WebhookSettings, tls: RustlsConfig, mut cert: ServingCert) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(6 * 3600)).await;
+        if !cert.needs_renewal(&settings.hosts(), jiff::Timestamp::now()) {
+            continue;
+        }
+        let renewed = match current_cert(&client, &settings).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "could not renew the webhook certificate; will retry");
+                continue;
+            }
+        };
+        // Trust both CAs while the apiserver and the server switch over.
+        let bundle = format!("{}{}", renewed.ca_pem, cert.ca_pem);
+        if let Some(endpoint) = &settings.endpoint
+            && let Err(e) = register(&client, endpoint, &bundle, settings.own_namespace.as_deref()).await
+        {
+            warn!(error = %e, "could not update the caBundle; will retry");
+            continue;
+        }
+        if let Err(e) =
+            tls.reload_from_pem(renewed.cert_pem.clone().into_bytes(), renewed.key_pem.clone().into_bytes()).await
+        {
+            warn!(error = %e, "could not load the renewed certificate; will retry");
+            continue;
+        }
+        info!(not_after = %renewed.not_after, "webhook certificate renewed");
+        cert = renewed;
+    }
 }
 
 /// Installs (or updates) agentid's webhook configurations pointing at `endpoint`.
@@ -218,6 +317,49 @@ mod tests {
         let request =
             Request::post(path).header("content-type", "application/json").body(Body::from(body)).expect("request");
         router(client).oneshot(request).await.expect("response").status()
+    }
+
+    /// A small deterministic generator, so that a failure reproduces.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[tokio::test]
+    async fn random_and_truncated_bodies_never_panic_and_get_4xx() {
+        let valid = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"}, "operation": "CREATE",
+                "userInfo": {"username": "u"}, "object": {"metadata": {"name": "p", "labels": {"agentid.dev/identity": "x"}}}}
+        })
+        .to_string();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let config = kube::Config::new("https://127.0.0.1:1".parse().expect("uri"));
+        let client = Client::try_from(config).expect("client");
+        for round in 0..300 {
+            let body: Vec<u8> = match round % 3 {
+                // Random bytes.
+                0 => (0..(xorshift(&mut state) % 200)).map(|_| xorshift(&mut state) as u8).collect(),
+                // A valid review cut short.
+                1 => valid.as_bytes()[..(xorshift(&mut state) as usize % valid.len())].to_vec(),
+                // A valid review with one byte flipped.
+                _ => {
+                    let mut b = valid.clone().into_bytes();
+                    let i = xorshift(&mut state) as usize % b.len();
+                    b[i] = xorshift(&mut state) as u8;
+                    b
+                }
+            };
+            for path in ["/validate", "/mutate"] {
+                let request = Request::post(path).body(Body::from(body.clone())).expect("request");
+                let status = router(client.clone()).oneshot(request).await.expect("response").status();
+                // Either refused as malformed (4xx) or parsed and answered (200, allowed or not).
+                assert!(status.is_client_error() || status == StatusCode::OK, "{path} answered {status} to {body:?}");
+            }
+        }
     }
 
     #[tokio::test]

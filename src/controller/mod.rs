@@ -35,7 +35,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::{
-    admission::register::Endpoint,
+    admission::server::WebhookSettings,
     api::{AccessGrant, AgentIdentity, Approval, ProtectedResource},
     credentials::{self, kubernetes::KubernetesIssuer},
     metrics::{HttpState, Metrics},
@@ -97,10 +97,8 @@ pub struct Settings {
     pub access: ClusterAccess,
     /// Resources that always need approval, whatever the identity says.
     pub protected: Vec<ProtectedResource>,
-    /// Where the admission webhook listens.
-    pub webhook_addr: SocketAddr,
-    /// How the apiserver reaches the webhook; None: serve it but do not register it.
-    pub webhook_endpoint: Option<Endpoint>,
+    /// The admission webhook.
+    pub webhook: WebhookSettings,
 }
 
 /// Shared by every reconcile.
@@ -247,26 +245,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let grant_store = grant_controller.store();
 
     // Admission first: without it no grant records its requester and no Approval is checked.
-    let endpoint_hosts =
-        settings.webhook_endpoint.as_ref().map(Endpoint::hosts).unwrap_or_else(|| vec!["localhost".into()]);
-    let cert = crate::admission::certs::generate(&endpoint_hosts)?;
-    let webhook_client = client.clone();
-    let webhook_addr = settings.webhook_addr;
-    let ca_pem = cert.ca_pem.clone();
-    tokio::spawn(async move {
-        if let Err(e) = crate::admission::server::serve(webhook_addr, &cert, webhook_client).await {
-            tracing::error!(error = %e, "admission webhook stopped");
-        }
-    });
-    match &settings.webhook_endpoint {
-        Some(endpoint) => {
-            let own_namespace = std::env::var("POD_NAMESPACE").ok();
-            crate::admission::server::register(&client, endpoint, &ca_pem, own_namespace.as_deref()).await?
-        }
-        None => warn!(
-            "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded and no approval can count"
-        ),
-    }
+    crate::admission::server::start(client.clone(), settings.webhook.clone()).await?;
 
     tokio::spawn(crate::metrics::serve(
         settings.metrics_addr,

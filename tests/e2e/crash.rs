@@ -147,8 +147,27 @@ async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_res
 async fn with_the_webhook_down_no_grant_approval_or_agent_pod_can_be_created() -> anyhow::Result<()> {
     let cluster = PrivateCluster::start("webhook-down").await?;
     let admin = cluster.admin().await?;
-    let operator = Operator::start(&cluster.dir, &[])?;
+    let system = TestNamespace::new(&admin, "agentid-system").await?;
+    let cert_secret = format!("{}/agentid-webhook-cert", system.name);
+    let env = [("AGENTID_WEBHOOK_CERT_SECRET", cert_secret.as_str())];
+    let operator = Operator::start(&cluster.dir, &env)?;
     operator.wait_ready().await?;
+    // The certificate is kept in the named Secret, and its CA is what the apiserver trusts.
+    let stored = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &system.name)
+        .get("agentid-webhook-cert")
+        .await?;
+    let stored_ca = stored.data.as_ref().and_then(|d| d.get("ca.crt")).map(|b| b.0.clone()).expect("ca.crt");
+    assert!(stored.data.as_ref().is_some_and(|d| d.contains_key("tls.key") && d.contains_key("tls.crt")));
+    let ca_bundle = || async {
+        let config =
+            Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(admin.clone())
+                .get("agentid")
+                .await?;
+        anyhow::Ok(
+            config.webhooks.unwrap_or_default()[0].client_config.ca_bundle.clone().map(|b| b.0).unwrap_or_default(),
+        )
+    };
+    assert_eq!(ca_bundle().await?, stored_ca);
     let (agents, target) = namespaces(&admin, "down").await?;
     let (a, t) = (agents.name.as_str(), target.name.as_str());
     let held =
@@ -175,8 +194,10 @@ async fn with_the_webhook_down_no_grant_approval_or_agent_pod_can_be_created() -
         .await;
     assert!(refused_by_dead_webhook(&p), "a labelled pod was admitted without agentid's admission: {p:?}");
 
-    operator.restart(&[])?;
+    operator.restart(&env)?;
     operator.wait_ready().await?;
+    // A restart reuses the stored certificate: the apiserver's trust does not change.
+    assert_eq!(ca_bundle().await?, stored_ca);
     poll_until(Duration::from_secs(30), "grants to be admitted again", || {
         let api = Api::<AccessGrant>::namespaced(admin.clone(), a);
         let g = grant("after", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])]);
