@@ -125,6 +125,19 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
         if let Verdict::Denied { by, reason } = verdict {
             return denied(by, reason);
         }
+        // status.expiresAt is what the operator schedules revocation by; anyone able to write
+        // status could push it out. It can never lie further ahead than the grant's duration.
+        let longest = duration::parse(&grant.spec.duration).ok().and_then(|d| SignedDuration::try_from(d).ok());
+        if longest.is_none_or(|d| now.checked_add(d).is_ok_and(|limit| expires_at > limit)) {
+            return Step::Revoke {
+                phase: GrantPhase::Revoked,
+                reason: "InvalidExpiry",
+                message: format!(
+                    "status.expiresAt {expires_at} lies beyond the grant's duration {}",
+                    grant.spec.duration
+                ),
+            };
+        }
         let Some(identity) = identity else {
             return Step::Revoke {
                 phase: GrantPhase::Revoked,
@@ -416,5 +429,23 @@ mod tests {
         }];
         let step = decide(&g, Facts { identity: Some(&plain), verdict: &WAITING, protected: &cluster, now: now() });
         assert!(matches!(step, Step::AwaitApproval { .. }));
+    }
+
+    #[test]
+    fn a_pushed_out_expiry_in_status_revokes_instead_of_extending() {
+        let id = identity("fixer", &["staging"]);
+        let rules = vec![rule("staging", "", "pods", "get")];
+        // 15m grant whose status claims it lasts another 16 minutes: tampered.
+        let g = with_status(grant("read", "fixer", "15m", rules.clone()), GrantPhase::Active, Some(plus(960)));
+        match decide_at(&g, Some(&id), now()) {
+            Step::Revoke { phase, reason, .. } => assert_eq!((phase, reason), (GrantPhase::Revoked, "InvalidExpiry")),
+            other => panic!("{other:?}"),
+        }
+        // The same for an issuance being resumed.
+        let g = with_status(grant("read", "fixer", "15m", rules.clone()), GrantPhase::Pending, Some(plus(3600)));
+        assert!(matches!(decide_at(&g, Some(&id), now()), Step::Revoke { reason: "InvalidExpiry", .. }));
+        // Exactly the duration left is fine.
+        let g = with_status(grant("read", "fixer", "15m", rules), GrantPhase::Active, Some(plus(900)));
+        assert_eq!(decide_at(&g, Some(&id), now()), Step::Wait { recheck_at: Some(plus(900)) });
     }
 }

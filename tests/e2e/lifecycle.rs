@@ -455,3 +455,22 @@ async fn identity_status_reports_its_base_objects_and_active_grants() -> anyhow:
     assert_eq!(sa.automount_service_account_token, Some(false));
     s.cleanup().await
 }
+
+#[tokio::test]
+async fn pushing_expires_at_out_in_status_revokes_the_grant() -> anyhow::Result<()> {
+    let s = Setup::new("tamper", "fixer").await?;
+    let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
+    create(&s.admin, t, &config_map("settings")).await?;
+    let g = s.grant(&grant("short", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
+    config_maps.get("settings").await?;
+    // Someone able to write status (not the agent: it cannot) tries to make the credential last.
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(30 * 24)).to_string();
+    Api::<AccessGrant>::namespaced(s.admin.clone(), a)
+        .patch_status("short", &PatchParams::default(), &Patch::Merge(json!({"status": {"expiresAt": later}})))
+        .await?;
+    let revoked = wait_phase(&s.admin, a, "short", GrantPhase::Revoked).await?;
+    assert_eq!(ready_reason(&revoked).0, "InvalidExpiry");
+    assert!(matches!(status_code(&config_maps.get("settings").await), Some(401 | 403)));
+    s.cleanup().await
+}
