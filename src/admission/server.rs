@@ -234,6 +234,19 @@ pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Erro
     let tls = RustlsConfig::from_pem(cert.cert_pem.clone().into_bytes(), cert.key_pem.clone().into_bytes())
         .await
         .map_err(Error::Tls)?;
+    // Bound before it is registered, so the apiserver is never sent to a closed port (which,
+    // failing closed, would refuse requests).
+    let listener = std::net::TcpListener::bind(settings.addr).map_err(Error::Serve)?;
+    listener.set_nonblocking(true).map_err(Error::Serve)?;
+    info!(addr = %settings.addr, "admission webhook listening");
+    let server = axum_server::from_tcp_rustls(listener, tls.clone())
+        .map_err(Error::Serve)?
+        .serve(router(client.clone()).into_make_service());
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admission webhook stopped");
+        }
+    });
     let own = settings.own_namespace.as_deref();
     match &settings.endpoint {
         Some(endpoint) => register(&client, endpoint, &cert.ca_pem, own).await?,
@@ -241,13 +254,6 @@ pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Erro
             "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded, no approval can count and pods are not injected"
         ),
     }
-    info!(addr = %settings.addr, "admission webhook listening");
-    let server = axum_server::bind_rustls(settings.addr, tls.clone()).serve(router(client.clone()).into_make_service());
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "admission webhook stopped");
-        }
-    });
     tokio::spawn(rotate(client, settings, tls, cert));
     Ok(())
 }
