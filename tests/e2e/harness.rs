@@ -67,6 +67,14 @@ pub fn cluster() -> &'static Cluster {
         let dir = match std::env::var_os("AGENTID_E2E_CLUSTER") {
             Some(dir) => PathBuf::from(dir),
             None => {
+                // Earlier runs' directories (their clusters stopped with their test process).
+                for entry in std::fs::read_dir(repo_root().join("tests/.clusters")).into_iter().flatten().flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let owner = name.rsplit('-').next().unwrap_or_default();
+                    if !Path::new(&format!("/proc/{owner}")).exists() {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
                 let dir = repo_root().join(format!("tests/.clusters/run-{}", std::process::id()));
                 // The script stops this control plane once the owner process (us) has exited.
                 run(Command::new(cluster_script())
