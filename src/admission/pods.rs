@@ -148,6 +148,11 @@ fn references(pod: &Pod) -> Vec<(&'static str, String)> {
                 refs.push(("Secret", r.name.clone()));
             }
         }
+        for env in e.env_from.iter().flatten() {
+            if let Some(r) = &env.secret_ref {
+                refs.push(("Secret", r.name.clone()));
+            }
+        }
     }
     refs
 }
@@ -349,6 +354,15 @@ mod tests {
                 json!({}),
                 json!({"containers": [{"name": "c", "image": "a", "envFrom": [{"secretRef": {"name": "agentid-fixer-credentials"}}]}]}),
                 "AgentIdentity \"fixer\"",
+            ),            (
+                json!({}),
+                json!({"containers": c, "ephemeralContainers": [{"name": "debug", "image": "a", "envFrom": [{"secretRef": {"name": "agentid-fixer-credentials"}}]}]}),
+                "AgentIdentity \"fixer\"",
+            ),
+            (
+                json!({}),
+                json!({"containers": c, "ephemeralContainers": [{"name": "debug", "image": "a", "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "agentid-grant-x-1", "key": "token"}}}]}]}),
+                "AccessGrant",
             ),
         ];
         for (labels, spec, expected) in cases {

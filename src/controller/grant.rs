@@ -90,18 +90,27 @@ pub async fn reevaluate(grant: &AccessGrant, ctx: &Context) -> Result<(), Error>
 async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
     let ns = grant.namespace().unwrap_or_default();
-    // A live read, not a cache: a grant must never be issued against a stale ceiling.
-    let identity = Api::<AgentIdentity>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&grant.spec.identity)
-        .await
-        .map_err(kube_err(format!("reading AgentIdentity {}", grant.spec.identity)))?
-        .filter(|i| i.metadata.deletion_timestamp.is_none());
-
     let terminal = grant.status.as_ref().and_then(|s| s.phase).is_some_and(GrantPhase::is_terminal);
-    let verdict = if terminal {
-        Verdict::Waiting { counted: vec![], ignored: vec![] }
+    let overdue = grant.status.as_ref().and_then(|s| s.expires_at.as_ref()).is_some_and(|t| t.0 <= now);
+    let no_verdict = Verdict::Waiting { counted: vec![], ignored: vec![] };
+    let (identity, verdict, service_account_created) = if overdue && !terminal {
+        // Past its end nothing else matters: revoke without waiting on any look-up that could fail.
+        (None, no_verdict, None)
     } else {
-        verdict(grant, identity.as_ref(), ctx, now).await?
+        // Live reads, not a cache: a grant must never be issued against a stale ceiling.
+        let identity = Api::<AgentIdentity>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&grant.spec.identity)
+            .await
+            .map_err(kube_err(format!("reading AgentIdentity {}", grant.spec.identity)))?
+            .filter(|i| i.metadata.deletion_timestamp.is_none());
+        let verdict = if terminal { no_verdict } else { verdict(grant, identity.as_ref(), ctx, now).await? };
+        let sa_name = GrantObjects::new(grant).name;
+        let sa_created = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(ctx.client.clone(), &ns)
+            .get_metadata_opt(&sa_name)
+            .await
+            .map_err(kube_err(format!("reading ServiceAccount {sa_name}")))?
+            .map(|sa| sa.metadata.creation_timestamp.map(|t| t.0).unwrap_or(now));
+        (identity, verdict, sa_created)
     };
 
     let old = grant.status.clone().unwrap_or_default();
@@ -120,7 +129,8 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    let facts = Facts { identity: identity.as_ref(), verdict: &verdict, protected: &ctx.protected, now };
+    let facts =
+        Facts { identity: identity.as_ref(), verdict: &verdict, protected: &ctx.protected, service_account_created, now };
     match decide(grant, facts) {
         Step::Wait { recheck_at } => Ok(requeue_at(recheck_at, now)),
 

@@ -26,16 +26,20 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
         .list(&ListParams::default())
         .await
         .map_err(kube_err("listing AccessGrants"))?;
-    let now = jiff::Timestamp::now();
-    let mut overdue = 0;
+    let mut rechecked = 0;
     for g in &grants.items {
         let status = g.status.as_ref();
         let issued = status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
         let phase = status.and_then(|s| s.phase);
         let unfinished = matches!(phase, Some(GrantPhase::Expired | GrantPhase::Revoked))
             && status.is_some_and(|s| s.revoked_at.is_none());
-        if issued.is_some_and(|at| at <= now) || unfinished {
-            overdue += 1;
+        // Every grant that holds (or held) a credential is looked at again: overdue ones, and those
+        // whose identity was suspended, retired or deleted, or that were denied while agentid was down.
+        // (Interrupted issuances are resumed later by the controller, after this sweep.)
+        let holds = phase == Some(GrantPhase::Active);
+        let overdue = issued.is_some_and(|at| at <= jiff::Timestamp::now());
+        if holds || overdue || unfinished {
+            rechecked += 1;
             grant::reevaluate(g, ctx).await?;
         }
     }
@@ -48,7 +52,7 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
     orphans += delete_orphans::<RoleBinding>(ctx, &live).await?;
     orphans += delete_orphans::<Role>(ctx, &live).await?;
     orphans += delete_orphans::<Secret>(ctx, &live).await?;
-    info!(overdue, orphans, "start-up sweep done");
+    info!(rechecked, orphans, "start-up sweep done");
     Ok(())
 }
 

@@ -72,20 +72,30 @@ const ESCALATION_RESOURCES: &[(&str, &str)] = &[
     ("", "pods/portforward"),
     ("", "serviceaccounts/token"),
     ("", "nodes/proxy"),
+    ("", "pods/proxy"),
+    ("", "services/proxy"),
+];
+
+/// Workloads: whoever writes them decides what pods run, and as which ServiceAccount.
+const WORKLOADS: &[(&str, &str)] = &[
+    ("", "replicationcontrollers"),
+    ("apps", "deployments"),
+    ("apps", "statefulsets"),
+    ("apps", "daemonsets"),
+    ("apps", "replicasets"),
+    ("batch", "jobs"),
+    ("batch", "cronjobs"),
 ];
 
 /// Resources whose routine writes need no approval. Writes to anything else need one.
 const ROUTINE_WRITES: &[(&str, &str)] = &[
     ("", "configmaps"),
-    ("", "services"),
-    ("", "endpoints"),
     ("", "events"),
     ("", "serviceaccounts"),
     ("", "replicationcontrollers"),
     ("", "replicationcontrollers/scale"),
     ("", "limitranges"),
     ("", "resourcequotas"),
-    ("", "pods/eviction"),
     ("apps", "deployments"),
     ("apps", "deployments/scale"),
     ("apps", "statefulsets"),
@@ -99,21 +109,21 @@ const ROUTINE_WRITES: &[(&str, &str)] = &[
     ("policy", "poddisruptionbudgets"),
     ("networking.k8s.io", "ingresses"),
     ("networking.k8s.io", "networkpolicies"),
-    ("discovery.k8s.io", "endpointslices"),
     ("coordination.k8s.io", "leases"),
     ("events.k8s.io", "events"),
 ];
 
 /// Classifies one (group, resource, verb) of a rule; `None` when it needs no approval.
 fn classify_one(group: &str, resource: &str, verb: &str) -> Option<Category> {
-    if group == "*" || resource == "*" || verb == "*" || resource.ends_with("/*") {
+    // Any wildcard, including `*/exec` (that subresource of every resource) and `pods/*`.
+    if group == "*" || verb == "*" || resource.contains('*') {
         return Some(Category::Escalation);
     }
     let base = resource.split('/').next().unwrap_or(resource);
     if ESCALATION_VERBS.contains(&verb) || ESCALATION_RESOURCES.contains(&(group, resource)) {
         return Some(Category::Escalation);
     }
-    if DELETE_VERBS.contains(&verb) {
+    if DELETE_VERBS.contains(&verb) || (group.is_empty() && resource == "pods/eviction") {
         return Some(Category::Destructive);
     }
     if READ_VERBS.contains(&verb) {
@@ -170,14 +180,19 @@ fn touches(p: &ProtectedResource, group: &str, resource: &str, names: &[String],
 }
 
 /// Every reason the rules need approval, sorted and without repeats. Empty: issue at once.
-/// `protected` holds what the identity and the cluster policy mark protected.
-pub fn classify(rules: &[KubernetesRule], protected: &[ProtectedResource]) -> Vec<Reason> {
+/// `protected` holds what the identity and the cluster policy mark protected; `home` is the
+/// grant's own namespace, where the identities live: a pod written there may carry any identity's
+/// label, so workload writes there are escalations.
+pub fn classify(rules: &[KubernetesRule], protected: &[ProtectedResource], home: &str) -> Vec<Reason> {
     let mut reasons = Vec::new();
     for rule in rules {
         for group in &rule.api_groups {
             for resource in &rule.resources {
                 for verb in &rule.verbs {
-                    let category = classify_one(group, resource, verb).or_else(|| {
+                    let in_home = rule.namespace == home && WRITE_VERBS.contains(&verb.as_str());
+                    let category = classify_one(group, resource, verb)
+                        .or_else(|| (in_home && WORKLOADS.contains(&(group.as_str(), resource.as_str()))).then_some(Category::Escalation))
+                        .or_else(|| {
                         protected
                             .iter()
                             .any(|p| touches(p, group, resource, &rule.resource_names, &rule.namespace))
@@ -252,6 +267,14 @@ mod tests {
             ("apps", "deployments", "update", None),
             ("apps", "deployments/scale", "patch", None),
             ("", "configmaps", "create", None),
+            // Traffic and exposure: services (externalIPs, load balancers), endpoints.
+            ("", "services", "create", Some(Unknown)),
+            ("", "services", "patch", Some(Unknown)),
+            ("", "endpoints", "update", Some(Unknown)),
+            ("discovery.k8s.io", "endpointslices", "create", Some(Unknown)),
+            ("", "services", "get", None),
+            // Eviction deletes a pod.
+            ("", "pods/eviction", "create", Some(Destructive)),
             ("batch", "jobs", "create", None),
             // Deletes are destructive anywhere.
             ("", "persistentvolumeclaims", "delete", Some(Destructive)),
@@ -285,6 +308,12 @@ mod tests {
             ("", "pods/ephemeralcontainers", "patch", Some(Escalation)),
             ("", "pods/exec", "create", Some(Escalation)),
             ("", "pods/exec", "get", Some(Escalation)),
+            ("", "*/exec", "get", Some(Escalation)),
+            ("", "*/attach", "create", Some(Escalation)),
+            ("", "*/proxy", "get", Some(Escalation)),
+            ("", "pods/proxy", "get", Some(Escalation)),
+            ("", "services/proxy", "create", Some(Escalation)),
+            ("apps", "deploy*", "patch", Some(Escalation)),
             ("", "pods/attach", "create", Some(Escalation)),
             ("", "pods/portforward", "create", Some(Escalation)),
             ("", "serviceaccounts/token", "create", Some(Escalation)),
@@ -292,7 +321,7 @@ mod tests {
             // Unknown verbs and writes to unknown resources fail closed.
             ("certificates.k8s.io", "certificatesigningrequests/approval", "approve", Some(Unknown)),
             ("policy", "podsecuritypolicies", "use", Some(Unknown)),
-            ("", "services/proxy", "proxy", Some(Unknown)),
+            ("", "services/proxy", "proxy", Some(Escalation)),
             ("example.com", "widgets", "create", Some(Unknown)),
             ("example.com", "widgets", "patch", Some(Unknown)),
             ("apps", "controllerrevisions", "create", Some(Unknown)),
@@ -305,27 +334,27 @@ mod tests {
 
     #[test]
     fn incident_grant_says_why_in_words() {
-        let reasons = classify(&[rule(&[""], &["persistentvolumeclaims"], &["get", "delete"], &["db-volume"])], &[]);
+        let reasons = classify(&[rule(&[""], &["persistentvolumeclaims"], &["get", "delete"], &["db-volume"])], &[], "agents");
         let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(texts, vec!["destructive: delete persistentvolumeclaims/db-volume in staging"]);
     }
 
     #[test]
     fn exec_reason_names_the_subresource() {
-        let reasons = classify(&[rule(&[""], &["pods/exec"], &["create"], &[])], &[]);
+        let reasons = classify(&[rule(&[""], &["pods/exec"], &["create"], &[])], &[], "agents");
         assert_eq!(reasons[0].to_string(), "escalation: create pods/exec in staging");
     }
 
     #[test]
     fn read_only_grant_needs_nothing() {
         let rules = [rule(&["", "apps"], &["pods", "deployments", "pods/log"], &["get", "list", "watch"], &[])];
-        assert!(classify(&rules, &[]).is_empty());
+        assert!(classify(&rules, &[], "agents").is_empty());
     }
 
     #[test]
     fn every_combination_of_a_rule_is_considered() {
         // A harmless first entry must not hide a dangerous later one.
-        let reasons = classify(&[rule(&["apps", ""], &["deployments", "secrets"], &["get", "patch"], &[])], &[]);
+        let reasons = classify(&[rule(&["apps", ""], &["deployments", "secrets"], &["get", "patch"], &[])], &[], "agents");
         let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(
             texts,
@@ -341,7 +370,7 @@ mod tests {
     #[test]
     fn reasons_are_sorted_and_unique() {
         let r = rule(&[""], &["secrets"], &["get", "get"], &[]);
-        assert_eq!(classify(&[r.clone(), r], &[]).len(), 1);
+        assert_eq!(classify(&[r.clone(), r], &[], "agents").len(), 1);
     }
 
     fn protect(group: &str, resource: &str, names: &[&str], namespaces: &[&str]) -> ProtectedResource {
@@ -357,28 +386,42 @@ mod tests {
     fn protected_resources_need_approval_for_any_verb() {
         let flags = [protect("", "configmaps", &["feature-flags"], &[])];
         let read = rule(&[""], &["configmaps"], &["get"], &["feature-flags"]);
-        let texts: Vec<String> = classify(&[read], &flags).iter().map(ToString::to_string).collect();
+        let texts: Vec<String> = classify(&[read], &flags, "agents").iter().map(ToString::to_string).collect();
         assert_eq!(texts, vec!["protected: get configmaps/feature-flags in staging"]);
         // All configmaps includes the protected one.
-        assert_eq!(classify(&[rule(&[""], &["configmaps"], &["list"], &[])], &flags).len(), 1);
+        assert_eq!(classify(&[rule(&[""], &["configmaps"], &["list"], &[])], &flags, "agents").len(), 1);
         // Another name, another resource, another group: not protected.
-        assert!(classify(&[rule(&[""], &["configmaps"], &["get"], &["other"])], &flags).is_empty());
-        assert!(classify(&[rule(&[""], &["services"], &["get"], &["feature-flags"])], &flags).is_empty());
-        assert!(classify(&[rule(&["example.com"], &["configmaps"], &["get"], &[])], &flags).is_empty());
+        assert!(classify(&[rule(&[""], &["configmaps"], &["get"], &["other"])], &flags, "agents").is_empty());
+        assert!(classify(&[rule(&[""], &["services"], &["get"], &["feature-flags"])], &flags, "agents").is_empty());
+        assert!(classify(&[rule(&["example.com"], &["configmaps"], &["get"], &[])], &flags, "agents").is_empty());
         // Limited to a namespace.
         let prod_only = [protect("apps", "deployments", &[], &["production"])];
-        assert!(classify(&[rule(&["apps"], &["deployments"], &["get"], &[])], &prod_only).is_empty());
+        assert!(classify(&[rule(&["apps"], &["deployments"], &["get"], &[])], &prod_only, "agents").is_empty());
         let mut in_prod = rule(&["apps"], &["deployments"], &["get"], &[]);
         in_prod.namespace = "production".into();
-        assert_eq!(classify(&[in_prod], &prod_only)[0].category, Protected);
+        assert_eq!(classify(&[in_prod], &prod_only, "agents")[0].category, Protected);
         // Subresources of a protected resource are protected too.
         assert_eq!(
             classify(
                 &[rule(&["apps"], &["deployments/scale"], &["get"], &[])],
-                &[protect("apps", "deployments", &[], &[])]
+                &[protect("apps", "deployments", &[], &[])],
+                "agents"
             )
             .len(),
             1
         );
+    }
+
+    #[test]
+    fn workload_writes_in_the_identities_namespace_are_escalations() {
+        let mut in_home = rule(&["apps"], &["deployments"], &["patch"], &["web"]);
+        in_home.namespace = "agents".into();
+        let texts: Vec<String> = classify(&[in_home], &[], "agents").iter().map(ToString::to_string).collect();
+        assert_eq!(texts, vec!["escalation: patch deployments.apps/web in agents"]);
+        // The same write in a target namespace is routine, and reads at home are fine.
+        assert!(classify(&[rule(&["apps"], &["deployments"], &["patch"], &["web"])], &[], "agents").is_empty());
+        let mut read_home = rule(&["apps"], &["deployments"], &["get"], &[]);
+        read_home.namespace = "agents".into();
+        assert!(classify(&[read_home], &[], "agents").is_empty());
     }
 }

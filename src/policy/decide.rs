@@ -18,6 +18,9 @@ pub struct Facts<'a> {
     pub verdict: &'a Verdict,
     /// What the cluster-wide policy marks protected.
     pub protected: &'a [ProtectedResource],
+    /// When the grant's ServiceAccount was created, if it exists: the operator's own record that
+    /// a credential was issued, which (unlike status) no requester can write.
+    pub service_account_created: Option<Timestamp>,
     /// The current time.
     pub now: Timestamp,
 }
@@ -79,7 +82,8 @@ pub fn approval_reasons(grant: &AccessGrant, identity: &AgentIdentity, protected
     let mut all = identity.spec.approval.protected_resources.clone();
     all.extend_from_slice(protected);
     let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
-    classify::classify(rules, &all).iter().map(ToString::to_string).collect()
+    let home = grant.metadata.namespace.as_deref().unwrap_or_default();
+    classify::classify(rules, &all, home).iter().map(ToString::to_string).collect()
 }
 
 fn denied(by: &str, reason: &str) -> Step {
@@ -126,9 +130,12 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
             return denied(by, reason);
         }
         // status.expiresAt is what the operator schedules revocation by; anyone able to write
-        // status could push it out. It can never lie further ahead than the grant's duration.
+        // status could push it out. It can never lie further ahead than the grant's duration from
+        // the moment its ServiceAccount was made (or from now, before that).
         let longest = duration::parse(&grant.spec.duration).ok().and_then(|d| SignedDuration::try_from(d).ok());
-        if longest.is_none_or(|d| now.checked_add(d).is_ok_and(|limit| expires_at > limit)) {
+        let since = facts.service_account_created.unwrap_or(now);
+        let slack = SignedDuration::from_secs(2);
+        if longest.is_none_or(|d| since.checked_add(d + slack).is_ok_and(|limit| expires_at > limit)) {
             return Step::Revoke {
                 phase: GrantPhase::Revoked,
                 reason: "InvalidExpiry",
@@ -145,6 +152,15 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
                 message: format!("AgentIdentity {identity_name:?} was deleted"),
             };
         };
+        // A credential that needed approval exists only while that approval stands — also when
+        // status was written to look issued without one.
+        if !approval_reasons(grant, identity, facts.protected).is_empty() && !matches!(verdict, Verdict::Approved(_)) {
+            return Step::Revoke {
+                phase: GrantPhase::Revoked,
+                reason: "NotApproved",
+                message: "the grant needs approval and its approvals do not (or no longer) add up".into(),
+            };
+        }
         if let Err(violation) = ceiling::check(identity, &grant.spec, now) {
             let reason = match violation {
                 Violation::IdentitySuspended(_) | Violation::IdentityRetired(..) => violation.reason(),
@@ -161,6 +177,15 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
         };
     }
 
+    // No issuance in status, yet its ServiceAccount exists: status was rewritten (it is created
+    // only after the intent is recorded). Never issue afresh on top of it.
+    if facts.service_account_created.is_some() {
+        return Step::Revoke {
+            phase: GrantPhase::Revoked,
+            reason: "InvalidStatus",
+            message: "the grant's ServiceAccount exists but status records no issuance".into(),
+        };
+    }
     let Some(identity) = identity else {
         return Step::Reject(Violation::IdentityNotFound(identity_name.clone()));
     };
@@ -220,7 +245,7 @@ mod tests {
     const WAITING: Verdict = Verdict::Waiting { counted: vec![], ignored: vec![] };
 
     fn decide_at(g: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
-        decide(g, Facts { identity, verdict: &WAITING, protected: &[], now })
+        decide(g, Facts { identity, verdict: &WAITING, protected: &[], service_account_created: None, now })
     }
 
     fn now() -> Timestamp {
@@ -362,7 +387,7 @@ mod tests {
     }
 
     fn with_verdict(g: &AccessGrant, id: &AgentIdentity, verdict: &Verdict, now: Timestamp) -> Step {
-        decide(g, Facts { identity: Some(id), verdict, protected: &[], now })
+        decide(g, Facts { identity: Some(id), verdict, protected: &[], service_account_created: None, now })
     }
 
     fn approved() -> Verdict {
@@ -427,7 +452,8 @@ mod tests {
             resource_names: vec![],
             namespaces: vec![],
         }];
-        let step = decide(&g, Facts { identity: Some(&plain), verdict: &WAITING, protected: &cluster, now: now() });
+        let step =
+            decide(&g, Facts { identity: Some(&plain), verdict: &WAITING, protected: &cluster, service_account_created: None, now: now() });
         assert!(matches!(step, Step::AwaitApproval { .. }));
     }
 
@@ -447,5 +473,39 @@ mod tests {
         // Exactly the duration left is fine.
         let g = with_status(grant("read", "fixer", "15m", rules), GrantPhase::Active, Some(plus(900)));
         assert_eq!(decide_at(&g, Some(&id), now()), Step::Wait { recheck_at: Some(plus(900)) });
+    }
+
+    #[test]
+    fn status_written_to_look_issued_never_skips_approval() {
+        let id = identity("fixer", &["staging"]);
+        let rules = vec![rule("staging", "", "persistentvolumeclaims", "delete")];
+        // An AwaitingApproval grant whose status was given an expiresAt: revoke, never issue.
+        let forged = with_status(grant("rm", "fixer", "15m", rules.clone()), GrantPhase::Pending, Some(plus(600)));
+        assert!(matches!(decide_at(&forged, Some(&id), now()), Step::Revoke { reason: "NotApproved", .. }));
+        let forged = with_status(grant("rm", "fixer", "15m", rules.clone()), GrantPhase::Active, Some(plus(600)));
+        assert!(matches!(decide_at(&forged, Some(&id), now()), Step::Revoke { reason: "NotApproved", .. }));
+        // With the approval standing, the issued grant is kept.
+        let approved = with_status(grant("rm", "fixer", "15m", rules), GrantPhase::Active, Some(plus(600)));
+        assert_eq!(with_verdict(&approved, &id, &super::tests::approved(), now()), Step::Wait { recheck_at: Some(plus(600)) });
+    }
+
+    #[test]
+    fn wiped_status_with_a_live_service_account_revokes_instead_of_reissuing() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        let facts = Facts { identity: Some(&id), verdict: &WAITING, protected: &[], service_account_created: Some(plus(-60)), now: now() };
+        assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidStatus", .. }));
+    }
+
+    #[test]
+    fn expiry_is_bounded_by_when_the_service_account_was_made() {
+        let id = identity("fixer", &["staging"]);
+        // Issued 10 minutes ago for 15m: the end can be at most 5 minutes away.
+        let g = with_status(grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]), GrantPhase::Active, Some(plus(600)));
+        let facts = Facts { identity: Some(&id), verdict: &WAITING, protected: &[], service_account_created: Some(plus(-600)), now: now() };
+        assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidExpiry", .. }));
+        let g = with_status(grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]), GrantPhase::Active, Some(plus(300)));
+        let facts = Facts { identity: Some(&id), verdict: &WAITING, protected: &[], service_account_created: Some(plus(-600)), now: now() };
+        assert_eq!(decide(&g, facts), Step::Wait { recheck_at: Some(plus(300)) });
     }
 }
