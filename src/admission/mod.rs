@@ -30,6 +30,50 @@ use crate::{
     policy::approval::{self, APPROVER_GROUPS, Approver, REQUESTED_BY},
 };
 
+/// Namespaces that no identity may open to agents: the pod webhook does not guard them.
+pub const NEVER_DELEGATED: &[&str] = &["kube-system"];
+
+/// The namespaces an AgentIdentity change newly opens to agents (all of them on CREATE).
+pub fn newly_allowed(req: &AdmissionRequest<DynamicObject>) -> Result<Vec<String>, String> {
+    let allowed = |obj: &Option<DynamicObject>| -> Result<Vec<String>, String> {
+        Ok(typed::<AgentIdentity>(obj)?.map(|i| i.spec.allowed_namespaces).unwrap_or_default())
+    };
+    let new = allowed(&req.object)?;
+    let old = if req.operation == Operation::Update { allowed(&req.old_object)? } else { vec![] };
+    let mut added: Vec<String> = new.into_iter().filter(|n| !old.contains(n)).collect();
+    added.sort();
+    added.dedup();
+    Ok(added)
+}
+
+/// The validating webhook for AgentIdentities: whoever lets an identity's grants into a namespace
+/// must be allowed to delegate there (RBAC verb `delegate` on `agentidentities` in that
+/// namespace); `not_delegable` lists those the authorizer refused.
+pub fn validate_identity(
+    req: &AdmissionRequest<DynamicObject>,
+    own_namespace: Option<&str>,
+    not_delegable: &[String],
+) -> AdmissionResponse {
+    let response = AdmissionResponse::from(req);
+    let added = match newly_allowed(req) {
+        Ok(added) => added,
+        Err(e) => return response.deny(e),
+    };
+    let forbidden: Vec<&String> =
+        added.iter().filter(|n| NEVER_DELEGATED.contains(&n.as_str()) || Some(n.as_str()) == own_namespace).collect();
+    if !forbidden.is_empty() {
+        return response
+            .deny(format!("allowedNamespaces may not include {forbidden:?}: agentid does not guard pods there"));
+    }
+    if !not_delegable.is_empty() {
+        let user = req.user_info.username.as_deref().unwrap_or("");
+        return response.deny(format!(
+            "{user} may not open namespace(s) {not_delegable:?} to agents: that needs RBAC verb delegate on agentidentities.agentid.dev in each"
+        ));
+    }
+    response
+}
+
 /// The cluster facts an Approval is checked against.
 #[derive(Debug, Clone, Default)]
 pub struct ApprovalFacts {

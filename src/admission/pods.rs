@@ -354,7 +354,8 @@ mod tests {
                 json!({}),
                 json!({"containers": [{"name": "c", "image": "a", "envFrom": [{"secretRef": {"name": "agentid-fixer-credentials"}}]}]}),
                 "AgentIdentity \"fixer\"",
-            ),            (
+            ),
+            (
                 json!({}),
                 json!({"containers": c, "ephemeralContainers": [{"name": "debug", "image": "a", "envFrom": [{"secretRef": {"name": "agentid-fixer-credentials"}}]}]}),
                 "AgentIdentity \"fixer\"",

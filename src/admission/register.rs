@@ -176,6 +176,7 @@ pub fn validating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>
         webhooks: Some(vec![
             hook("accessgrants.agentid.dev", "accessgrants"),
             hook("approvals.agentid.dev", "approvals"),
+            hook("agentidentities.agentid.dev", "agentidentities"),
             ValidatingWebhook {
                 rules: Some(vec![pod_rule(&["pods", "pods/ephemeralcontainers"], &["CREATE", "UPDATE"])]),
                 namespace_selector: Some(exempt_namespaces(own_namespace)),

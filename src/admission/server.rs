@@ -61,6 +61,39 @@ pub enum Error {
 #[derive(Clone)]
 struct AppState {
     client: Client,
+    own_namespace: Option<String>,
+}
+
+/// Asks the authorizer whether the requesting user may `verb` `resource` (named `name`) in
+/// `namespace`.
+async fn may(
+    client: &Client,
+    req: &AdmissionRequest<DynamicObject>,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+    name: Option<String>,
+) -> kube::Result<bool> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: req.user_info.username.clone(),
+            groups: req.user_info.groups.clone(),
+            uid: req.user_info.uid.clone(),
+            extra: req.user_info.extra.clone().map(|e| e.into_iter().collect()),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.into()),
+                verb: Some(verb.into()),
+                group: Some(crate::api::GROUP.into()),
+                resource: Some(resource.into()),
+                name,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
 /// A body that is not an AdmissionReview with a request: 400 and why.
@@ -121,29 +154,7 @@ async fn approval_facts(client: &Client, req: &AdmissionRequest<DynamicObject>) 
         Some(g) => Api::<AgentIdentity>::namespaced(client.clone(), &ns).get_opt(&g.spec.identity).await?,
         None => None,
     };
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: req.user_info.username.clone(),
-            groups: req.user_info.groups.clone(),
-            uid: req.user_info.uid.clone(),
-            extra: req.user_info.extra.clone().map(|e| e.into_iter().collect()),
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(ns),
-                verb: Some("approve".into()),
-                group: Some(crate::api::GROUP.into()),
-                resource: Some("accessgrants".into()),
-                name: Some(grant_name),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let may_approve = Api::<SubjectAccessReview>::all(client.clone())
-        .create(&PostParams::default(), &review)
-        .await?
-        .status
-        .is_some_and(|s| s.allowed);
+    let may_approve = may(client, req, "approve", "accessgrants", &ns, Some(grant_name)).await?;
     Ok(ApprovalFacts { grant, identity, may_approve })
 }
 
@@ -154,6 +165,20 @@ async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     };
     let response = match req.kind.kind.as_str() {
         "Pod" => super::pods::validate(&req),
+        "AgentIdentity" => {
+            let mut refused = Vec::new();
+            for ns in super::newly_allowed(&req).unwrap_or_default() {
+                match may(&state.client, &req, "delegate", "agentidentities", &ns, None).await {
+                    Ok(true) => {}
+                    Ok(false) => refused.push(ns),
+                    Err(e) => {
+                        let message = format!("agentid could not check delegation to {ns:?} ({e}); try again");
+                        return answer(AdmissionResponse::from(&req).deny(message));
+                    }
+                }
+            }
+            super::validate_identity(&req, state.own_namespace.as_deref(), &refused)
+        }
         "AccessGrant" => validate_grant(&req),
         "Approval" if req.operation == Operation::Create => match approval_facts(&state.client, &req).await {
             Ok(facts) => validate_approval(&req, &facts),
@@ -169,12 +194,12 @@ async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Re
 }
 
 /// The webhook's routes (without TLS), for the server and for tests.
-pub fn router(client: Client) -> Router {
+pub fn router(client: Client, own_namespace: Option<String>) -> Router {
     Router::new()
         .route("/mutate", post(mutate_handler))
         .route("/validate", post(validate_handler))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(Arc::new(AppState { client }))
+        .with_state(Arc::new(AppState { client, own_namespace }))
 }
 
 /// How the webhook is served and registered.
@@ -241,7 +266,7 @@ pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Erro
     info!(addr = %settings.addr, "admission webhook listening");
     let server = axum_server::from_tcp_rustls(listener, tls.clone())
         .map_err(Error::Serve)?
-        .serve(router(client.clone()).into_make_service());
+        .serve(router(client.clone(), settings.own_namespace.clone()).into_make_service());
     tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "admission webhook stopped");
@@ -322,7 +347,7 @@ mod tests {
         let client = Client::try_from(config).expect("client");
         let request =
             Request::post(path).header("content-type", "application/json").body(Body::from(body)).expect("request");
-        router(client).oneshot(request).await.expect("response").status()
+        router(client, None).oneshot(request).await.expect("response").status()
     }
 
     /// A small deterministic generator, so that a failure reproduces.
@@ -361,7 +386,7 @@ mod tests {
             };
             for path in ["/validate", "/mutate"] {
                 let request = Request::post(path).body(Body::from(body.clone())).expect("request");
-                let status = router(client.clone()).oneshot(request).await.expect("response").status();
+                let status = router(client.clone(), None).oneshot(request).await.expect("response").status();
                 // Either refused as malformed (4xx) or parsed and answered (200, allowed or not).
                 assert!(status.is_client_error() || status == StatusCode::OK, "{path} answered {status} to {body:?}");
             }

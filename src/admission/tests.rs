@@ -195,3 +195,40 @@ fn approver_groups_record_cannot_change() {
             .allowed
     );
 }
+
+fn identity_json(allowed: &[&str]) -> Value {
+    json!({
+        "apiVersion": "agentid.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": {"name": "fixer", "namespace": "agents"},
+        "spec": {"owner": "o", "purpose": "p", "allowedNamespaces": allowed}
+    })
+}
+
+#[test]
+fn identity_changes_check_only_newly_opened_namespaces() {
+    let create = request("AgentIdentity", "CREATE", "mallory", &[], identity_json(&["staging", "prod"]), None);
+    assert_eq!(newly_allowed(&create), Ok(vec!["prod".to_string(), "staging".to_string()]));
+    let update = request(
+        "AgentIdentity",
+        "UPDATE",
+        "mallory",
+        &[],
+        identity_json(&["staging", "prod"]),
+        Some(identity_json(&["staging"])),
+    );
+    assert_eq!(newly_allowed(&update), Ok(vec!["prod".to_string()]));
+    assert!(validate_identity(&update, None, &[]).allowed);
+    let refused = validate_identity(&update, None, &["prod".to_string()]);
+    assert!(!refused.allowed);
+    assert!(message(&refused).contains("mallory may not open namespace(s) [\"prod\"]"), "{}", message(&refused));
+}
+
+#[test]
+fn kube_system_and_agentids_own_namespace_are_never_opened() {
+    let req = request("AgentIdentity", "CREATE", "admin", &["system:masters"], identity_json(&["kube-system"]), None);
+    assert!(!validate_identity(&req, None, &[]).allowed);
+    let req =
+        request("AgentIdentity", "CREATE", "admin", &["system:masters"], identity_json(&["agentid-system"]), None);
+    assert!(!validate_identity(&req, Some("agentid-system"), &[]).allowed);
+    assert!(validate_identity(&req, None, &[]).allowed);
+}

@@ -129,8 +129,13 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    let facts =
-        Facts { identity: identity.as_ref(), verdict: &verdict, protected: &ctx.protected, service_account_created, now };
+    let facts = Facts {
+        identity: identity.as_ref(),
+        verdict: &verdict,
+        protected: &ctx.protected,
+        service_account_created,
+        now,
+    };
     match decide(grant, facts) {
         Step::Wait { recheck_at } => Ok(requeue_at(recheck_at, now)),
 

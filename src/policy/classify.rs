@@ -191,13 +191,16 @@ pub fn classify(rules: &[KubernetesRule], protected: &[ProtectedResource], home:
                 for verb in &rule.verbs {
                     let in_home = rule.namespace == home && WRITE_VERBS.contains(&verb.as_str());
                     let category = classify_one(group, resource, verb)
-                        .or_else(|| (in_home && WORKLOADS.contains(&(group.as_str(), resource.as_str()))).then_some(Category::Escalation))
                         .or_else(|| {
-                        protected
-                            .iter()
-                            .any(|p| touches(p, group, resource, &rule.resource_names, &rule.namespace))
-                            .then_some(Category::Protected)
-                    });
+                            (in_home && WORKLOADS.contains(&(group.as_str(), resource.as_str())))
+                                .then_some(Category::Escalation)
+                        })
+                        .or_else(|| {
+                            protected
+                                .iter()
+                                .any(|p| touches(p, group, resource, &rule.resource_names, &rule.namespace))
+                                .then_some(Category::Protected)
+                        });
                     if let Some(category) = category {
                         let target = if resource.contains('/')
                             && ESCALATION_RESOURCES.contains(&(group.as_str(), resource.as_str()))
@@ -334,7 +337,8 @@ mod tests {
 
     #[test]
     fn incident_grant_says_why_in_words() {
-        let reasons = classify(&[rule(&[""], &["persistentvolumeclaims"], &["get", "delete"], &["db-volume"])], &[], "agents");
+        let reasons =
+            classify(&[rule(&[""], &["persistentvolumeclaims"], &["get", "delete"], &["db-volume"])], &[], "agents");
         let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(texts, vec!["destructive: delete persistentvolumeclaims/db-volume in staging"]);
     }
@@ -354,7 +358,8 @@ mod tests {
     #[test]
     fn every_combination_of_a_rule_is_considered() {
         // A harmless first entry must not hide a dangerous later one.
-        let reasons = classify(&[rule(&["apps", ""], &["deployments", "secrets"], &["get", "patch"], &[])], &[], "agents");
+        let reasons =
+            classify(&[rule(&["apps", ""], &["deployments", "secrets"], &["get", "patch"], &[])], &[], "agents");
         let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(
             texts,

@@ -452,8 +452,16 @@ mod tests {
             resource_names: vec![],
             namespaces: vec![],
         }];
-        let step =
-            decide(&g, Facts { identity: Some(&plain), verdict: &WAITING, protected: &cluster, service_account_created: None, now: now() });
+        let step = decide(
+            &g,
+            Facts {
+                identity: Some(&plain),
+                verdict: &WAITING,
+                protected: &cluster,
+                service_account_created: None,
+                now: now(),
+            },
+        );
         assert!(matches!(step, Step::AwaitApproval { .. }));
     }
 
@@ -486,14 +494,23 @@ mod tests {
         assert!(matches!(decide_at(&forged, Some(&id), now()), Step::Revoke { reason: "NotApproved", .. }));
         // With the approval standing, the issued grant is kept.
         let approved = with_status(grant("rm", "fixer", "15m", rules), GrantPhase::Active, Some(plus(600)));
-        assert_eq!(with_verdict(&approved, &id, &super::tests::approved(), now()), Step::Wait { recheck_at: Some(plus(600)) });
+        assert_eq!(
+            with_verdict(&approved, &id, &super::tests::approved(), now()),
+            Step::Wait { recheck_at: Some(plus(600)) }
+        );
     }
 
     #[test]
     fn wiped_status_with_a_live_service_account_revokes_instead_of_reissuing() {
         let id = identity("fixer", &["staging"]);
         let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
-        let facts = Facts { identity: Some(&id), verdict: &WAITING, protected: &[], service_account_created: Some(plus(-60)), now: now() };
+        let facts = Facts {
+            identity: Some(&id),
+            verdict: &WAITING,
+            protected: &[],
+            service_account_created: Some(plus(-60)),
+            now: now(),
+        };
         assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidStatus", .. }));
     }
 
@@ -501,11 +518,31 @@ mod tests {
     fn expiry_is_bounded_by_when_the_service_account_was_made() {
         let id = identity("fixer", &["staging"]);
         // Issued 10 minutes ago for 15m: the end can be at most 5 minutes away.
-        let g = with_status(grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]), GrantPhase::Active, Some(plus(600)));
-        let facts = Facts { identity: Some(&id), verdict: &WAITING, protected: &[], service_account_created: Some(plus(-600)), now: now() };
+        let g = with_status(
+            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
+            GrantPhase::Active,
+            Some(plus(600)),
+        );
+        let facts = Facts {
+            identity: Some(&id),
+            verdict: &WAITING,
+            protected: &[],
+            service_account_created: Some(plus(-600)),
+            now: now(),
+        };
         assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidExpiry", .. }));
-        let g = with_status(grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]), GrantPhase::Active, Some(plus(300)));
-        let facts = Facts { identity: Some(&id), verdict: &WAITING, protected: &[], service_account_created: Some(plus(-600)), now: now() };
+        let g = with_status(
+            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
+            GrantPhase::Active,
+            Some(plus(300)),
+        );
+        let facts = Facts {
+            identity: Some(&id),
+            verdict: &WAITING,
+            protected: &[],
+            service_account_created: Some(plus(-600)),
+            now: now(),
+        };
         assert_eq!(decide(&g, facts), Step::Wait { recheck_at: Some(plus(300)) });
     }
 }

@@ -474,3 +474,48 @@ async fn pushing_expires_at_out_in_status_revokes_the_grant() -> anyhow::Result<
     assert!(matches!(status_code(&config_maps.get("settings").await), Some(401 | 403)));
     s.cleanup().await
 }
+
+#[tokio::test]
+async fn opening_a_namespace_to_agents_needs_the_right_to_delegate_there() -> anyhow::Result<()> {
+    operator().await?;
+    let admin = cluster().admin().await?;
+    let agents = TestNamespace::new(&admin, "delegate-a").await?;
+    let target = TestNamespace::new(&admin, "delegate-t").await?;
+    // mallory may manage AgentIdentities in the agents namespace, nothing more.
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "identity-admin"},
+        "rules": [{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "verbs": ["create", "update", "patch", "get"]}]
+    }))?;
+    create(&admin, &agents.name, &role).await?;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "mallory"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "identity-admin"},
+        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]
+    }))?;
+    create(&admin, &agents.name, &binding).await?;
+    let mallory = cluster().user("mallory", &[]).await?;
+    let identities: Api<AgentIdentity> = Api::namespaced(mallory.clone(), &agents.name);
+
+    for ns in [target.name.as_str(), "kube-system"] {
+        let r = identities.create(&PostParams::default(), &identity("reach", &[ns])).await;
+        match r {
+            Err(kube::Error::Api(s)) => assert!(s.message.contains("admission webhook"), "{s:?}"),
+            other => panic!("mallory opened {ns} to agents: {other:?}"),
+        }
+    }
+    // Given the right to delegate into the target, she may.
+    let delegate: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "agentid-delegate"},
+        "rules": [{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "verbs": ["delegate"]}]
+    }))?;
+    create(&admin, &target.name, &delegate).await?;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "mallory-delegates"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "agentid-delegate"},
+        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]
+    }))?;
+    create(&admin, &target.name, &binding).await?;
+    identities.create(&PostParams::default(), &identity("reach", &[&target.name])).await?;
+    agents.delete().await?;
+    target.delete().await
+}
