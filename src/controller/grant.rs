@@ -65,6 +65,12 @@ async fn verdict(
         .into_iter()
         .filter(|a| a.spec.grant == name)
         .collect();
+    if !ctx.admission_registered {
+        // Without admission, who asked and who approved were written by the users themselves.
+        let why = "agentid's admission webhook is not registered, so no Approval can be trusted";
+        let ignored = approvals.iter().map(|a| (a.name_any(), why.to_string())).collect();
+        return Ok(Verdict::Waiting { counted: vec![], ignored });
+    }
     let mut candidates = Vec::with_capacity(approvals.len());
     for a in &approvals {
         let groups = Candidate::recorded_groups(a);

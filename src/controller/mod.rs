@@ -108,6 +108,9 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     /// Resources the cluster-wide policy marks protected.
     pub(crate) protected: Vec<ProtectedResource>,
+    /// Whether agentid's admission webhook is registered: only then are the requester and
+    /// approver records on grants and Approvals trustworthy, so only then do Approvals count.
+    pub(crate) admission_registered: bool,
     recorder: Recorder,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -128,6 +131,7 @@ impl Context {
             client,
             metrics,
             protected,
+            admission_registered: true,
             failures: Mutex::default(),
         }
     }
@@ -236,7 +240,9 @@ fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: 
 /// Runs the operator until SIGTERM/ctrl-c.
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(client.clone(), settings.access, settings.protected, metrics.clone()));
+    let mut context = Context::new(client.clone(), settings.access, settings.protected, metrics.clone());
+    context.admission_registered = settings.webhook.endpoint.is_some();
+    let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
 
     let grants: Api<AccessGrant> = Api::all(client.clone());
@@ -285,6 +291,20 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
+
+    // Orphans can appear while running too (a grant's finalizer removed by hand): look every
+    // five minutes.
+    let sweeper = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            match startup::sweep_orphans(&sweeper).await {
+                Ok(0) => {}
+                Ok(n) => info!(orphans = n, "deleted objects of grants that no longer exist"),
+                Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
+            }
+        }
+    });
 
     ready.store(true, Ordering::Release);
     info!("agentid is running");

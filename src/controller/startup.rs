@@ -9,7 +9,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, ListParams},
+    api::{DeleteParams, ListParams, PartialObjectMeta},
 };
 use serde::de::DeserializeOwned;
 use tracing::info;
@@ -44,34 +44,58 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
         }
     }
 
-    // Objects labelled for a grant UID that no longer exists are orphans (e.g. a finalizer
-    // removed by hand). Delete them, ServiceAccounts first.
-    let live: HashSet<String> = grants.items.iter().filter_map(|g| g.uid()).collect();
-    let mut orphans = 0;
-    orphans += delete_orphans::<ServiceAccount>(ctx, &live).await?;
-    orphans += delete_orphans::<RoleBinding>(ctx, &live).await?;
-    orphans += delete_orphans::<Role>(ctx, &live).await?;
-    orphans += delete_orphans::<Secret>(ctx, &live).await?;
+    let orphans = sweep_orphans(ctx).await?;
     info!(rechecked, orphans, "start-up sweep done");
     Ok(())
 }
 
-async fn delete_orphans<K>(ctx: &Context, live: &HashSet<String>) -> Result<usize, Error>
+/// Deletes objects labelled for a grant UID that no longer exists (e.g. a finalizer removed by
+/// hand), ServiceAccounts first. Safe while controllers run: objects are listed before grants, so a
+/// grant made in between cannot have its fresh objects taken for orphans.
+pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {
+    let service_accounts = list_grant_objects::<ServiceAccount>(ctx).await?;
+    let bindings = list_grant_objects::<RoleBinding>(ctx).await?;
+    let roles = list_grant_objects::<Role>(ctx).await?;
+    let secrets = list_grant_objects::<Secret>(ctx).await?;
+    let grants = Api::<AccessGrant>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(kube_err("listing AccessGrants"))?;
+    let live: HashSet<String> = grants.items.iter().filter_map(|g| g.uid()).collect();
+    Ok(delete_orphans(ctx, service_accounts, &live).await?
+        + delete_orphans(ctx, bindings, &live).await?
+        + delete_orphans(ctx, roles, &live).await?
+        + delete_orphans(ctx, secrets, &live).await?)
+}
+
+async fn list_grant_objects<K>(ctx: &Context) -> Result<Vec<PartialObjectMeta<K>>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    let all: Api<K> = Api::all(ctx.client.clone());
-    let selector = names::all_grants_selector();
     // Metadata only: listing Secrets this way never brings their data into the operator.
-    let list = all
-        .list_metadata(&ListParams::default().labels(&selector))
+    Api::<K>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default().labels(&names::all_grants_selector()))
         .await
-        .map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))?;
+        .map(|l| l.items)
+        .map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))
+}
+
+async fn delete_orphans<K>(
+    ctx: &Context,
+    listed: Vec<PartialObjectMeta<K>>,
+    live: &HashSet<String>,
+) -> Result<usize, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
     let mut deleted = 0;
-    for obj in list.items {
+    for obj in listed {
         let uid = obj.labels().get(names::GRANT_UID_LABEL).cloned().unwrap_or_default();
         if live.contains(&uid) {
             continue;
@@ -80,9 +104,7 @@ where
         match api.delete(&obj.name_any(), &DeleteParams::background()).await {
             Ok(_) => deleted += 1,
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                return Err(kube_err(format!("deleting orphaned {} {}", K::kind(&()), obj.name_any()))(e));
-            }
+            Err(e) => return Err(kube_err(format!("deleting orphaned {} {}", K::kind(&()), obj.name_any()))(e)),
         }
     }
     Ok(deleted)
