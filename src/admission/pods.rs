@@ -192,6 +192,48 @@ pub fn check(pod: &Pod) -> Result<(), String> {
     Ok(())
 }
 
+/// Workload kinds whose pod template agentid checks, with the path to the template.
+const WORKLOAD_TEMPLATES: &[(&str, &[&str])] = &[
+    ("Deployment", &["spec", "template"]),
+    ("StatefulSet", &["spec", "template"]),
+    ("DaemonSet", &["spec", "template"]),
+    ("ReplicaSet", &["spec", "template"]),
+    ("ReplicationController", &["spec", "template"]),
+    ("Job", &["spec", "template"]),
+    ("CronJob", &["spec", "jobTemplate", "spec", "template"]),
+];
+
+/// The pod a request is about: the Pod itself, or a workload's pod template. None for other kinds.
+pub fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, String>> {
+    let kind = req.kind.kind.as_str();
+    if kind == "Pod" {
+        return Some(typed_pod(req.object.as_ref()));
+    }
+    let (_, path) = WORKLOAD_TEMPLATES.iter().find(|(k, _)| *k == kind)?;
+    let Some(obj) = req.object.as_ref() else { return Some(Err("the request carries no object".into())) };
+    let mut template = &obj.data;
+    for key in *path {
+        template = template.get(*key).unwrap_or(&serde_json::Value::Null);
+    }
+    Some(serde_json::from_value::<Pod>(template.clone()).map_err(|e| format!("malformed pod template: {e}")))
+}
+
+/// Controllers that create pods from workloads whose creators were checked at the workload.
+fn is_pod_controller(username: &str) -> bool {
+    username.starts_with("system:serviceaccount:kube-system:") || username == "system:kube-controller-manager"
+}
+
+/// The identity the requesting user must be allowed to `use` (RBAC on `agentidentities`) for this
+/// pod or workload: the one its (template's) label names, unless a pod controller creates the pod
+/// from a workload that was checked when it was written.
+pub fn identity_to_authorize(req: &AdmissionRequest<DynamicObject>, pod: &Pod) -> Option<String> {
+    let user = req.user_info.username.as_deref().unwrap_or("");
+    if req.kind.kind == "Pod" && is_pod_controller(user) {
+        return None;
+    }
+    requested_identity(pod).map(str::to_string)
+}
+
 fn typed_pod(obj: Option<&DynamicObject>) -> Result<Pod, String> {
     let obj = obj.ok_or("the request carries no object")?;
     serde_json::to_value(obj).and_then(serde_json::from_value).map_err(|e| format!("malformed pod: {e}"))
@@ -227,10 +269,22 @@ pub fn mutate(req: &AdmissionRequest<DynamicObject>, identity_exists: bool) -> A
     super::with_patch(response, patch)
 }
 
-/// The validating webhook for pods (CREATE and UPDATE).
-pub fn validate(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+/// The validating webhook for pods and workload templates (CREATE and UPDATE). `may_use` is the
+/// authorizer's answer for [`identity_to_authorize`] (true when there is nothing to authorize).
+pub fn validate(req: &AdmissionRequest<DynamicObject>, may_use: bool) -> AdmissionResponse {
     let response = AdmissionResponse::from(req);
-    match typed_pod(req.object.as_ref()).and_then(|pod| check(&pod)) {
+    let pod = match pod_of(req) {
+        Some(Ok(pod)) => pod,
+        Some(Err(e)) => return response.deny(e),
+        None => return response,
+    };
+    if !may_use && let Some(identity) = identity_to_authorize(req, &pod) {
+        let user = req.user_info.username.as_deref().unwrap_or("");
+        return response.deny(format!(
+            "{user} may not run pods as AgentIdentity {identity:?}: that needs RBAC verb use on agentidentities.agentid.dev/{identity}"
+        ));
+    }
+    match check(&pod) {
         Ok(()) => response,
         Err(e) => response.deny(e),
     }

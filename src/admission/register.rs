@@ -94,6 +94,16 @@ fn pod_rule(resources: &[&str], operations: &[&str]) -> RuleWithOperations {
     }
 }
 
+fn workload_rule(group: &str, resources: &[&str]) -> RuleWithOperations {
+    RuleWithOperations {
+        api_groups: Some(vec![group.into()]),
+        api_versions: Some(vec!["v1".into()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+        scope: Some("Namespaced".into()),
+    }
+}
+
 /// Namespaces whose pods agentid never blocks: kube-system and agentid's own (so that agentid can
 /// always start, even when its webhook is down).
 pub fn exempt_namespaces(own: Option<&str>) -> LabelSelector {
@@ -181,6 +191,15 @@ pub fn validating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>
                 rules: Some(vec![pod_rule(&["pods", "pods/ephemeralcontainers"], &["CREATE", "UPDATE"])]),
                 namespace_selector: Some(exempt_namespaces(own_namespace)),
                 ..hook("pods.agentid.dev", "pods")
+            },
+            ValidatingWebhook {
+                rules: Some(vec![
+                    workload_rule("apps", &["deployments", "statefulsets", "daemonsets", "replicasets"]),
+                    workload_rule("batch", &["jobs", "cronjobs"]),
+                    pod_rule(&["replicationcontrollers"], &["CREATE", "UPDATE"]),
+                ]),
+                namespace_selector: Some(exempt_namespaces(own_namespace)),
+                ..hook("workloads.agentid.dev", "pods")
             },
         ]),
     }

@@ -164,7 +164,33 @@ async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         Err(bad) => return bad.into_response(),
     };
     let response = match req.kind.kind.as_str() {
-        "Pod" => super::pods::validate(&req),
+        "Pod"
+        | "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job"
+        | "CronJob" => {
+            let identity = match super::pods::pod_of(&req) {
+                Some(Ok(pod)) => super::pods::identity_to_authorize(&req, &pod),
+                _ => None,
+            };
+            let may_use = match identity {
+                None => true,
+                Some(identity) => {
+                    let ns = req.namespace.clone().unwrap_or_default();
+                    match may(&state.client, &req, "use", "agentidentities", &ns, Some(identity)).await {
+                        Ok(allowed) => allowed,
+                        Err(e) => {
+                            let message = format!("agentid could not check who may use the identity ({e}); try again");
+                            return answer(AdmissionResponse::from(&req).deny(message));
+                        }
+                    }
+                }
+            };
+            super::pods::validate(&req, may_use)
+        }
         "AgentIdentity" => {
             let mut refused = Vec::new();
             for ns in super::newly_allowed(&req).unwrap_or_default() {

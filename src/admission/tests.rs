@@ -232,3 +232,54 @@ fn kube_system_and_agentids_own_namespace_are_never_opened() {
     assert!(!validate_identity(&req, Some("agentid-system"), &[]).allowed);
     assert!(validate_identity(&req, None, &[]).allowed);
 }
+
+fn deployment_json(labels: Value, pod_spec: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "agents"},
+        "spec": {"selector": {}, "template": {"metadata": {"labels": labels}, "spec": pod_spec}}
+    })
+}
+
+fn workload_request(kind: &str, user: &str, object: Value) -> AdmissionRequest<DynamicObject> {
+    let mut req = request(kind, "CREATE", user, &[], object, None);
+    req.kind.group = if kind == "Pod" { String::new() } else { "apps".into() };
+    req
+}
+
+#[test]
+fn running_as_an_identity_needs_the_right_to_use_it() {
+    let c = json!({"containers": [{"name": "c", "image": "i"}]});
+    let d =
+        workload_request("Deployment", "eve", deployment_json(json!({"agentid.dev/identity": "db-admin"}), c.clone()));
+    let pod = pods::pod_of(&d).expect("a workload").expect("a template");
+    assert_eq!(pods::identity_to_authorize(&d, &pod).as_deref(), Some("db-admin"));
+    let refused = pods::validate(&d, false);
+    assert!(!refused.allowed);
+    assert!(message(&refused).contains("eve may not run pods as AgentIdentity \"db-admin\""), "{}", message(&refused));
+    assert!(pods::validate(&d, true).allowed);
+
+    // Pods made by the workload controllers were checked at their workload.
+    let p = json!({"metadata": {"name": "p", "labels": {"agentid.dev/identity": "db-admin"}}, "spec": c});
+    let by_controller = workload_request("Pod", "system:serviceaccount:kube-system:replicaset-controller", p.clone());
+    let pod = pods::pod_of(&by_controller).expect("a pod").expect("parses");
+    assert_eq!(pods::identity_to_authorize(&by_controller, &pod), None);
+    let by_eve = workload_request("Pod", "eve", p);
+    let pod = pods::pod_of(&by_eve).expect("a pod").expect("parses");
+    assert_eq!(pods::identity_to_authorize(&by_eve, &pod).as_deref(), Some("db-admin"));
+}
+
+#[test]
+fn workload_templates_cannot_borrow_either() {
+    let d = workload_request(
+        "Deployment",
+        "eve",
+        deployment_json(
+            json!({}),
+            json!({"serviceAccountName": "agentid-grant-rm-1", "containers": [{"name": "c", "image": "i"}]}),
+        ),
+    );
+    let refused = pods::validate(&d, true);
+    assert!(!refused.allowed && message(&refused).contains("belongs to an AccessGrant"), "{}", message(&refused));
+    let other = request("ConfigMap", "CREATE", "eve", &[], json!({"metadata": {"name": "x"}}), None);
+    assert!(pods::pod_of(&other).is_none());
+}
