@@ -46,24 +46,18 @@ async fn stage(prefix: &str, required: i32) -> anyhow::Result<Stage> {
     bind(&admin, a, "approvers", "agentid-approver", &["dave"], &["sre-leads"]).await?;
     // bob, carol and (a misconfiguration on purpose) the agent may create grants and Approvals:
     // what stops them must be admission, not a missing RBAC rule.
-    let requester: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
-        "metadata": {"name": "requester"},
-        "rules": [
+    let sa = format!("system:serviceaccount:{a}:agentid-staging-fixer");
+    role_for(
+        &admin,
+        a,
+        "requester",
+        json!([
             {"apiGroups": ["agentid.dev"], "resources": ["accessgrants"], "verbs": ["create", "get", "list"]},
             {"apiGroups": ["agentid.dev"], "resources": ["approvals"], "verbs": ["create", "get"]}
-        ]
-    }))?;
-    create(&admin, a, &requester).await?;
-    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "requesters"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "requester"},
-        "subjects": [
-            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "bob"},
-            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "carol"},
-            {"kind": "ServiceAccount", "name": "agentid-staging-fixer", "namespace": a}
-        ]
-    }))?;
-    create(&admin, a, &binding).await?;
+        ]),
+        &["bob", "carol", &sa],
+    )
+    .await?;
 
     for ns in [&staging.name, &production.name] {
         let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
@@ -202,12 +196,7 @@ async fn the_requester_cannot_approve_their_own_request() -> anyhow::Result<()> 
     let a = st.agents.name.clone();
     // erin is an approver who also asks for a grant; her own approval is refused.
     let erin = cluster().user("erin", &["sre-leads"]).await?;
-    let role_binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "erin-requester"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "requester"},
-        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "erin"}]
-    }))?;
-    create(&st.admin, &a, &role_binding).await?;
+    bind_role_to(&st.admin, &a, "erin-requester", "requester", "erin").await?;
     let own = Api::<AccessGrant>::namespaced(erin.clone(), &a)
         .create(&PostParams::default(), &st.delete_volume("erins"))
         .await?;

@@ -210,12 +210,44 @@ pub async fn install_approver_role(admin: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates Role `name` with `rules` in `ns` and binds it (RoleBinding `name`) to `users`
+/// (`system:serviceaccount:NS:NAME` for ServiceAccounts).
+pub async fn role_for(
+    admin: &Client,
+    ns: &str,
+    name: &str,
+    rules: serde_json::Value,
+    users: &[&str],
+) -> anyhow::Result<()> {
+    let role: k8s_openapi::api::rbac::v1::Role =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "rules": rules}))?;
+    Api::<Role>::namespaced(admin.clone(), ns).create(&PostParams::default(), &role).await?;
+    bind_role(admin, ns, name, "Role", name, users, &[]).await
+}
+
+/// Binds an existing Role in `ns` to one more user.
+pub async fn bind_role_to(admin: &Client, ns: &str, name: &str, role: &str, user: &str) -> anyhow::Result<()> {
+    bind_role(admin, ns, name, "Role", role, &[user], &[]).await
+}
+
 /// Binds a ClusterRole in `ns` to users and groups.
 pub async fn bind(
     admin: &Client,
     ns: &str,
     name: &str,
     cluster_role: &str,
+    users: &[&str],
+    groups: &[&str],
+) -> anyhow::Result<()> {
+    bind_role(admin, ns, name, "ClusterRole", cluster_role, users, groups).await
+}
+
+async fn bind_role(
+    admin: &Client,
+    ns: &str,
+    name: &str,
+    kind: &str,
+    role: &str,
     users: &[&str],
     groups: &[&str],
 ) -> anyhow::Result<()> {
@@ -235,7 +267,7 @@ pub async fn bind(
     );
     let binding: RoleBinding = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
         "subjects": subjects
     }))?;
     Api::<RoleBinding>::namespaced(admin.clone(), ns).create(&PostParams::default(), &binding).await?;

@@ -193,20 +193,17 @@ async fn running_pods_as_an_identity_needs_the_right_to_use_it() -> anyhow::Resu
     let (admin, agents, target) = setup("use").await?;
     let a = agents.name.as_str();
     // eve may create pods and Deployments here — which alone would let her run as any identity.
-    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
-        "metadata": {"name": "deployer"},
-        "rules": [
+    role_for(
+        &admin,
+        a,
+        "deployer",
+        json!([
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]},
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["create"]}
-        ]
-    }))?;
-    create(&admin, a, &role).await?;
-    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "eve"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deployer"},
-        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "eve"}]
-    }))?;
-    create(&admin, a, &binding).await?;
+        ]),
+        &["eve"],
+    )
+    .await?;
     let eve = cluster().user("eve", &[]).await?;
 
     let labelled = pod("eves-agent", json!({"agentid.dev/identity": "fixer"}), json!({"containers": containers()}));
@@ -227,17 +224,7 @@ async fn running_pods_as_an_identity_needs_the_right_to_use_it() -> anyhow::Resu
     }
 
     // Given `use` on that one identity, she may.
-    let user_role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
-        "metadata": {"name": "use-fixer"},
-        "rules": [{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "resourceNames": ["fixer"], "verbs": ["use"]}]
-    }))?;
-    create(&admin, a, &user_role).await?;
-    let user_binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "eve-uses-fixer"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "use-fixer"},
-        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "eve"}]
-    }))?;
-    create(&admin, a, &user_binding).await?;
+    role_for(&admin, a, "use-fixer", json!([{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "resourceNames": ["fixer"], "verbs": ["use"]}]), &["eve"]).await?;
     create_pod(&eve, a, &labelled).await?;
     let other = pod("eves-other", json!({"agentid.dev/identity": "other"}), json!({"containers": containers()}));
     assert_refused(create_pod(&eve, a, &other).await, "may not run pods as AgentIdentity \"other\"");

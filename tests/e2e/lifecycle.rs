@@ -482,17 +482,7 @@ async fn opening_a_namespace_to_agents_needs_the_right_to_delegate_there() -> an
     let agents = TestNamespace::new(&admin, "delegate-a").await?;
     let target = TestNamespace::new(&admin, "delegate-t").await?;
     // mallory may manage AgentIdentities in the agents namespace, nothing more.
-    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
-        "metadata": {"name": "identity-admin"},
-        "rules": [{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "verbs": ["create", "update", "patch", "get"]}]
-    }))?;
-    create(&admin, &agents.name, &role).await?;
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "mallory"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "identity-admin"},
-        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]
-    }))?;
-    create(&admin, &agents.name, &binding).await?;
+    role_for(&admin, &agents.name, "identity-admin", json!([{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "verbs": ["create", "update", "patch", "get"]}]), &["mallory"]).await?;
     let mallory = cluster().user("mallory", &[]).await?;
     let identities: Api<AgentIdentity> = Api::namespaced(mallory.clone(), &agents.name);
 
@@ -504,17 +494,14 @@ async fn opening_a_namespace_to_agents_needs_the_right_to_delegate_there() -> an
         }
     }
     // Given the right to delegate into the target, she may.
-    let delegate: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
-        "metadata": {"name": "agentid-delegate"},
-        "rules": [{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "verbs": ["delegate"]}]
-    }))?;
-    create(&admin, &target.name, &delegate).await?;
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "mallory-delegates"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "agentid-delegate"},
-        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]
-    }))?;
-    create(&admin, &target.name, &binding).await?;
+    role_for(
+        &admin,
+        &target.name,
+        "agentid-delegate",
+        json!([{"apiGroups": ["agentid.dev"], "resources": ["agentidentities"], "verbs": ["delegate"]}]),
+        &["mallory"],
+    )
+    .await?;
     identities.create(&PostParams::default(), &identity("reach", &[&target.name])).await?;
     agents.delete().await?;
     target.delete().await
