@@ -42,8 +42,55 @@ async fn grants_of(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<Access
     Ok(grants.items.into_iter().filter(|g| g.spec.identity == name).collect())
 }
 
+/// The first of the identity's object names that an object agentid did not make already holds.
+async fn name_taken(identity: &AgentIdentity, ctx: &Context) -> Result<Option<String>, Error> {
+    let ns = identity.namespace().unwrap_or_default();
+    let name = identity.name_any();
+    let ours = |meta: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>| {
+        meta.is_none_or(|m| names::owned_by(&m, "AgentIdentity", &name))
+    };
+    let sa = names::identity_service_account(&name);
+    let found = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
+        .get_metadata_opt(&sa)
+        .await
+        .map_err(kube_err(format!("reading ServiceAccount {sa}")))?;
+    if !ours(found.map(|m| m.metadata)) {
+        return Ok(Some(format!("ServiceAccount {sa}")));
+    }
+    let secret = names::identity_credentials_secret(&name);
+    let found = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_metadata_opt(&secret)
+        .await
+        .map_err(kube_err(format!("reading Secret {secret}")))?;
+    if !ours(found.map(|m| m.metadata)) {
+        return Ok(Some(format!("Secret {secret}")));
+    }
+    Ok(None)
+}
+
 async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
+    if let Some(taken) = name_taken(identity, ctx).await? {
+        let message = format!(
+            "{taken} already exists and was not made by agentid for this identity; agentid will not adopt it (it could hold privileges or be readable by others): remove or rename it"
+        );
+        let old = identity.status.clone().unwrap_or_default();
+        let mut status = old.clone();
+        status.observed_generation = identity.metadata.generation;
+        set_summary(
+            &mut status.conditions,
+            Summary::Stalled,
+            "NameTaken",
+            message.clone(),
+            identity.metadata.generation,
+            now,
+        );
+        if status != old {
+            apply_status(&ctx.client, identity, &status).await?;
+            ctx.event(identity, EventType::Warning, "NameTaken", message).await;
+        }
+        return Ok(Action::requeue(std::time::Duration::from_secs(60)));
+    }
     server_side_apply::<ServiceAccount>(&ctx.client, &desired::identity_service_account(identity)).await?;
     server_side_apply::<Secret>(&ctx.client, &desired::identity_credentials_secret(identity)).await?;
     server_side_apply::<Role>(&ctx.client, &desired::identity_requester_role(identity)).await?;

@@ -79,15 +79,19 @@ impl KubernetesIssuer {
         // never holds a credential its pods cannot see.
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        if secrets
-            .get_metadata_opt(&identity_secret)
-            .await
-            .doing(|| format!("reading Secret {identity_secret}"))?
-            .is_none()
-        {
-            return Err(Error::NotReady(format!(
-                "the identity's credentials Secret {identity_secret} does not exist yet"
-            )));
+        match secrets.get_metadata_opt(&identity_secret).await.doing(|| format!("reading Secret {identity_secret}"))? {
+            None => {
+                return Err(Error::NotReady(format!(
+                    "the identity's credentials Secret {identity_secret} does not exist yet"
+                )));
+            }
+            // Never write a token into a Secret agentid did not make for this identity.
+            Some(m) if !names::owned_by(&m.metadata, "AgentIdentity", &grant.spec.identity) => {
+                return Err(Error::NotReady(format!(
+                    "Secret {identity_secret} was not made by agentid for this identity"
+                )));
+            }
+            Some(_) => {}
         }
 
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);

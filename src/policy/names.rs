@@ -75,6 +75,16 @@ pub fn grant_labels(grant_namespace: &str, grant: &str, uid: &str, identity: &st
     ])
 }
 
+/// Whether an existing object is owned by the agentid object `kind`/`name` (an AgentIdentity or an
+/// AccessGrant). agentid never adopts an object it did not make: a pre-existing ServiceAccount of
+/// the same name could hold privileges, or a pre-existing Secret could be readable by others.
+pub fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, kind: &str, name: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == kind && o.name == name && o.api_version.starts_with(crate::api::GROUP))
+}
+
 /// Selects every object of one grant.
 pub fn grant_selector(uid: &str) -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY},{GRANT_UID_LABEL}={uid}")
@@ -102,6 +112,31 @@ mod tests {
         // Identity names may not start with "grant-" (schema rule), so their SA never has the
         // grant prefix.
         assert!(!identity_service_account("fixer").starts_with("agentid-grant-"));
+    }
+
+    #[test]
+    fn only_objects_owned_by_the_named_agentid_object_count_as_ours() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+        let owner = |kind: &str, name: &str, api: &str| OwnerReference {
+            api_version: api.into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "u".into(),
+            ..Default::default()
+        };
+        let meta = |refs: Vec<OwnerReference>| ObjectMeta { owner_references: Some(refs), ..Default::default() };
+        assert!(owned_by(
+            &meta(vec![owner("AgentIdentity", "fixer", "agentid.dev/v1alpha1")]),
+            "AgentIdentity",
+            "fixer"
+        ));
+        assert!(!owned_by(
+            &meta(vec![owner("AgentIdentity", "other", "agentid.dev/v1alpha1")]),
+            "AgentIdentity",
+            "fixer"
+        ));
+        assert!(!owned_by(&meta(vec![owner("AgentIdentity", "fixer", "example.com/v1")]), "AgentIdentity", "fixer"));
+        assert!(!owned_by(&ObjectMeta::default(), "AgentIdentity", "fixer"));
     }
 
     #[test]

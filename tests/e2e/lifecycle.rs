@@ -506,3 +506,37 @@ async fn opening_a_namespace_to_agents_needs_the_right_to_delegate_there() -> an
     agents.delete().await?;
     target.delete().await
 }
+
+#[tokio::test]
+async fn an_existing_service_account_of_the_identitys_name_is_never_adopted() -> anyhow::Result<()> {
+    operator().await?;
+    let admin = cluster().admin().await?;
+    let agents = TestNamespace::new(&admin, "squat-a").await?;
+    // Someone made `agentid-squatter` first — and could have bound privileges to it.
+    let squatter: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "agentid-squatter"}}))?;
+    create(&admin, &agents.name, &squatter).await?;
+    create(&admin, &agents.name, &identity("squatter", &[])).await?;
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &agents.name);
+    let stalled = poll_until(std::time::Duration::from_secs(20), "the identity to report NameTaken", || {
+        let identities = identities.clone();
+        async move {
+            let id = identities.get("squatter").await?;
+            let stalled = id
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .find(|c| c.type_ == "Stalled" && c.status == "True")
+                .cloned();
+            Ok(stalled.filter(|c| c.reason == "NameTaken"))
+        }
+    })
+    .await?;
+    assert!(stalled.message.contains("ServiceAccount agentid-squatter already exists"), "{}", stalled.message);
+    let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), &agents.name)
+        .get("agentid-squatter")
+        .await?;
+    assert!(sa.metadata.owner_references.is_none(), "the squatting ServiceAccount was adopted");
+    assert!(sa.labels().get("agentid.dev/identity").is_none());
+    agents.delete().await
+}
