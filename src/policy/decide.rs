@@ -242,7 +242,7 @@ mod tests {
         policy::testing::{grant, identity, rule},
     };
 
-    const WAITING: Verdict = Verdict::Waiting { counted: vec![], ignored: vec![] };
+    static WAITING: Verdict = Verdict::Waiting { counted: Vec::new(), ignored: Vec::new() };
 
     fn decide_at(g: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
         decide(g, Facts { identity, verdict: &WAITING, protected: &[], service_account_created: None, now })
@@ -500,17 +500,22 @@ mod tests {
         );
     }
 
+    /// Facts for a grant whose ServiceAccount was made at `created`.
+    fn made_at(id: &AgentIdentity, created: Timestamp) -> Facts<'_> {
+        Facts {
+            identity: Some(id),
+            verdict: &WAITING,
+            protected: &[],
+            service_account_created: Some(created),
+            now: now(),
+        }
+    }
+
     #[test]
     fn wiped_status_with_a_live_service_account_revokes_instead_of_reissuing() {
         let id = identity("fixer", &["staging"]);
         let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
-        let facts = Facts {
-            identity: Some(&id),
-            verdict: &WAITING,
-            protected: &[],
-            service_account_created: Some(plus(-60)),
-            now: now(),
-        };
+        let facts = made_at(&id, plus(-60));
         assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidStatus", .. }));
     }
 
@@ -523,26 +528,14 @@ mod tests {
             GrantPhase::Active,
             Some(plus(600)),
         );
-        let facts = Facts {
-            identity: Some(&id),
-            verdict: &WAITING,
-            protected: &[],
-            service_account_created: Some(plus(-600)),
-            now: now(),
-        };
+        let facts = made_at(&id, plus(-600));
         assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidExpiry", .. }));
         let g = with_status(
             grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
             GrantPhase::Active,
             Some(plus(300)),
         );
-        let facts = Facts {
-            identity: Some(&id),
-            verdict: &WAITING,
-            protected: &[],
-            service_account_created: Some(plus(-600)),
-            now: now(),
-        };
+        let facts = made_at(&id, plus(-600));
         assert_eq!(decide(&g, facts), Step::Wait { recheck_at: Some(plus(300)) });
     }
 }
