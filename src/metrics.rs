@@ -65,6 +65,8 @@ pub struct Metrics {
     /// A grant's expiresAt → its ServiceAccount deleted, in seconds.
     pub revocation_lag: Histogram,
     grants_by_phase: Family<PhaseLabels, Gauge>,
+    /// Bindings found giving an identity standing privilege (each time one is first seen).
+    pub standing_privilege_detections: Counter,
 }
 
 impl Default for Metrics {
@@ -88,7 +90,21 @@ impl Default for Metrics {
             revocation_lag.clone(),
         );
         registry.register("grants", "AccessGrants by phase", grants_by_phase.clone());
-        Self { registry, reconcile_duration, reconcile_errors, issuance_latency, revocation_lag, grants_by_phase }
+        let standing_privilege_detections = Counter::default();
+        registry.register(
+            "standing_privilege_detections",
+            "Bindings not made by agentid found giving an identity standing privilege",
+            standing_privilege_detections.clone(),
+        );
+        Self {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+            issuance_latency,
+            revocation_lag,
+            grants_by_phase,
+            standing_privilege_detections,
+        }
     }
 }
 

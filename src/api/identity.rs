@@ -87,6 +87,12 @@ pub struct AgentIdentitySpec {
     #[serde(default)]
     pub suspended: bool,
 
+    /// Remove standing privilege: when a RoleBinding or ClusterRoleBinding not made by agentid
+    /// gives something to this identity's ServiceAccounts, take that subject out of it (and say so
+    /// in an Event). False: only report it (condition StandingPrivilegeDetected).
+    #[serde(default)]
+    pub enforce: bool,
+
     /// After this instant the identity behaves as suspended, for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retire_at: Option<Time>,

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
-    rbac::v1::{Role, RoleBinding},
+    rbac::v1::{ClusterRoleBinding, Role, RoleBinding},
 };
 use kube::{
     Api, ResourceExt,
     api::ListParams,
     runtime::{controller::Action, events::EventType},
 };
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use super::{Context, Error, apply_status, grant, kube_err, reconcile_with_finalizer, requeue_at};
 use crate::credentials::server_side_apply;
@@ -21,8 +21,8 @@ use crate::{
     api::{AccessGrant, AgentIdentity, AgentIdentityStatus, GrantPhase},
     policy::{
         ceiling,
-        conditions::{Summary, set_summary},
-        desired, names,
+        conditions::{Desired, Summary, set, set_summary},
+        desired, drift, names,
     },
 };
 
@@ -123,6 +123,14 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
         Err(v) => (v.reason(), format!("{v}: every grant is revoked and none is issued")),
     };
     set_summary(&mut status.conditions, Summary::Ready, reason, message.clone(), generation, now);
+    let findings = standing_privilege(identity, ctx).await?;
+    set(&mut status.conditions, drift_condition(&findings), generation, now);
+    let was_drifting = old.conditions.iter().any(|c| c.type_ == STANDING_PRIVILEGE && c.status == "True");
+    if !findings.is_empty() && (!was_drifting || status != old) {
+        ctx.metrics.standing_privilege_detections.inc_by(findings.len() as u64);
+        let text: Vec<String> = findings.iter().map(ToString::to_string).collect();
+        ctx.event(identity, EventType::Warning, STANDING_PRIVILEGE, text.join("; ")).await;
+    }
     if status != old {
         apply_status(&ctx.client, identity, &status).await?;
         let old_reason = old.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
@@ -130,9 +138,108 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
             ctx.event(identity, EventType::Normal, reason, message).await;
         }
     }
-    // Look again at retirement, so that status and Events say so on time.
+    // Look again at retirement, so that status and Events say so on time; and, while standing
+    // privilege is reported, every minute (a binding edited to drop the subject is not mapped back
+    // to this identity by the watch).
     let retire_at = identity.spec.retire_at.as_ref().map(|t| t.0).filter(|t| *t > now);
-    Ok(requeue_at(retire_at, now))
+    let drift_recheck = (!findings.is_empty()).then(|| now + jiff::SignedDuration::from_secs(60));
+    let next = [retire_at, drift_recheck].into_iter().flatten().min();
+    Ok(requeue_at(next, now))
+}
+
+/// The condition that reports standing privilege.
+pub const STANDING_PRIVILEGE: &str = "StandingPrivilegeDetected";
+
+fn drift_condition(findings: &[drift::Finding]) -> Desired<'static> {
+    if findings.is_empty() {
+        return Desired {
+            type_: STANDING_PRIVILEGE,
+            status: false,
+            reason: "None",
+            message: "no binding outside agentid gives this identity anything".into(),
+        };
+    }
+    let shown: Vec<String> = findings.iter().take(5).map(ToString::to_string).collect();
+    let more = findings.len().saturating_sub(shown.len());
+    let mut message = shown.join("; ");
+    if more > 0 {
+        message.push_str(&format!("; and {more} more"));
+    }
+    Desired { type_: STANDING_PRIVILEGE, status: true, reason: "BindingsFound", message }
+}
+
+/// Bindings not made by agentid that reach the identity; with `spec.enforce`, each such subject is
+/// taken out of its binding first, and only what could not be removed is reported.
+async fn standing_privilege(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<drift::Finding>, Error> {
+    let ns = identity.namespace().unwrap_or_default();
+    let name = identity.name_any();
+    let lp = ListParams::default();
+    let role_bindings =
+        Api::<RoleBinding>::all(ctx.client.clone()).list(&lp).await.map_err(kube_err("listing RoleBindings"))?.items;
+    let cluster_role_bindings = Api::<ClusterRoleBinding>::all(ctx.client.clone())
+        .list(&lp)
+        .await
+        .map_err(kube_err("listing ClusterRoleBindings"))?
+        .items;
+    let findings = drift::standing_privileges(&ns, &name, &role_bindings, &cluster_role_bindings);
+    if !identity.spec.enforce || findings.is_empty() {
+        return Ok(findings);
+    }
+    let mut left = Vec::new();
+    for finding in findings {
+        match remove_subject(ctx, &finding, &ns, &name).await {
+            Ok(()) => {
+                let message = format!("removed: {finding}");
+                info!(binding = %finding.binding, "standing privilege removed");
+                ctx.event(identity, EventType::Warning, "StandingPrivilegeRemoved", message).await;
+            }
+            Err(e) => {
+                warn!(binding = %finding.binding, error = %e, "could not remove standing privilege");
+                left.push(finding);
+            }
+        }
+    }
+    Ok(left)
+}
+
+/// Takes the subjects that reach the identity out of the binding (guarded by resourceVersion).
+async fn remove_subject(ctx: &Context, finding: &drift::Finding, ns: &str, identity: &str) -> Result<(), Error> {
+    let keep =
+        |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| -> Vec<k8s_openapi::api::rbac::v1::Subject> {
+            subjects.unwrap_or_default().into_iter().filter(|s| !drift::reaches(s, ns, identity)).collect()
+        };
+    let patch = |rv: Option<String>, subjects: Vec<k8s_openapi::api::rbac::v1::Subject>| {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "replace", "path": "/subjects", "value": subjects}
+        ])
+    };
+    let params = kube::api::PatchParams::default();
+    match &finding.namespace {
+        Some(binding_ns) => {
+            let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), binding_ns);
+            let b = api.get(&finding.name).await.map_err(kube_err(format!("reading {}", finding.binding)))?;
+            let p: json_patch::Patch =
+                serde_json::from_value(patch(b.metadata.resource_version.clone(), keep(b.subjects))).map_err(|e| {
+                    Error::Kube { action: "building a patch".into(), source: kube::Error::SerdeError(e) }
+                })?;
+            api.patch(&finding.name, &params, &kube::api::Patch::<()>::Json(p))
+                .await
+                .map_err(kube_err(format!("editing {}", finding.binding)))?;
+        }
+        None => {
+            let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+            let b = api.get(&finding.name).await.map_err(kube_err(format!("reading {}", finding.binding)))?;
+            let p: json_patch::Patch =
+                serde_json::from_value(patch(b.metadata.resource_version.clone(), keep(b.subjects))).map_err(|e| {
+                    Error::Kube { action: "building a patch".into(), source: kube::Error::SerdeError(e) }
+                })?;
+            api.patch(&finding.name, &params, &kube::api::Patch::<()>::Json(p))
+                .await
+                .map_err(kube_err(format!("editing {}", finding.binding)))?;
+        }
+    }
+    Ok(())
 }
 
 /// The identity is being deleted: revoke every grant it holds, then let it go. Its own

@@ -17,7 +17,10 @@ use std::{
 
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::{
+    core::v1::{Secret, ServiceAccount},
+    rbac::v1::{ClusterRoleBinding, RoleBinding},
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{PartialObjectMeta, Patch, PatchParams},
@@ -282,12 +285,37 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     // Owned Secrets are watched by metadata only: the operator never caches Secret data.
     let base_selector = format!("{}={},{}=base", names::MANAGED_BY_LABEL, names::MANAGED_BY, names::COMPONENT_LABEL);
-    let identity_run = Controller::new(identities, watcher::Config::default())
+    let identity_controller = Controller::new(identities, watcher::Config::default());
+    let identity_store = identity_controller.store();
+    // A binding made or changed anywhere may give an identity standing privilege: look again at
+    // every identity its subjects reach.
+    let reached = move |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        let subjects = subjects.unwrap_or_default();
+        identity_store
+            .state()
+            .into_iter()
+            .filter(|id| {
+                let (ns, name) = (id.namespace().unwrap_or_default(), id.name_any());
+                subjects.iter().any(|s| crate::policy::drift::reaches(s, &ns, &name))
+            })
+            .map(|id| ObjectRef::from_obj(id.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    let reached_too = reached.clone();
+    let identity_run = identity_controller
         .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default().labels(&base_selector))
         .owns(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default().labels(&base_selector))
         .watches(Api::<AccessGrant>::all(client.clone()), watcher::Config::default(), |grant: AccessGrant| {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })
+        .watches(Api::<RoleBinding>::all(client.clone()), watcher::Config::default(), move |b: RoleBinding| {
+            reached(b.subjects)
+        })
+        .watches(
+            Api::<ClusterRoleBinding>::all(client.clone()),
+            watcher::Config::default(),
+            move |b: ClusterRoleBinding| reached_too(b.subjects),
+        )
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

@@ -8,6 +8,7 @@ pub mod classify;
 pub mod conditions;
 pub mod decide;
 pub mod desired;
+pub mod drift;
 pub mod names;
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub fn identity(name: &str, allowed: &[&str]) -> AgentIdentity {
             allowed_namespaces: allowed.iter().map(|s| s.to_string()).collect(),
             approval: ApprovalPolicy::default(),
             suspended: false,
+            enforce: false,
             retire_at: None,
         },
     );

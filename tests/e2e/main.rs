@@ -6,6 +6,7 @@ mod approval;
 mod audit;
 mod crash;
 mod crds;
+mod drift;
 mod fixtures;
 mod harness;
 mod injection;

@@ -1,0 +1,161 @@
+//! Standing privilege: RBAC bindings, not made by agentid, that give something to an identity's
+//! base ServiceAccount or to a grant's ServiceAccount — directly, or through the groups that hold
+//! every ServiceAccount (of a namespace). Zero standing privilege means there must be none.
+
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subject};
+use kube::ResourceExt;
+
+use super::names;
+
+/// One binding that gives an identity standing privilege.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// `RoleBinding NS/NAME` or `ClusterRoleBinding NAME`.
+    pub binding: String,
+    /// The binding's namespace (None for a ClusterRoleBinding).
+    pub namespace: Option<String>,
+    /// The binding's name.
+    pub name: String,
+    /// The role it grants, e.g. `ClusterRole/view`.
+    pub role: String,
+    /// The subject that reaches the identity, as written in the binding.
+    pub subject: Subject,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = match self.subject.kind.as_str() {
+            "ServiceAccount" => format!(
+                "ServiceAccount {}/{}",
+                self.subject.namespace.as_deref().unwrap_or_default(),
+                self.subject.name
+            ),
+            kind => format!("{kind} {}", self.subject.name),
+        };
+        write!(f, "{} grants {} to {who}", self.binding, self.role)
+    }
+}
+
+/// Whether `subject` reaches the identity `identity` of namespace `ns`.
+pub fn reaches(subject: &Subject, ns: &str, identity: &str) -> bool {
+    match subject.kind.as_str() {
+        "ServiceAccount" => {
+            let sa_ns = subject.namespace.as_deref().unwrap_or_default();
+            // The base ServiceAccount, or any of this identity's grant ServiceAccounts (they carry
+            // the grant's name, not the identity's, so every grant SA of the namespace counts: a
+            // standing binding to any of them is drift).
+            sa_ns == ns
+                && (subject.name == names::identity_service_account(identity)
+                    || subject.name.starts_with("agentid-grant-"))
+        }
+        "Group" => subject.name == "system:serviceaccounts" || subject.name == format!("system:serviceaccounts:{ns}"),
+        _ => false,
+    }
+}
+
+fn role(r: &RoleRef) -> String {
+    format!("{}/{}", r.kind, r.name)
+}
+
+fn made_by_agentid(labels: &std::collections::BTreeMap<String, String>) -> bool {
+    labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
+}
+
+/// Every binding not made by agentid that reaches the identity, sorted.
+pub fn standing_privileges(
+    ns: &str,
+    identity: &str,
+    role_bindings: &[RoleBinding],
+    cluster_role_bindings: &[ClusterRoleBinding],
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for b in role_bindings.iter().filter(|b| !made_by_agentid(b.labels())) {
+        for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
+            let namespace = b.namespace().unwrap_or_default();
+            findings.push(Finding {
+                binding: format!("RoleBinding {namespace}/{}", b.name_any()),
+                namespace: Some(namespace),
+                name: b.name_any(),
+                role: role(&b.role_ref),
+                subject: subject.clone(),
+            });
+        }
+    }
+    for b in cluster_role_bindings.iter().filter(|b| !made_by_agentid(b.labels())) {
+        for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
+            findings.push(Finding {
+                binding: format!("ClusterRoleBinding {}", b.name_any()),
+                namespace: None,
+                name: b.name_any(),
+                role: role(&b.role_ref),
+                subject: subject.clone(),
+            });
+        }
+    }
+    findings.sort_by(|a, b| {
+        (&a.binding, &a.subject.kind, &a.subject.name).cmp(&(&b.binding, &b.subject.kind, &b.subject.name))
+    });
+    findings.dedup();
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rb(ns: &str, name: &str, subjects: serde_json::Value, labels: serde_json::Value) -> RoleBinding {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": subjects
+        }))
+        .expect("binding")
+    }
+
+    fn sa(ns: &str, name: &str) -> serde_json::Value {
+        json!({"kind": "ServiceAccount", "name": name, "namespace": ns})
+    }
+
+    #[test]
+    fn finds_direct_grant_and_group_bindings_but_not_agentids_own() {
+        let bindings = vec![
+            rb("prod", "direct", json!([sa("agents", "agentid-fixer")]), json!({})),
+            rb("prod", "grant-sa", json!([sa("agents", "agentid-grant-x-1234abcd")]), json!({})),
+            rb("prod", "all-sas", json!([{"kind": "Group", "name": "system:serviceaccounts"}]), json!({})),
+            rb("prod", "ns-sas", json!([{"kind": "Group", "name": "system:serviceaccounts:agents"}]), json!({})),
+            rb("prod", "other-ns-sas", json!([{"kind": "Group", "name": "system:serviceaccounts:other"}]), json!({})),
+            rb("prod", "other-identity", json!([sa("agents", "agentid-other")]), json!({})),
+            rb("prod", "same-name-elsewhere", json!([sa("elsewhere", "agentid-fixer")]), json!({})),
+            rb(
+                "agents",
+                "ours",
+                json!([sa("agents", "agentid-fixer")]),
+                json!({"app.kubernetes.io/managed-by": "agentid"}),
+            ),
+        ];
+        let found = standing_privileges("agents", "fixer", &bindings, &[]);
+        let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, vec!["all-sas", "direct", "grant-sa", "ns-sas"]);
+        assert!(found.iter().all(|f| f.namespace.as_deref() == Some("prod")));
+        assert_eq!(
+            found[1].to_string(),
+            "RoleBinding prod/direct grants ClusterRole/view to ServiceAccount agents/agentid-fixer"
+        );
+    }
+
+    #[test]
+    fn cluster_role_bindings_count_too() {
+        let crb: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "oops"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [sa("agents", "agentid-fixer")]
+        }))
+        .expect("binding");
+        let found = standing_privileges("agents", "fixer", &[], &[crb]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].binding, "ClusterRoleBinding oops");
+        assert_eq!(found[0].namespace, None);
+    }
+}
