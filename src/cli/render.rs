@@ -4,8 +4,9 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Serialize;
 
+pub use crate::policy::desired::rule_in_words;
 use crate::{
-    api::{AccessGrant, AgentIdentity, KubernetesRule},
+    api::{AccessGrant, AgentIdentity},
     policy::{approval, decide},
 };
 
@@ -134,29 +135,6 @@ pub fn pending_table(rows: &[PendingRow], all_namespaces: bool) -> String {
         })
         .collect();
     table(&header, &body)
-}
-
-fn names_phrase(resource: &str, names: &[String]) -> String {
-    if names.is_empty() { format!("every {resource} object") } else { format!("{resource} {}", names.join(", ")) }
-}
-
-/// One rule in words, e.g. "get, delete persistentvolumeclaims db-volume in namespace staging".
-pub fn rule_in_words(rule: &KubernetesRule) -> String {
-    let targets: Vec<String> = rule
-        .api_groups
-        .iter()
-        .flat_map(|g| {
-            rule.resources.iter().map(move |r| {
-                let qualified = if g.is_empty() { r.clone() } else { format!("{r}.{g}") };
-                names_phrase(&qualified, &rule.resource_names)
-            })
-        })
-        .collect();
-    let mut text = format!("{} {} in namespace {}", rule.verbs.join(", "), targets.join(" and "), rule.namespace);
-    if !rule.resource_names.is_empty() && rule.verbs.iter().any(|v| v == "list" || v == "watch") {
-        text.push_str(" (list and watch do not work with names: RBAC cannot filter them)");
-    }
-    text
 }
 
 /// What `kubectl agentid explain` shows.

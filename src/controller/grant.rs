@@ -12,7 +12,7 @@ use tracing::{info, instrument};
 
 use super::{Context, Error, apply_status, kube_err, reconcile_with_finalizer, requeue_at};
 use crate::{
-    api::{AccessGrant, AgentIdentity, Approval, GrantPhase},
+    api::{AccessGrant, AccessGrantStatus, AgentIdentity, Approval, GrantPhase},
     policy::{
         approval::{self, Candidate, Verdict},
         conditions::{Summary, set_summary},
@@ -87,6 +87,28 @@ pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Act
     reconcile_with_finalizer(grant, &ctx, names::GRANT_FINALIZER, apply, cleanup).await
 }
 
+/// One structured audit line per lifecycle transition (target `agentid::audit`): who asked, who
+/// approved, what the credential allows and until when — never the credential itself.
+fn audit(grant: &AccessGrant, status: &AccessGrantStatus, transition: &str, reason: &str) {
+    let approvers: Vec<&str> = status.approvals.iter().map(|a| a.approver.as_str()).collect();
+    info!(
+        target: "agentid::audit",
+        transition,
+        reason,
+        namespace = grant.namespace().unwrap_or_default(),
+        grant = grant.name_any(),
+        grant_uid = grant.uid().unwrap_or_default(),
+        identity = grant.spec.identity,
+        requester = status.requested_by.as_deref().unwrap_or(""),
+        approvers = approvers.join(","),
+        scope = crate::policy::desired::scope_in_words(grant),
+        duration = grant.spec.duration,
+        expires_at = status.expires_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+        service_account = status.service_account_name.as_deref().unwrap_or(""),
+        "grant {transition}"
+    );
+}
+
 /// Runs a grant's decision outside its controller: the start-up sweep revokes overdue grants
 /// this way, and a deleted identity revokes its grants.
 pub async fn reevaluate(grant: &AccessGrant, ctx: &Context) -> Result<(), Error> {
@@ -150,7 +172,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             let message = format!("rejected: {violation}");
             set_summary(&mut status.conditions, Summary::Stalled, violation.reason(), message.clone(), generation, now);
             apply_status(&ctx.client, grant, &status).await?;
-            info!(reason = violation.reason(), "grant rejected");
+            audit(grant, &status, "rejected", violation.reason());
             ctx.event(grant, EventType::Warning, "Rejected", message).await;
             Ok(Action::await_change())
         }
@@ -181,6 +203,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 apply_status(&ctx.client, grant, &status).await?;
             }
             if old.phase != status.phase {
+                audit(grant, &status, "awaiting-approval", "AwaitingApproval");
                 ctx.event(grant, EventType::Normal, "AwaitingApproval", message).await;
             }
             Ok(requeue_at(recheck_at, now))
@@ -224,7 +247,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             if let Some(created) = grant.metadata.creation_timestamp.as_ref() {
                 ctx.metrics.issuance_latency.observe(issued_at.duration_since(created.0).as_secs_f64().max(0.0));
             }
-            info!(%expires_at, "credential issued");
+            audit(grant, &status, "issued", "Issued");
             ctx.event(grant, EventType::Normal, "Issued", message).await;
             Ok(requeue_at(Some(expires_at), Timestamp::now()))
         }
@@ -242,7 +265,12 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             let message = format!("credential revoked: {message}");
             set_summary(&mut status.conditions, Summary::Done, reason, message.clone(), generation, revoked_at);
             apply_status(&ctx.client, grant, &status).await?;
-            info!(reason, "grant ended");
+            let transition = match phase {
+                GrantPhase::Expired => "expired",
+                GrantPhase::Denied => "denied",
+                _ => "revoked",
+            };
+            audit(grant, &status, transition, reason);
             let kind = if phase == GrantPhase::Denied { EventType::Warning } else { EventType::Normal };
             ctx.event(grant, kind, reason, message).await;
             Ok(Action::await_change())
@@ -255,7 +283,7 @@ async fn cleanup(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     let held = grant.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active);
     ctx.issuer.revoke(grant).await?;
     if held {
-        info!("credential revoked: grant deleted");
+        audit(grant, &grant.status.clone().unwrap_or_default(), "revoked", "GrantDeleted");
         ctx.event(grant, EventType::Normal, "Revoked", "credential revoked: the grant was deleted".into()).await;
     }
     Ok(Action::await_change())

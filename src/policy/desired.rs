@@ -283,6 +283,35 @@ pub fn credential_data(
     .collect()
 }
 
+fn names_phrase(resource: &str, names: &[String]) -> String {
+    if names.is_empty() { format!("every {resource} object") } else { format!("{resource} {}", names.join(", ")) }
+}
+
+/// One rule in words, e.g. "get, delete persistentvolumeclaims db-volume in namespace staging".
+pub fn rule_in_words(rule: &KubernetesRule) -> String {
+    let targets: Vec<String> = rule
+        .api_groups
+        .iter()
+        .flat_map(|g| {
+            rule.resources.iter().map(move |r| {
+                let qualified = if g.is_empty() { r.clone() } else { format!("{r}.{g}") };
+                names_phrase(&qualified, &rule.resource_names)
+            })
+        })
+        .collect();
+    let mut text = format!("{} {} in namespace {}", rule.verbs.join(", "), targets.join(" and "), rule.namespace);
+    if !rule.resource_names.is_empty() && rule.verbs.iter().any(|v| v == "list" || v == "watch") {
+        text.push_str(" (list and watch do not work with names: RBAC cannot filter them)");
+    }
+    text
+}
+
+/// The whole scope of a grant in words, one clause per rule.
+pub fn scope_in_words(grant: &AccessGrant) -> String {
+    let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+    rules.iter().map(rule_in_words).collect::<Vec<_>>().join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

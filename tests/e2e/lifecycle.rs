@@ -159,6 +159,26 @@ async fn credential_allows_exactly_its_rules() -> anyhow::Result<()> {
         ["deploy-web.ca.crt", "deploy-web.expires-at", "deploy-web.kubeconfig", "deploy-web.scope", "deploy-web.token"]
     );
 
+    // The audit trail has the issuance — who, what, until when — and no secret material.
+    let secret_name = g.status.as_ref().and_then(|st| st.credentials_secret.clone()).unwrap_or_default();
+    let issued_secret = Api::<Secret>::namespaced(s.admin.clone(), &s.agents.name).get(&secret_name).await?;
+    let token = String::from_utf8(issued_secret.data.unwrap_or_default()["token"].0.clone())?;
+    let log = operator().await?.log();
+    assert!(!log.contains(&token), "the operator logged a token");
+    let uid = g.uid().unwrap_or_default();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("\"target\":\"agentid::audit\"") && l.contains(&uid))
+        .find(|l| l.contains("\"transition\":\"issued\""))
+        .unwrap_or_else(|| panic!("no audit line for the issuance in:\n{log}"));
+    let line: serde_json::Value = serde_json::from_str(line)?;
+    assert_eq!(line["fields"]["requester"], "admin");
+    assert_eq!(line["fields"]["identity"], "fixer");
+    assert!(
+        line["fields"]["scope"].as_str().unwrap_or_default().contains("get, patch deployments.apps web in namespace"),
+        "{line}"
+    );
+
     // Status says what was issued, and nothing secret.
     let status = g.status.clone().unwrap_or_default();
     assert_eq!(status.requires_approval, Some(false));
