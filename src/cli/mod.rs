@@ -1,6 +1,6 @@
 //! `kubectl agentid`: review and decide grants from the terminal.
 //!
-//! `pending`, `approve`, `deny`, `explain`. Approve and deny fill in the grant's UID and the
+//! `pending`, `approve`, `deny`, `explain`, `inventory`. Approve and deny fill in the grant's UID and the
 //! caller's user name (asked of the apiserver), so the Approval passes admission as the caller.
 
 pub mod render;
@@ -69,6 +69,15 @@ enum Command {
         /// Why you deny (required).
         #[arg(long)]
         reason: String,
+    },
+    /// Every identity: owner, purpose, retire date, what it holds now, standing privilege.
+    Inventory {
+        /// In every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Say what a grant's credential would allow, and why it needs approval.
     Explain {
@@ -167,6 +176,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Table => print!("{}", render::pending_table(&rows, all_namespaces)),
                 other => print_structured(&rows, other)?,
+            }
+        }
+        Command::Inventory { all_namespaces, output } => {
+            let (identities, grants) = if all_namespaces {
+                (Api::<AgentIdentity>::all(client.clone()), Api::<AccessGrant>::all(client.clone()))
+            } else {
+                (Api::namespaced(client.clone(), &ns), Api::namespaced(client.clone(), &ns))
+            };
+            let identities = identities.list(&ListParams::default()).await.context("listing AgentIdentities")?.items;
+            let grants = grants.list(&ListParams::default()).await.context("listing AccessGrants")?.items;
+            let entries = render::inventory(&identities, &grants);
+            match output {
+                Output::Table => print!("{}", render::inventory_table(&entries)),
+                other => print_structured(&entries, other)?,
             }
         }
         Command::Approve { grant, reason } => decide(&client, &ns, &grant, Decision::Approve, reason).await?,

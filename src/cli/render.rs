@@ -298,3 +298,211 @@ mod tests {
         assert_eq!(age(3 * 86400), "3d");
     }
 }
+
+/// One active grant in the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryGrant {
+    /// The grant's name.
+    pub name: String,
+    /// What it allows, in words.
+    pub scope: String,
+    /// When it stops working.
+    pub expires_at: String,
+    /// Who approved it (empty: routine).
+    pub approved_by: Vec<String>,
+}
+
+/// One identity in `kubectl agentid inventory`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// The identity.
+    pub name: String,
+    /// Accountable human or team.
+    pub owner: String,
+    /// What it is for.
+    pub purpose: String,
+    /// When it retires, if set.
+    pub retire_at: Option<String>,
+    /// Kill switch.
+    pub suspended: bool,
+    /// Grants holding a credential now.
+    pub active_grants: Vec<InventoryGrant>,
+    /// When its most recent grant was issued.
+    pub last_issued_at: Option<String>,
+    /// Standing privilege found outside agentid (the condition's message), if any.
+    pub standing_privilege: Option<String>,
+}
+
+/// The inventory: every identity with what it holds now, sorted by namespace and name.
+pub fn inventory(identities: &[AgentIdentity], grants: &[AccessGrant]) -> Vec<InventoryEntry> {
+    let mut entries: Vec<InventoryEntry> = identities
+        .iter()
+        .map(|id| {
+            let (ns, name) = (id.namespace().unwrap_or_default(), id.name_any());
+            let mine: Vec<&AccessGrant> = grants
+                .iter()
+                .filter(|g| g.namespace().as_deref() == Some(ns.as_str()) && g.spec.identity == name)
+                .collect();
+            let mut active_grants: Vec<InventoryGrant> = mine
+                .iter()
+                .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(crate::api::GrantPhase::Active))
+                .map(|g| {
+                    let status = g.status.clone().unwrap_or_default();
+                    InventoryGrant {
+                        name: g.name_any(),
+                        scope: crate::policy::desired::scope_in_words(g),
+                        expires_at: status.expires_at.map(|t| t.0.to_string()).unwrap_or_default(),
+                        approved_by: status.approvals.into_iter().map(|a| a.approver).collect(),
+                    }
+                })
+                .collect();
+            active_grants.sort_by(|a, b| a.name.cmp(&b.name));
+            let last_issued_at = mine
+                .iter()
+                .filter_map(|g| g.status.as_ref().and_then(|s| s.issued_at.as_ref()).map(|t| t.0))
+                .max()
+                .map(|t| t.to_string());
+            let standing_privilege = id
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .find(|c| c.type_ == "StandingPrivilegeDetected" && c.status == "True")
+                .map(|c| c.message.clone());
+            InventoryEntry {
+                namespace: ns,
+                name,
+                owner: id.spec.owner.clone(),
+                purpose: id.spec.purpose.clone(),
+                retire_at: id.spec.retire_at.as_ref().map(|t| t.0.to_string()),
+                suspended: id.spec.suspended,
+                active_grants,
+                last_issued_at,
+                standing_privilege,
+            }
+        })
+        .collect();
+    entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    entries
+}
+
+/// The inventory as a table: one line per identity, then one indented line per active grant.
+pub fn inventory_table(entries: &[InventoryEntry]) -> String {
+    if entries.is_empty() {
+        return "No AgentIdentities.\n".into();
+    }
+    let header =
+        ["NAMESPACE", "IDENTITY", "OWNER", "SUSPENDED", "RETIRE-AT", "ACTIVE", "LAST-ISSUED", "STANDING-PRIVILEGE"];
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.namespace.clone(),
+                e.name.clone(),
+                e.owner.clone(),
+                e.suspended.to_string(),
+                e.retire_at.clone().unwrap_or_else(|| "-".into()),
+                e.active_grants.len().to_string(),
+                e.last_issued_at.clone().unwrap_or_else(|| "-".into()),
+                if e.standing_privilege.is_some() { "DETECTED".into() } else { "none".into() },
+            ]
+        })
+        .collect();
+    let mut out = table(&header, &rows);
+    for e in entries.iter().filter(|e| !e.active_grants.is_empty() || e.standing_privilege.is_some()) {
+        out.push_str(&format!("\n{}/{} — {}\n", e.namespace, e.name, e.purpose));
+        for g in &e.active_grants {
+            let approved = if g.approved_by.is_empty() {
+                "routine".into()
+            } else {
+                format!("approved by {}", g.approved_by.join(", "))
+            };
+            out.push_str(&format!("  grant {} until {} ({approved}): {}\n", g.name, g.expires_at, g.scope));
+        }
+        if let Some(drift) = &e.standing_privilege {
+            out.push_str(&format!("  standing privilege: {drift}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod inventory_tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::{
+        api::{AccessGrantStatus, ApprovalRecord, GrantPhase},
+        policy::testing::{grant, identity, rule},
+    };
+
+    fn at(s: &str) -> Time {
+        Time(s.parse().expect("time"))
+    }
+
+    fn scenario() -> (Vec<AgentIdentity>, Vec<AccessGrant>) {
+        let fixer = identity("fixer", &["staging"]);
+        let mut idle = identity("idle", &["staging"]);
+        idle.spec.suspended = true;
+        let mut read = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        read.status = Some(AccessGrantStatus {
+            phase: Some(GrantPhase::Active),
+            issued_at: Some(at("2026-11-25T12:00:00Z")),
+            expires_at: Some(at("2026-11-25T12:15:00Z")),
+            ..Default::default()
+        });
+        let mut rm = grant("rm", "fixer", "15m", vec![rule("staging", "", "persistentvolumeclaims", "delete")]);
+        rm.status = Some(AccessGrantStatus {
+            phase: Some(GrantPhase::Active),
+            issued_at: Some(at("2026-11-25T12:05:00Z")),
+            expires_at: Some(at("2026-11-25T12:20:00Z")),
+            approvals: vec![ApprovalRecord { approver: "alice".into(), approval: "a".into(), at: None }],
+            ..Default::default()
+        });
+        let mut old = grant("old", "fixer", "15m", vec![rule("staging", "", "pods", "list")]);
+        old.status = Some(AccessGrantStatus {
+            phase: Some(GrantPhase::Expired),
+            issued_at: Some(at("2026-11-25T11:00:00Z")),
+            ..Default::default()
+        });
+        (vec![idle, fixer], vec![read, rm, old])
+    }
+
+    #[test]
+    fn inventory_table_golden() {
+        let (identities, grants) = scenario();
+        let text = inventory_table(&inventory(&identities, &grants));
+        let expected = "\
+NAMESPACE   IDENTITY   OWNER           SUSPENDED   RETIRE-AT   ACTIVE   LAST-ISSUED            STANDING-PRIVILEGE
+agents      fixer      platform-team   false       -           2        2026-11-25T12:05:00Z   none
+agents      idle       platform-team   true        -           0        -                      none
+
+agents/fixer — tests
+  grant read until 2026-11-25T12:15:00Z (routine): get every pods object in namespace staging
+  grant rm until 2026-11-25T12:20:00Z (approved by alice): delete every persistentvolumeclaims object in namespace staging
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn inventory_json_golden() {
+        let (identities, grants) = scenario();
+        let json = serde_json::to_value(inventory(&identities, &grants)).expect("json");
+        assert_eq!(
+            json[0],
+            serde_json::json!({
+                "namespace": "agents", "name": "fixer", "owner": "platform-team", "purpose": "tests",
+                "retireAt": null, "suspended": false, "lastIssuedAt": "2026-11-25T12:05:00Z", "standingPrivilege": null,
+                "activeGrants": [
+                    {"name": "read", "scope": "get every pods object in namespace staging", "expiresAt": "2026-11-25T12:15:00Z", "approvedBy": []},
+                    {"name": "rm", "scope": "delete every persistentvolumeclaims object in namespace staging", "expiresAt": "2026-11-25T12:20:00Z", "approvedBy": ["alice"]}
+                ]
+            })
+        );
+        assert_eq!(json[1]["name"], "idle");
+        assert_eq!(json[1]["suspended"], true);
+    }
+}

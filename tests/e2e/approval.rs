@@ -425,6 +425,17 @@ async fn kubectl_agentid_lists_explains_approves_and_denies() -> anyhow::Result<
     assert!(out.contains("accessgrant/via-plugin approved by alice"), "{out}");
     wait_phase(&st.admin, &a, "via-plugin", GrantPhase::Active).await?;
 
+    // The inventory shows the identity and what it holds now, with who approved it.
+    let (ok, json, err) = plugin("admin", &a, &["inventory", "-o", "json"])?;
+    assert!(ok, "{err}");
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json)?;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["name"], "staging-fixer");
+    assert_eq!(entries[0]["activeGrants"][0]["name"], "via-plugin");
+    assert_eq!(entries[0]["activeGrants"][0]["approvedBy"], serde_json::json!(["alice"]));
+    let (ok, table, err) = plugin("admin", &a, &["inventory"])?;
+    assert!(ok && table.starts_with("NAMESPACE") && table.contains("grant via-plugin until"), "{table}{err}");
+
     let (ok, _, err) = plugin("erin", &a, &["deny", "to-deny", "--reason", " "])?;
     assert!(!ok && err.contains("needs --reason"), "{err}");
     let (ok, _, err) = plugin("erin", &a, &["deny", "to-deny", "--reason", "use a snapshot instead"])?;
