@@ -187,6 +187,10 @@ async fn standing_privilege(identity: &AgentIdentity, ctx: &Context) -> Result<V
     }
     let mut left = Vec::new();
     for finding in findings {
+        if !drift::removable(&finding.subject) {
+            left.push(finding);
+            continue;
+        }
         match remove_subject(ctx, &finding, &ns, &name).await {
             Ok(()) => {
                 let message = format!("removed: {finding}");
@@ -206,7 +210,11 @@ async fn standing_privilege(identity: &AgentIdentity, ctx: &Context) -> Result<V
 async fn remove_subject(ctx: &Context, finding: &drift::Finding, ns: &str, identity: &str) -> Result<(), Error> {
     let keep =
         |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| -> Vec<k8s_openapi::api::rbac::v1::Subject> {
-            subjects.unwrap_or_default().into_iter().filter(|s| !drift::reaches(s, ns, identity)).collect()
+            subjects
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| !(drift::removable(s) && drift::reaches(s, ns, identity)))
+                .collect()
         };
     let patch = |rv: Option<String>, subjects: Vec<k8s_openapi::api::rbac::v1::Subject>| {
         serde_json::json!([

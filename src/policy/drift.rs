@@ -57,8 +57,18 @@ fn role(r: &RoleRef) -> String {
     format!("{}/{}", r.kind, r.name)
 }
 
-fn made_by_agentid(labels: &std::collections::BTreeMap<String, String>) -> bool {
+/// agentid's own bindings, and the cluster's default RBAC (which the apiserver itself keeps as it
+/// is, e.g. `system:service-account-issuer-discovery` for every ServiceAccount), are not drift.
+fn exempt(labels: &std::collections::BTreeMap<String, String>) -> bool {
     labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
+        || labels.get("kubernetes.io/bootstrapping").map(String::as_str) == Some("rbac-defaults")
+}
+
+/// Whether enforcement may take this subject out of a binding: only the identity's own
+/// ServiceAccounts. A group reaches every ServiceAccount (of a namespace); removing it would
+/// change what other workloads may do, so it is reported, never removed.
+pub fn removable(subject: &Subject) -> bool {
+    subject.kind == "ServiceAccount"
 }
 
 /// Every binding not made by agentid that reaches the identity, sorted.
@@ -69,7 +79,7 @@ pub fn standing_privileges(
     cluster_role_bindings: &[ClusterRoleBinding],
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
-    for b in role_bindings.iter().filter(|b| !made_by_agentid(b.labels())) {
+    for b in role_bindings.iter().filter(|b| !exempt(b.labels())) {
         for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
             let namespace = b.namespace().unwrap_or_default();
             findings.push(Finding {
@@ -81,7 +91,7 @@ pub fn standing_privileges(
             });
         }
     }
-    for b in cluster_role_bindings.iter().filter(|b| !made_by_agentid(b.labels())) {
+    for b in cluster_role_bindings.iter().filter(|b| !exempt(b.labels())) {
         for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
             findings.push(Finding {
                 binding: format!("ClusterRoleBinding {}", b.name_any()),
@@ -157,5 +167,13 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].binding, "ClusterRoleBinding oops");
         assert_eq!(found[0].namespace, None);
+    }
+
+    #[test]
+    fn only_service_accounts_are_ever_removed() {
+        assert!(removable(&serde_json::from_value(sa("agents", "agentid-fixer")).expect("subject")));
+        assert!(!removable(
+            &serde_json::from_value(json!({"kind": "Group", "name": "system:serviceaccounts"})).expect("subject")
+        ));
     }
 }

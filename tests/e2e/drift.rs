@@ -103,6 +103,11 @@ async fn a_hand_made_binding_is_reported_and_with_enforce_removed() -> anyhow::R
     assert_eq!(left[0].name, "auditor");
     let (status, _) = condition(&admin, &a, "strict").await?.expect("condition");
     assert_eq!(status, "False");
+    // The cluster's own default bindings (which reach every ServiceAccount) are left alone.
+    let defaults = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin.clone())
+        .get("system:service-account-issuer-discovery")
+        .await?;
+    assert!(defaults.subjects.unwrap_or_default().iter().any(|s| s.name == "system:serviceaccounts"));
     agents.delete().await?;
     target.delete().await
 }
