@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod authz;
 pub mod cli;
 pub mod controller;
 pub mod credentials;

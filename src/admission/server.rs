@@ -14,11 +14,11 @@ use axum::{
 };
 use k8s_openapi::api::{
     admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
-    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+    authorization::v1::SubjectAccessReviewSpec,
 };
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams},
     core::{
         DynamicObject,
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
@@ -64,8 +64,8 @@ struct AppState {
     own_namespace: Option<String>,
 }
 
-/// Asks the authorizer whether the requesting user may `verb` `resource` (named `name`) in
-/// `namespace`.
+/// Asks the authorizer whether the requesting user may `verb` agentid's `resource` (named
+/// `name`) in `namespace`.
 async fn may(
     client: &Client,
     req: &AdmissionRequest<DynamicObject>,
@@ -74,26 +74,14 @@ async fn may(
     namespace: &str,
     name: Option<String>,
 ) -> kube::Result<bool> {
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: req.user_info.username.clone(),
-            groups: req.user_info.groups.clone(),
-            uid: req.user_info.uid.clone(),
-            extra: req.user_info.extra.clone().map(|e| e.into_iter().collect()),
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(namespace.into()),
-                verb: Some(verb.into()),
-                group: Some(crate::api::GROUP.into()),
-                resource: Some(resource.into()),
-                name,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+    let subject = SubjectAccessReviewSpec {
+        user: req.user_info.username.clone(),
+        groups: req.user_info.groups.clone(),
+        uid: req.user_info.uid.clone(),
+        extra: req.user_info.extra.clone().map(|e| e.into_iter().collect()),
         ..Default::default()
     };
-    let answer = Api::<SubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
-    Ok(answer.status.is_some_and(|s| s.allowed))
+    crate::authz::may(client, subject, verb, resource, namespace, name.as_deref()).await
 }
 
 /// A body that is not an AdmissionReview with a request: 400 and why.

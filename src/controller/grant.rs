@@ -24,28 +24,14 @@ use crate::{
 
 /// Asks the apiserver's authorizer, now, whether `user` in `groups` may `approve` the grant.
 async fn may_approve(ctx: &Context, user: &str, groups: &[String], ns: &str, grant: &str) -> Result<bool, Error> {
-    use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: Some(user.into()),
-            groups: Some(groups.to_vec()),
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(ns.into()),
-                verb: Some("approve".into()),
-                group: Some(crate::api::GROUP.into()),
-                resource: Some("accessgrants".into()),
-                name: Some(grant.into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+    let subject = k8s_openapi::api::authorization::v1::SubjectAccessReviewSpec {
+        user: Some(user.into()),
+        groups: Some(groups.to_vec()),
         ..Default::default()
     };
-    let answer = Api::<SubjectAccessReview>::all(ctx.client.clone())
-        .create(&kube::api::PostParams::default(), &review)
+    crate::authz::may(&ctx.client, subject, "approve", "accessgrants", ns, Some(grant))
         .await
-        .map_err(kube_err("asking the authorizer whether an approver may approve"))?;
-    Ok(answer.status.is_some_and(|s| s.allowed))
+        .map_err(kube_err("asking the authorizer whether an approver may approve"))
 }
 
 /// What the grant's Approvals add up to, each approver re-checked against RBAC now.
