@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
-    rbac::v1::{ClusterRoleBinding, Role, RoleBinding},
+    rbac::v1::{ClusterRoleBinding, Role, RoleBinding, Subject},
 };
 use kube::{
     Api, ResourceExt,
@@ -208,45 +208,46 @@ async fn standing_privilege(identity: &AgentIdentity, ctx: &Context) -> Result<V
 
 /// Takes the subjects that reach the identity out of the binding (guarded by resourceVersion).
 async fn remove_subject(ctx: &Context, finding: &drift::Finding, ns: &str, identity: &str) -> Result<(), Error> {
-    let keep =
-        |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| -> Vec<k8s_openapi::api::rbac::v1::Subject> {
-            subjects
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|s| !(drift::removable(s) && drift::reaches(s, ns, identity)))
-                .collect()
-        };
-    let patch = |rv: Option<String>, subjects: Vec<k8s_openapi::api::rbac::v1::Subject>| {
-        serde_json::json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-            {"op": "replace", "path": "/subjects", "value": subjects}
-        ])
+    let keep = |subjects: Option<Vec<Subject>>| -> Vec<Subject> {
+        subjects
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| !(drift::removable(s) && drift::reaches(s, ns, identity)))
+            .collect()
     };
-    let params = kube::api::PatchParams::default();
     match &finding.namespace {
         Some(binding_ns) => {
             let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), binding_ns);
-            let b = api.get(&finding.name).await.map_err(kube_err(format!("reading {}", finding.binding)))?;
-            let p: json_patch::Patch =
-                serde_json::from_value(patch(b.metadata.resource_version.clone(), keep(b.subjects))).map_err(|e| {
-                    Error::Kube { action: "building a patch".into(), source: kube::Error::SerdeError(e) }
-                })?;
-            api.patch(&finding.name, &params, &kube::api::Patch::<()>::Json(p))
-                .await
-                .map_err(kube_err(format!("editing {}", finding.binding)))?;
+            rewrite_subjects(&api, finding, |b: RoleBinding| (b.metadata.resource_version, keep(b.subjects))).await
         }
         None => {
             let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-            let b = api.get(&finding.name).await.map_err(kube_err(format!("reading {}", finding.binding)))?;
-            let p: json_patch::Patch =
-                serde_json::from_value(patch(b.metadata.resource_version.clone(), keep(b.subjects))).map_err(|e| {
-                    Error::Kube { action: "building a patch".into(), source: kube::Error::SerdeError(e) }
-                })?;
-            api.patch(&finding.name, &params, &kube::api::Patch::<()>::Json(p))
+            rewrite_subjects(&api, finding, |b: ClusterRoleBinding| (b.metadata.resource_version, keep(b.subjects)))
                 .await
-                .map_err(kube_err(format!("editing {}", finding.binding)))?;
         }
     }
+}
+
+/// Replaces a binding's subjects with what `edit` keeps, only if the binding did not change since
+/// it was read.
+async fn rewrite_subjects<K>(
+    api: &Api<K>,
+    finding: &drift::Finding,
+    edit: impl FnOnce(K) -> (Option<String>, Vec<Subject>),
+) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let binding = api.get(&finding.name).await.map_err(kube_err(format!("reading {}", finding.binding)))?;
+    let (resource_version, subjects) = edit(binding);
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+        {"op": "replace", "path": "/subjects", "value": subjects}
+    ]))
+    .map_err(|e| Error::Kube { action: "building a patch".into(), source: kube::Error::SerdeError(e) })?;
+    api.patch(&finding.name, &kube::api::PatchParams::default(), &kube::api::Patch::<()>::Json(patch))
+        .await
+        .map_err(kube_err(format!("editing {}", finding.binding)))?;
     Ok(())
 }
 
