@@ -85,11 +85,6 @@ pub fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
         .any(|o| o.kind == kind && o.name == name && o.api_version.starts_with(crate::api::GROUP))
 }
 
-/// Selects every object of one grant.
-pub fn grant_selector(uid: &str) -> String {
-    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{GRANT_UID_LABEL}={uid}")
-}
-
 /// Selects every grant object agentid made, in any namespace.
 pub fn all_grants_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}=grant")
@@ -137,10 +132,5 @@ mod tests {
         ));
         assert!(!owned_by(&meta(vec![owner("AgentIdentity", "fixer", "example.com/v1")]), "AgentIdentity", "fixer"));
         assert!(!owned_by(&ObjectMeta::default(), "AgentIdentity", "fixer"));
-    }
-
-    #[test]
-    fn selector_names_the_uid() {
-        assert_eq!(grant_selector("u-1"), "app.kubernetes.io/managed-by=agentid,agentid.dev/grant-uid=u-1");
     }
 }
