@@ -244,6 +244,11 @@ mod tests {
 
     static WAITING: Verdict = Verdict::Waiting { counted: Vec::new(), ignored: Vec::new() };
 
+    /// A 15m grant to read pods in staging, in `phase`, ending `secs` from now.
+    fn read_grant(phase: GrantPhase, secs: i64) -> AccessGrant {
+        with_status(grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]), phase, Some(plus(secs)))
+    }
+
     fn decide_at(g: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
         decide(g, Facts { identity, verdict: &WAITING, protected: &[], service_account_created: None, now })
     }
@@ -303,11 +308,7 @@ mod tests {
     #[test]
     fn active_grant_waits_until_expiry_then_expires() {
         let id = identity("fixer", &["staging"]);
-        let g = with_status(
-            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
-            GrantPhase::Active,
-            Some(plus(10)),
-        );
+        let g = read_grant(GrantPhase::Active, 10);
         assert_eq!(decide_at(&g, Some(&id), now()), Step::Wait { recheck_at: Some(plus(10)) });
         match decide_at(&g, Some(&id), plus(10)) {
             Step::Revoke { phase, reason, .. } => {
@@ -320,11 +321,7 @@ mod tests {
 
     #[test]
     fn active_grant_is_revoked_when_identity_is_suspended_retired_deleted_or_narrowed() {
-        let g = with_status(
-            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
-            GrantPhase::Active,
-            Some(plus(600)),
-        );
+        let g = read_grant(GrantPhase::Active, 600);
         let mut suspended = identity("fixer", &["staging"]);
         suspended.spec.suspended = true;
         let mut retired = identity("fixer", &["staging"]);
@@ -349,11 +346,7 @@ mod tests {
     #[test]
     fn interrupted_issuance_resumes_with_the_same_expiry() {
         let id = identity("fixer", &["staging"]);
-        let g = with_status(
-            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
-            GrantPhase::Pending,
-            Some(plus(300)),
-        );
+        let g = read_grant(GrantPhase::Pending, 300);
         assert_eq!(decide_at(&g, Some(&id), now()), Step::Issue { expires_at: plus(300) });
         // ...unless it expired meanwhile (operator down): revoke, never issue.
         assert!(matches!(decide_at(&g, Some(&id), plus(300)), Step::Revoke { phase: GrantPhase::Expired, .. }));
@@ -378,11 +371,7 @@ mod tests {
     fn active_grant_rechecks_at_retirement_if_sooner() {
         let mut id = identity("fixer", &["staging"]);
         id.spec.retire_at = Some(Time(plus(60)));
-        let g = with_status(
-            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
-            GrantPhase::Active,
-            Some(plus(600)),
-        );
+        let g = read_grant(GrantPhase::Active, 600);
         assert_eq!(decide_at(&g, Some(&id), now()), Step::Wait { recheck_at: Some(plus(60)) });
     }
 
@@ -523,18 +512,10 @@ mod tests {
     fn expiry_is_bounded_by_when_the_service_account_was_made() {
         let id = identity("fixer", &["staging"]);
         // Issued 10 minutes ago for 15m: the end can be at most 5 minutes away.
-        let g = with_status(
-            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
-            GrantPhase::Active,
-            Some(plus(600)),
-        );
+        let g = read_grant(GrantPhase::Active, 600);
         let facts = made_at(&id, plus(-600));
         assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidExpiry", .. }));
-        let g = with_status(
-            grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]),
-            GrantPhase::Active,
-            Some(plus(300)),
-        );
+        let g = read_grant(GrantPhase::Active, 300);
         let facts = made_at(&id, plus(-600));
         assert_eq!(decide(&g, facts), Step::Wait { recheck_at: Some(plus(300)) });
     }
