@@ -203,11 +203,36 @@ pub struct AgentIdentityStatus {
     #[serde(default)]
     pub active_grants: i32,
 
-    /// Ready, Reconciling, Stalled, and warnings such as StandingPrivilegeDetected.
+    /// What the identity can reach through RBAC that yields more credentials; the details come
+    /// from `kubectl agentid exposure NAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposure: Option<ExposureSummary>,
+
+    /// Ready, Reconciling, Stalled, and warnings such as StandingPrivilegeDetected and
+    /// CredentialExposureDetected.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 
     /// The generation the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Counts of what an identity (its base ServiceAccount and its active grants) can reach that
+/// yields a credential it was not granted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposureSummary {
+    /// Readable long-lived `kubernetes.io/service-account-token` Secrets.
+    pub legacy_tokens: i32,
+    /// Readable Secrets of any type, legacy tokens and other agents' credentials included.
+    pub secrets: i32,
+    /// Ways to mint ServiceAccount tokens (`serviceaccounts/token`, or creating and reading
+    /// token Secrets).
+    pub token_minting: i32,
+    /// Namespaces where it can create pods or exec into them while more powerful
+    /// ServiceAccounts live there.
+    pub pods: i32,
+    /// Impersonation rights.
+    pub impersonation: i32,
 }

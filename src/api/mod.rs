@@ -18,7 +18,8 @@ pub use grant::{
     AccessGrant, AccessGrantSpec, AccessGrantStatus, ApprovalRecord, GrantPhase, KubernetesAccess, KubernetesRule,
 };
 pub use identity::{
-    AgentIdentity, AgentIdentitySpec, AgentIdentityStatus, ApprovalPolicy, Approvers, ProtectedResource,
+    AgentIdentity, AgentIdentitySpec, AgentIdentityStatus, ApprovalPolicy, Approvers, ExposureSummary,
+    ProtectedResource,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -1,6 +1,6 @@
 //! `kubectl agentid`: review and decide grants from the terminal.
 //!
-//! `pending`, `approve`, `deny`, `explain`, `inventory`. Approve and deny fill in the grant's UID and the
+//! `pending`, `approve`, `deny`, `explain`, `inventory`, `exposure`. Approve and deny fill in the grant's UID and the
 //! caller's user name (asked of the apiserver), so the Approval passes admission as the caller.
 
 pub mod render;
@@ -18,7 +18,15 @@ use kube::{
 };
 use serde::Serialize;
 
-use crate::api::{AccessGrant, AgentIdentity, Approval, ApprovalSpec, Decision};
+use k8s_openapi::api::{
+    core::v1::Secret,
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
+
+use crate::{
+    api::{AccessGrant, AgentIdentity, Approval, ApprovalSpec, Decision, GrantPhase},
+    policy::exposure,
+};
 
 /// Review and decide agentid AccessGrants.
 #[derive(Parser, Debug)]
@@ -75,6 +83,16 @@ enum Command {
         /// In every namespace.
         #[arg(short = 'A', long)]
         all_namespaces: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// What an identity can reach through RBAC that yields credentials it was not granted:
+    /// Secrets (legacy ServiceAccount tokens first), token minting, pods as more powerful
+    /// ServiceAccounts, impersonation. Needs read access to RBAC objects and Secret metadata.
+    Exposure {
+        /// The AgentIdentity's name.
+        identity: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -158,6 +176,57 @@ async fn decide(client: &Client, ns: &str, grant_name: &str, decision: Decision,
     }
 }
 
+async fn list_all<K>(client: &Client, what: &str) -> anyhow::Result<Vec<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing {what} (exposure needs to read every {what})"))?
+        .items)
+}
+
+async fn exposure(client: &Client, ns: &str, name: &str) -> anyhow::Result<render::ExposureReport> {
+    let identity = Api::<AgentIdentity>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .with_context(|| format!("reading AgentIdentity {name} in {ns}"))?;
+    let active: Vec<AccessGrant> = Api::<AccessGrant>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .context("listing AccessGrants")?
+        .items
+        .into_iter()
+        .filter(|g| g.spec.identity == identity.name_any())
+        .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active))
+        .collect();
+    let roles: Vec<Role> = list_all(client, "Roles").await?;
+    let cluster_roles: Vec<ClusterRole> = list_all(client, "ClusterRoles").await?;
+    let role_bindings: Vec<RoleBinding> = list_all(client, "RoleBindings").await?;
+    let cluster_role_bindings: Vec<ClusterRoleBinding> = list_all(client, "ClusterRoleBindings").await?;
+    let secrets: Vec<_> = Api::<Secret>::all(client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .context("listing Secret metadata (exposure reads names and annotations, never data)")?
+        .items
+        .into_iter()
+        .map(|s| s.metadata)
+        .collect();
+    let rbac = exposure::Rbac {
+        roles: &roles,
+        cluster_roles: &cluster_roles,
+        role_bindings: &role_bindings,
+        cluster_role_bindings: &cluster_role_bindings,
+    };
+    let principals = exposure::principals(ns, name, &active);
+    Ok(render::ExposureReport {
+        namespace: ns.into(),
+        identity: name.into(),
+        findings: exposure::exposure(ns, name, &principals, &rbac, &secrets),
+    })
+}
+
 /// Runs the plugin.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = client(&cli.global).await?;
@@ -190,6 +259,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Table => print!("{}", render::inventory_table(&entries)),
                 other => print_structured(&entries, other)?,
+            }
+        }
+        Command::Exposure { identity, output } => {
+            let report = exposure(&client, &ns, &identity).await?;
+            match output {
+                Output::Table => print!("{}", render::exposure_table(&report)),
+                other => print_structured(&report, other)?,
             }
         }
         Command::Approve { grant, reason } => decide(&client, &ns, &grant, Decision::Approve, reason).await?,

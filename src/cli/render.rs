@@ -6,8 +6,8 @@ use serde::Serialize;
 
 pub use crate::policy::desired::rule_in_words;
 use crate::{
-    api::{AccessGrant, AgentIdentity},
-    policy::{approval, decide},
+    api::{AccessGrant, AgentIdentity, ExposureSummary},
+    policy::{approval, decide, exposure::Exposed},
 };
 
 /// One line of `kubectl agentid pending`.
@@ -335,6 +335,12 @@ pub struct InventoryEntry {
     pub last_issued_at: Option<String>,
     /// Standing privilege found outside agentid (the condition's message), if any.
     pub standing_privilege: Option<String>,
+    /// What it can reach that yields credentials (None: not analysed yet).
+    pub exposure: Option<ExposureSummary>,
+}
+
+fn exposure_total(e: &ExposureSummary) -> i32 {
+    e.secrets + e.token_minting + e.pods + e.impersonation
 }
 
 /// The inventory: every identity with what it holds now, sorted by namespace and name.
@@ -382,6 +388,7 @@ pub fn inventory(identities: &[AgentIdentity], grants: &[AccessGrant]) -> Vec<In
                 active_grants,
                 last_issued_at,
                 standing_privilege,
+                exposure: id.status.as_ref().and_then(|s| s.exposure.clone()),
             }
         })
         .collect();
@@ -394,8 +401,17 @@ pub fn inventory_table(entries: &[InventoryEntry]) -> String {
     if entries.is_empty() {
         return "No AgentIdentities.\n".into();
     }
-    let header =
-        ["NAMESPACE", "IDENTITY", "OWNER", "SUSPENDED", "RETIRE-AT", "ACTIVE", "LAST-ISSUED", "STANDING-PRIVILEGE"];
+    let header = [
+        "NAMESPACE",
+        "IDENTITY",
+        "OWNER",
+        "SUSPENDED",
+        "RETIRE-AT",
+        "ACTIVE",
+        "LAST-ISSUED",
+        "STANDING-PRIVILEGE",
+        "EXPOSURE",
+    ];
     let rows: Vec<Vec<String>> = entries
         .iter()
         .map(|e| {
@@ -408,11 +424,13 @@ pub fn inventory_table(entries: &[InventoryEntry]) -> String {
                 e.active_grants.len().to_string(),
                 e.last_issued_at.clone().unwrap_or_else(|| "-".into()),
                 if e.standing_privilege.is_some() { "DETECTED".into() } else { "none".into() },
+                e.exposure.as_ref().map_or_else(|| "-".into(), |x| exposure_total(x).to_string()),
             ]
         })
         .collect();
     let mut out = table(&header, &rows);
-    for e in entries.iter().filter(|e| !e.active_grants.is_empty() || e.standing_privilege.is_some()) {
+    let exposed = |e: &InventoryEntry| e.exposure.as_ref().is_some_and(|x| exposure_total(x) > 0);
+    for e in entries.iter().filter(|e| !e.active_grants.is_empty() || e.standing_privilege.is_some() || exposed(e)) {
         out.push_str(&format!("\n{}/{} — {}\n", e.namespace, e.name, e.purpose));
         for g in &e.active_grants {
             let approved = if g.approved_by.is_empty() {
@@ -425,8 +443,42 @@ pub fn inventory_table(entries: &[InventoryEntry]) -> String {
         if let Some(drift) = &e.standing_privilege {
             out.push_str(&format!("  standing privilege: {drift}\n"));
         }
+        if let Some(x) = e.exposure.as_ref().filter(|x| exposure_total(x) > 0) {
+            out.push_str(&format!(
+                "  exposure: {} readable Secret(s) ({} legacy token(s)), {} way(s) to mint tokens, {} namespace(s) to run pods as others, {} impersonation right(s); see kubectl agentid exposure {}\n",
+                x.secrets, x.legacy_tokens, x.token_minting, x.pods, x.impersonation, e.name
+            ));
+        }
     }
     out
+}
+
+/// `kubectl agentid exposure NAME -o json|yaml`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposureReport {
+    /// The identity's namespace.
+    pub namespace: String,
+    /// The identity.
+    pub identity: String,
+    /// Every way it can obtain a credential it was not granted.
+    pub findings: Vec<Exposed>,
+}
+
+/// The exposure report as text: one line per finding.
+pub fn exposure_table(report: &ExposureReport) -> String {
+    if report.findings.is_empty() {
+        return format!(
+            "{}/{}: its ServiceAccounts can reach no Secret, token or more powerful ServiceAccount.\n",
+            report.namespace, report.identity
+        );
+    }
+    let rows: Vec<Vec<String>> = report
+        .findings
+        .iter()
+        .map(|f| vec![format!("{:?}", f.kind), f.via.clone(), f.namespace.clone(), f.target.clone(), f.detail.clone()])
+        .collect();
+    table(&["KIND", "VIA", "NAMESPACE", "TARGET", "DETAIL"], &rows)
 }
 
 #[cfg(test)]
@@ -435,7 +487,7 @@ mod inventory_tests {
 
     use super::*;
     use crate::{
-        api::{AccessGrantStatus, ApprovalRecord, GrantPhase},
+        api::{AccessGrantStatus, AgentIdentityStatus, ApprovalRecord, GrantPhase},
         policy::testing::{grant, identity, rule},
     };
 
@@ -444,7 +496,11 @@ mod inventory_tests {
     }
 
     fn scenario() -> (Vec<AgentIdentity>, Vec<AccessGrant>) {
-        let fixer = identity("fixer", &["staging"]);
+        let mut fixer = identity("fixer", &["staging"]);
+        fixer.status = Some(AgentIdentityStatus {
+            exposure: Some(ExposureSummary { legacy_tokens: 1, secrets: 2, ..Default::default() }),
+            ..Default::default()
+        });
         let mut idle = identity("idle", &["staging"]);
         idle.spec.suspended = true;
         let mut read = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
@@ -476,13 +532,14 @@ mod inventory_tests {
         let (identities, grants) = scenario();
         let text = inventory_table(&inventory(&identities, &grants));
         let expected = "\
-NAMESPACE   IDENTITY   OWNER           SUSPENDED   RETIRE-AT   ACTIVE   LAST-ISSUED            STANDING-PRIVILEGE
-agents      fixer      platform-team   false       -           2        2026-11-25T12:05:00Z   none
-agents      idle       platform-team   true        -           0        -                      none
+NAMESPACE   IDENTITY   OWNER           SUSPENDED   RETIRE-AT   ACTIVE   LAST-ISSUED            STANDING-PRIVILEGE   EXPOSURE
+agents      fixer      platform-team   false       -           2        2026-11-25T12:05:00Z   none                 2
+agents      idle       platform-team   true        -           0        -                      none                 -
 
 agents/fixer — tests
   grant read until 2026-11-25T12:15:00Z (routine): get every pods object in namespace staging
   grant rm until 2026-11-25T12:20:00Z (approved by alice): delete every persistentvolumeclaims object in namespace staging
+  exposure: 2 readable Secret(s) (1 legacy token(s)), 0 way(s) to mint tokens, 0 namespace(s) to run pods as others, 0 impersonation right(s); see kubectl agentid exposure fixer
 ";
         assert_eq!(text, expected);
     }
@@ -496,6 +553,7 @@ agents/fixer — tests
             serde_json::json!({
                 "namespace": "agents", "name": "fixer", "owner": "platform-team", "purpose": "tests",
                 "retireAt": null, "suspended": false, "lastIssuedAt": "2026-11-25T12:05:00Z", "standingPrivilege": null,
+                "exposure": {"legacyTokens": 1, "secrets": 2, "tokenMinting": 0, "pods": 0, "impersonation": 0},
                 "activeGrants": [
                     {"name": "read", "scope": "get every pods object in namespace staging", "expiresAt": "2026-11-25T12:15:00Z", "approvedBy": []},
                     {"name": "rm", "scope": "delete every persistentvolumeclaims object in namespace staging", "expiresAt": "2026-11-25T12:20:00Z", "approvedBy": ["alice"]}
@@ -504,5 +562,6 @@ agents/fixer — tests
         );
         assert_eq!(json[1]["name"], "idle");
         assert_eq!(json[1]["suspended"], true);
+        assert_eq!(json[1]["exposure"], serde_json::Value::Null);
     }
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
-    rbac::v1::{ClusterRoleBinding, Role, RoleBinding, Subject},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding, Subject},
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, ResourceExt,
     api::ListParams,
@@ -18,11 +19,11 @@ use tracing::{info, instrument, warn};
 use super::{Context, Error, apply_status, grant, kube_err, reconcile_with_finalizer, requeue_at};
 use crate::credentials::server_side_apply;
 use crate::{
-    api::{AccessGrant, AgentIdentity, AgentIdentityStatus, GrantPhase},
+    api::{AccessGrant, AgentIdentity, AgentIdentityStatus, ExposureSummary, GrantPhase},
     policy::{
         ceiling,
         conditions::{Desired, Summary, set, set_summary},
-        desired, drift, names,
+        desired, drift, exposure, names,
     },
 };
 
@@ -97,17 +98,19 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     server_side_apply::<RoleBinding>(&ctx.client, &desired::identity_requester_binding(identity)).await?;
 
     let name = identity.name_any();
-    let active = grants_of(identity, ctx)
+    let active: Vec<AccessGrant> = grants_of(identity, ctx)
         .await?
-        .iter()
+        .into_iter()
         .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active))
-        .count();
+        .collect();
+    let bindings = Bindings::list(ctx).await?;
 
     let old = identity.status.clone().unwrap_or_default();
     let mut status = AgentIdentityStatus {
         service_account_name: Some(names::identity_service_account(&name)),
         credentials_secret: Some(names::identity_credentials_secret(&name)),
-        active_grants: i32::try_from(active).unwrap_or(i32::MAX),
+        active_grants: count(active.len()),
+        exposure: old.exposure.clone(),
         conditions: old.conditions.clone(),
         observed_generation: identity.metadata.generation,
     };
@@ -116,20 +119,38 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
         Ok(()) => (
             "Ready",
             format!(
-                "base ServiceAccount {} holds no privilege; {active} active grant(s)",
-                names::identity_service_account(&name)
+                "base ServiceAccount {} holds no privilege; {} active grant(s)",
+                names::identity_service_account(&name),
+                active.len()
             ),
         ),
         Err(v) => (v.reason(), format!("{v}: every grant is revoked and none is issued")),
     };
     set_summary(&mut status.conditions, Summary::Ready, reason, message.clone(), generation, now);
-    let findings = standing_privilege(identity, ctx).await?;
+    let findings = standing_privilege(identity, ctx, &bindings).await?;
     set(&mut status.conditions, drift_condition(&findings), generation, now);
     let was_drifting = old.conditions.iter().any(|c| c.type_ == STANDING_PRIVILEGE && c.status == "True");
     if !findings.is_empty() && (!was_drifting || status != old) {
         ctx.metrics.standing_privilege_detections.inc_by(findings.len() as u64);
         let text: Vec<String> = findings.iter().map(ToString::to_string).collect();
         ctx.event(identity, EventType::Warning, STANDING_PRIVILEGE, text.join("; ")).await;
+    }
+    let exposed = credential_exposure(identity, ctx, &active, &bindings);
+    if let Some(exposed) = &exposed {
+        let c = exposure::counts(exposed);
+        status.exposure = Some(ExposureSummary {
+            legacy_tokens: count(c.legacy_tokens),
+            secrets: count(c.secrets),
+            token_minting: count(c.token_minting),
+            pods: count(c.pods),
+            impersonation: count(c.impersonation),
+        });
+        let desired = exposure_condition(exposed, &name);
+        let was = old.conditions.iter().find(|c| c.type_ == EXPOSURE).map(|c| (c.status.as_str(), c.message.as_str()));
+        if desired.status && was != Some(("True", desired.message.as_str())) {
+            ctx.event(identity, EventType::Warning, EXPOSURE, desired.message.clone()).await;
+        }
+        set(&mut status.conditions, desired, generation, now);
     }
     if status != old {
         apply_status(&ctx.client, identity, &status).await?;
@@ -143,7 +164,10 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     // to this identity by the watch).
     let retire_at = identity.spec.retire_at.as_ref().map(|t| t.0).filter(|t| *t > now);
     let drift_recheck = (!findings.is_empty()).then(|| now + jiff::SignedDuration::from_secs(60));
-    let next = [retire_at, drift_recheck].into_iter().flatten().min();
+    // Exposure also changes with Roles and Secrets, which do not trigger a reconcile: look again
+    // every five minutes, or soon while the caches are still filling.
+    let exposure_recheck = now + jiff::SignedDuration::from_secs(if exposed.is_some() { 300 } else { 5 });
+    let next = [retire_at, drift_recheck, Some(exposure_recheck)].into_iter().flatten().min();
     Ok(requeue_at(next, now))
 }
 
@@ -168,20 +192,90 @@ fn drift_condition(findings: &[drift::Finding]) -> Desired<'static> {
     Desired { type_: STANDING_PRIVILEGE, status: true, reason: "BindingsFound", message }
 }
 
-/// Bindings not made by agentid that reach the identity; with `spec.enforce`, each such subject is
-/// taken out of its binding first, and only what could not be removed is reported.
-async fn standing_privilege(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<drift::Finding>, Error> {
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Every RoleBinding and ClusterRoleBinding, read fresh: a binding that was just made must be
+/// seen by the reconcile it triggered.
+struct Bindings {
+    role_bindings: Vec<RoleBinding>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+}
+
+impl Bindings {
+    async fn list(ctx: &Context) -> Result<Self, Error> {
+        let lp = ListParams::default();
+        let role_bindings = Api::<RoleBinding>::all(ctx.client.clone())
+            .list(&lp)
+            .await
+            .map_err(kube_err("listing RoleBindings"))?
+            .items;
+        let cluster_role_bindings = Api::<ClusterRoleBinding>::all(ctx.client.clone())
+            .list(&lp)
+            .await
+            .map_err(kube_err("listing ClusterRoleBindings"))?
+            .items;
+        Ok(Self { role_bindings, cluster_role_bindings })
+    }
+}
+
+/// The condition that reports credential exposure.
+pub const EXPOSURE: &str = "CredentialExposureDetected";
+
+/// What the identity's base ServiceAccount and active grants can reach that yields credentials;
+/// None while the caches are still filling.
+fn credential_exposure(
+    identity: &AgentIdentity,
+    ctx: &Context,
+    active: &[AccessGrant],
+    bindings: &Bindings,
+) -> Option<Vec<exposure::Exposed>> {
+    let view = ctx.view.as_ref().filter(|v| v.ready())?;
     let ns = identity.namespace().unwrap_or_default();
     let name = identity.name_any();
-    let lp = ListParams::default();
-    let role_bindings =
-        Api::<RoleBinding>::all(ctx.client.clone()).list(&lp).await.map_err(kube_err("listing RoleBindings"))?.items;
-    let cluster_role_bindings = Api::<ClusterRoleBinding>::all(ctx.client.clone())
-        .list(&lp)
-        .await
-        .map_err(kube_err("listing ClusterRoleBindings"))?
-        .items;
-    let findings = drift::standing_privileges(&ns, &name, &role_bindings, &cluster_role_bindings);
+    let principals = exposure::principals(&ns, &name, active);
+    let roles: Vec<Role> = view.roles.state().iter().map(|r| (**r).clone()).collect();
+    let cluster_roles: Vec<ClusterRole> = view.cluster_roles.state().iter().map(|r| (**r).clone()).collect();
+    let secrets: Vec<ObjectMeta> = view.secrets.state().iter().map(|s| s.metadata.clone()).collect();
+    let rbac = exposure::Rbac {
+        roles: &roles,
+        cluster_roles: &cluster_roles,
+        role_bindings: &bindings.role_bindings,
+        cluster_role_bindings: &bindings.cluster_role_bindings,
+    };
+    Some(exposure::exposure(&ns, &name, &principals, &rbac, &secrets))
+}
+
+fn exposure_condition(found: &[exposure::Exposed], identity: &str) -> Desired<'static> {
+    if found.is_empty() {
+        return Desired {
+            type_: EXPOSURE,
+            status: false,
+            reason: "None",
+            message: "its ServiceAccounts can reach no Secret, token or more powerful ServiceAccount".into(),
+        };
+    }
+    let shown: Vec<String> = found.iter().take(3).map(|f| format!("{} ({})", f.detail, f.via)).collect();
+    let more = found.len().saturating_sub(shown.len());
+    let mut message = shown.join("; ");
+    if more > 0 {
+        message.push_str(&format!("; and {more} more"));
+    }
+    message.push_str(&format!("; see kubectl agentid exposure {identity}"));
+    Desired { type_: EXPOSURE, status: true, reason: "CredentialsReachable", message }
+}
+
+/// Bindings not made by agentid that reach the identity; with `spec.enforce`, each such subject is
+/// taken out of its binding first, and only what could not be removed is reported.
+async fn standing_privilege(
+    identity: &AgentIdentity,
+    ctx: &Context,
+    bindings: &Bindings,
+) -> Result<Vec<drift::Finding>, Error> {
+    let ns = identity.namespace().unwrap_or_default();
+    let name = identity.name_any();
+    let findings = drift::standing_privileges(&ns, &name, &bindings.role_bindings, &bindings.cluster_role_bindings);
     if !identity.spec.enforce || findings.is_empty() {
         return Ok(findings);
     }

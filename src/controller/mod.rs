@@ -1,6 +1,7 @@
 //! The operator: one reconciler per kind. Each observes, asks `policy` what to do, applies it
 //! with server-side apply under one field manager, and writes status conditions.
 
+mod cache;
 mod grant;
 mod identity;
 mod startup;
@@ -114,6 +115,8 @@ pub struct Context {
     /// Whether agentid's admission webhook is registered: only then are the requester and
     /// approver records on grants and Approvals trustworthy, so only then do Approvals count.
     pub(crate) admission_registered: bool,
+    /// Roles, ClusterRoles and Secret metadata, for exposure analysis (None: not analysed).
+    pub(crate) view: Option<cache::ClusterView>,
     recorder: Recorder,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -135,6 +138,7 @@ impl Context {
             metrics,
             protected,
             admission_registered: true,
+            view: None,
             failures: Mutex::default(),
         }
     }
@@ -245,6 +249,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut context = Context::new(client.clone(), settings.access, settings.protected, metrics.clone());
     context.admission_registered = settings.webhook.endpoint.is_some();
+    context.view = Some(cache::ClusterView::start(&client));
     let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
 

@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod decide;
 pub mod desired;
 pub mod drift;
+pub mod exposure;
 pub mod names;
 
 #[cfg(test)]

@@ -370,17 +370,6 @@ async fn an_agent_asking_for_exec_or_secrets_waits_too_and_only_for_itself() -> 
     st.cleanup().await
 }
 
-/// Runs `kubectl agentid` as `user`; returns (success, stdout, stderr).
-fn plugin(user: &str, ns: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-agentid"))
-        .arg("--kubeconfig")
-        .arg(cluster().kubeconfig(user))
-        .args(["-n", ns])
-        .args(args)
-        .output()?;
-    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
-}
-
 #[tokio::test]
 async fn kubectl_agentid_lists_explains_approves_and_denies() -> anyhow::Result<()> {
     let st = stage("plugin", 1).await?;

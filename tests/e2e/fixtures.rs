@@ -294,3 +294,14 @@ pub fn approval(
         },
     )
 }
+
+/// Runs `kubectl agentid` as `user`; returns (success, stdout, stderr).
+pub fn plugin(user: &str, ns: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-agentid"))
+        .arg("--kubeconfig")
+        .arg(crate::harness::cluster().kubeconfig(user))
+        .args(["-n", ns])
+        .args(args)
+        .output()?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}

@@ -7,6 +7,7 @@ mod audit;
 mod crash;
 mod crds;
 mod drift;
+mod exposure;
 mod fixtures;
 mod harness;
 mod injection;

@@ -1,0 +1,571 @@
+//! Exposure: what an identity can reach, through RBAC, that yields more credentials than its
+//! grants say — Secrets it can read (above all long-lived ServiceAccount tokens and other agents'
+//! credentials), tokens it can mint, pods it can start or exec into as a more powerful
+//! ServiceAccount, users it can impersonate.
+//!
+//! Computed from the RBAC objects the way the RBAC authorizer reads them (verbs, API groups,
+//! resources with `*` and `*/subresource`, resourceNames; RoleBindings to Roles or ClusterRoles;
+//! ClusterRoleBindings; ServiceAccount, user and group subjects). Aggregated ClusterRoles carry
+//! their aggregated rules in `rules`, filled in by the controller-manager, so they need no special
+//! case.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::ResourceExt;
+use serde::Serialize;
+
+use super::names;
+
+/// The annotation the token controller keys legacy `kubernetes.io/service-account-token` Secrets
+/// on. The API requires it on that type, and it is in metadata, so no Secret data is ever read.
+pub const LEGACY_TOKEN_ANNOTATION: &str = "kubernetes.io/service-account.name";
+
+/// A ServiceAccount whose rights are examined: the identity's base ServiceAccount or a grant's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// How it is named to people: `base ServiceAccount` or `grant NAME`.
+    pub via: String,
+}
+
+impl Principal {
+    fn reached_by(&self, subject: &Subject) -> bool {
+        match subject.kind.as_str() {
+            "ServiceAccount" => {
+                subject.name == self.name && subject.namespace.as_deref() == Some(self.namespace.as_str())
+            }
+            "User" => subject.name == format!("system:serviceaccount:{}:{}", self.namespace, self.name),
+            "Group" => {
+                subject.name == "system:serviceaccounts"
+                    || subject.name == "system:authenticated"
+                    || subject.name == format!("system:serviceaccounts:{}", self.namespace)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The ServiceAccounts an identity acts as: its base ServiceAccount and the ServiceAccount of
+/// each of `grants` (its active grants).
+pub fn principals(ns: &str, identity: &str, grants: &[crate::api::AccessGrant]) -> Vec<Principal> {
+    let base = Principal {
+        namespace: ns.into(),
+        name: names::identity_service_account(identity),
+        via: "base ServiceAccount".into(),
+    };
+    let grant_sas = grants.iter().filter_map(|g| {
+        let name = g.status.as_ref().and_then(|s| s.service_account_name.clone())?;
+        Some(Principal { namespace: ns.into(), name, via: format!("grant {}", g.name_any()) })
+    });
+    std::iter::once(base).chain(grant_sas).collect()
+}
+
+/// The RBAC objects of the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Rbac<'a> {
+    /// Roles.
+    pub roles: &'a [Role],
+    /// ClusterRoles.
+    pub cluster_roles: &'a [ClusterRole],
+    /// RoleBindings.
+    pub role_bindings: &'a [RoleBinding],
+    /// ClusterRoleBindings.
+    pub cluster_role_bindings: &'a [ClusterRoleBinding],
+}
+
+/// Where a rule holds: one namespace, or every namespace (a ClusterRoleBinding).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    Namespace(String),
+    Cluster,
+}
+
+impl Scope {
+    fn covers(&self, ns: &str) -> bool {
+        match self {
+            Scope::Cluster => true,
+            Scope::Namespace(n) => n == ns,
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Scope::Cluster => "*".into(),
+            Scope::Namespace(n) => n.clone(),
+        }
+    }
+}
+
+impl<'a> Rbac<'a> {
+    /// Every rule that applies to `p`, with where it applies.
+    fn rules_of(&self, p: &Principal) -> Vec<(Scope, &'a PolicyRule)> {
+        let cluster_role = |name: &str| self.cluster_roles.iter().find(|r| r.name_any() == name);
+        let mut out = Vec::new();
+        for b in self.cluster_role_bindings.iter().filter(|b| b.subjects.iter().flatten().any(|s| p.reached_by(s))) {
+            if b.role_ref.kind == "ClusterRole"
+                && let Some(role) = cluster_role(&b.role_ref.name)
+            {
+                out.extend(role.rules.iter().flatten().map(|r| (Scope::Cluster, r)));
+            }
+        }
+        for b in self.role_bindings.iter().filter(|b| b.subjects.iter().flatten().any(|s| p.reached_by(s))) {
+            let ns = b.namespace().unwrap_or_default();
+            let rules = match b.role_ref.kind.as_str() {
+                "ClusterRole" => cluster_role(&b.role_ref.name).and_then(|r| r.rules.as_ref()),
+                "Role" => self
+                    .roles
+                    .iter()
+                    .find(|r| r.namespace().as_deref() == Some(ns.as_str()) && r.name_any() == b.role_ref.name)
+                    .and_then(|r| r.rules.as_ref()),
+                _ => None,
+            };
+            out.extend(rules.into_iter().flatten().map(|r| (Scope::Namespace(ns.clone()), r)));
+        }
+        out
+    }
+}
+
+fn resource_matches(rule: &PolicyRule, resource: &str) -> bool {
+    let sub = resource.split_once('/').map(|(_, s)| s);
+    rule.resources.iter().flatten().any(|r| r == "*" || r == resource || sub.is_some_and(|s| *r == format!("*/{s}")))
+}
+
+fn rule_allows(rule: &PolicyRule, verb: &str, group: &str, resource: &str) -> bool {
+    rule.verbs.iter().any(|v| v == "*" || v == verb)
+        && rule.api_groups.iter().flatten().any(|g| g == "*" || g == group)
+        && resource_matches(rule, resource)
+}
+
+/// What a set of rules allows for one verb on one resource: everything (no resourceNames), some
+/// names, or nothing — per scope.
+fn reach(rules: &[(Scope, &PolicyRule)], verbs: &[&str], group: &str, resource: &str) -> BTreeMap<Scope, Names> {
+    let mut out: BTreeMap<Scope, Names> = BTreeMap::new();
+    for (scope, rule) in rules {
+        if !verbs.iter().any(|v| rule_allows(rule, v, group, resource)) {
+            continue;
+        }
+        let names = match rule.resource_names.as_deref() {
+            None | Some([]) => Names::All,
+            Some(list) => Names::Some(list.iter().cloned().collect()),
+        };
+        let entry = out.entry(scope.clone()).or_insert(Names::Some(BTreeSet::new()));
+        *entry = entry.clone().union(names);
+    }
+    out
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Names {
+    All,
+    Some(BTreeSet<String>),
+}
+
+impl Names {
+    fn union(self, other: Names) -> Names {
+        match (self, other) {
+            (Names::All, _) | (_, Names::All) => Names::All,
+            (Names::Some(mut a), Names::Some(b)) => {
+                a.extend(b);
+                Names::Some(a)
+            }
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Names::All => true,
+            Names::Some(set) => set.contains(name),
+        }
+    }
+
+    fn shown(&self, all: &str) -> String {
+        match self {
+            Names::All => all.into(),
+            Names::Some(set) => set.iter().cloned().collect::<Vec<_>>().join(", "),
+        }
+    }
+}
+
+fn allowed_in(reach: &BTreeMap<Scope, Names>, ns: &str, name: &str) -> bool {
+    reach.iter().any(|(scope, names)| scope.covers(ns) && names.contains(name))
+}
+
+/// Kinds of exposure, most direct first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    /// A long-lived `kubernetes.io/service-account-token` Secret it can read: a credential that
+    /// never expires.
+    LegacyToken,
+    /// Another identity's or grant's agentid credentials Secret.
+    AgentCredentials,
+    /// Any other Secret it can read.
+    Secret,
+    /// It can create `serviceaccounts/token`: mint a token for ServiceAccounts of a namespace.
+    TokenRequest,
+    /// It can create and read Secrets: the token controller fills a new
+    /// `kubernetes.io/service-account-token` Secret for any ServiceAccount named in it.
+    LegacyTokenMint,
+    /// It can create pods, or exec/attach into them, where ServiceAccounts that hold rights live.
+    PodAsServiceAccount,
+    /// It can impersonate users, groups or ServiceAccounts.
+    Impersonation,
+}
+
+/// One way an identity can obtain a credential it was not granted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Exposed {
+    /// What kind of exposure.
+    pub kind: Kind,
+    /// The namespace (`*`: every namespace).
+    pub namespace: String,
+    /// What is reached: a Secret's name, ServiceAccount names, or `*`.
+    pub target: String,
+    /// Which of the identity's ServiceAccounts has the right: `base ServiceAccount` or `grant NAME`.
+    pub via: String,
+    /// In words.
+    pub detail: String,
+}
+
+/// Counts per kind, for the identity's status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Readable long-lived ServiceAccount token Secrets.
+    pub legacy_tokens: usize,
+    /// Readable Secrets of every kind (legacy tokens and other agents' credentials included).
+    pub secrets: usize,
+    /// Ways to mint tokens (TokenRequest or legacy token Secrets).
+    pub token_minting: usize,
+    /// Namespaces where pods could run as a more powerful ServiceAccount.
+    pub pods: usize,
+    /// Impersonation rights.
+    pub impersonation: usize,
+}
+
+/// Counts `findings` per kind.
+pub fn counts(findings: &[Exposed]) -> Counts {
+    let n = |kinds: &[Kind]| findings.iter().filter(|f| kinds.contains(&f.kind)).count();
+    Counts {
+        legacy_tokens: n(&[Kind::LegacyToken]),
+        secrets: n(&[Kind::LegacyToken, Kind::AgentCredentials, Kind::Secret]),
+        token_minting: n(&[Kind::TokenRequest, Kind::LegacyTokenMint]),
+        pods: n(&[Kind::PodAsServiceAccount]),
+        impersonation: n(&[Kind::Impersonation]),
+    }
+}
+
+/// ServiceAccounts, per namespace, that hold some right through a binding agentid did not make
+/// (agentid's own ServiceAccounts are left out: admission keeps pods from running as them).
+fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<String>> {
+    let agentid_made = |labels: &BTreeMap<String, String>| {
+        labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
+    };
+    let subjects = rbac
+        .role_bindings
+        .iter()
+        .filter(|b| !agentid_made(b.labels()))
+        .flat_map(|b| b.subjects.iter().flatten())
+        .chain(
+            rbac.cluster_role_bindings
+                .iter()
+                .filter(|b| !agentid_made(b.labels()))
+                .flat_map(|b| b.subjects.iter().flatten()),
+        );
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in subjects.filter(|s| s.kind == "ServiceAccount" && !s.name.starts_with("agentid-")) {
+        if let Some(ns) = &s.namespace {
+            out.entry(ns.clone()).or_default().insert(s.name.clone());
+        }
+    }
+    out
+}
+
+/// Whether a Secret is the identity's own: its credentials Secret or one of its grants' (agentid
+/// made it, in the identity's namespace, for this identity; never a ServiceAccount token).
+fn own_secret(meta: &ObjectMeta, ns: &str, identity: &str) -> bool {
+    let labels = meta.labels.clone().unwrap_or_default();
+    meta.namespace.as_deref() == Some(ns)
+        && labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
+        && labels.get(names::IDENTITY_LABEL).map(String::as_str) == Some(identity)
+        && !meta.annotations.iter().flatten().any(|(k, _)| k == LEGACY_TOKEN_ANNOTATION)
+}
+
+/// Everything the identity `identity` of namespace `ns` can reach through `principals` (its base
+/// ServiceAccount and its active grants' ServiceAccounts) that yields a credential, sorted.
+/// `secrets` is Secret metadata only.
+pub fn exposure(
+    ns: &str,
+    identity: &str,
+    principals: &[Principal],
+    rbac: &Rbac<'_>,
+    secrets: &[ObjectMeta],
+) -> Vec<Exposed> {
+    let powerful = powerful_service_accounts(rbac);
+    let mut out = BTreeSet::new();
+    for p in principals {
+        let rules = rbac.rules_of(p);
+        let finding = |kind, namespace: String, target: String, detail: String| Exposed {
+            kind,
+            namespace,
+            target,
+            via: p.via.clone(),
+            detail,
+        };
+
+        let read = reach(&rules, &["get", "list", "watch"], "", "secrets");
+        for meta in secrets {
+            let (secret_ns, name) = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+            if own_secret(meta, ns, identity) || !allowed_in(&read, &secret_ns, &name) {
+                continue;
+            }
+            let annotations = meta.annotations.clone().unwrap_or_default();
+            let labels = meta.labels.clone().unwrap_or_default();
+            let (kind, detail) = if let Some(sa) = annotations.get(LEGACY_TOKEN_ANNOTATION) {
+                (Kind::LegacyToken, format!("long-lived token of ServiceAccount {secret_ns}/{sa}"))
+            } else if labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY) {
+                let whose = labels.get(names::IDENTITY_LABEL).cloned().unwrap_or_default();
+                (Kind::AgentCredentials, format!("agentid credentials of identity {secret_ns}/{whose}"))
+            } else {
+                (Kind::Secret, "readable Secret".to_string())
+            };
+            out.insert(finding(kind, secret_ns, name, detail));
+        }
+
+        for (scope, names) in reach(&rules, &["create"], "", "serviceaccounts/token") {
+            let target = names.shown("*");
+            let detail = format!("can mint tokens for ServiceAccount(s) {target} of {}", scope.shown());
+            out.insert(finding(Kind::TokenRequest, scope.shown(), target, detail));
+        }
+
+        let create_secrets = reach(&rules, &["create"], "", "secrets");
+        for (scope, names) in &create_secrets {
+            if names != &Names::All {
+                continue;
+            }
+            let readable = read.iter().any(|(s, n)| (s == scope || *s == Scope::Cluster) && *n == Names::All);
+            if readable {
+                let detail = format!(
+                    "can create a kubernetes.io/service-account-token Secret in {} and read the token filled in",
+                    scope.shown()
+                );
+                out.insert(finding(Kind::LegacyTokenMint, scope.shown(), "*".into(), detail));
+            }
+        }
+
+        let pods = reach(&rules, &["create"], "", "pods");
+        let exec =
+            [reach(&rules, &["create", "get"], "", "pods/exec"), reach(&rules, &["create", "get"], "", "pods/attach")];
+        for (pod_ns, sas) in &powerful {
+            let can_create = pods.iter().any(|(s, _)| s.covers(pod_ns));
+            let can_exec = exec.iter().any(|r| r.iter().any(|(s, _)| s.covers(pod_ns)));
+            if !(can_create || can_exec) {
+                continue;
+            }
+            let how = match (can_create, can_exec) {
+                (true, true) => "create pods and exec into them",
+                (true, false) => "create pods",
+                _ => "exec into pods",
+            };
+            let target = sas.iter().cloned().collect::<Vec<_>>().join(", ");
+            let detail = format!("can {how} in {pod_ns}, where ServiceAccount(s) {target} hold rights");
+            out.insert(finding(Kind::PodAsServiceAccount, pod_ns.clone(), target, detail));
+        }
+
+        for resource in ["users", "groups", "serviceaccounts"] {
+            for (scope, names) in reach(&rules, &["impersonate"], "", resource) {
+                let target = format!("{resource}: {}", names.shown("*"));
+                let detail = format!("can impersonate {target} in {}", scope.shown());
+                out.insert(finding(Kind::Impersonation, scope.shown(), target, detail));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("object")
+    }
+
+    fn role(ns: &str, name: &str, rules: serde_json::Value) -> Role {
+        obj(json!({"metadata": {"name": name, "namespace": ns}, "rules": rules}))
+    }
+
+    fn cluster_role(name: &str, rules: serde_json::Value) -> ClusterRole {
+        obj(json!({"metadata": {"name": name}, "rules": rules}))
+    }
+
+    fn binding(ns: &str, name: &str, kind: &str, role: &str, subjects: serde_json::Value) -> RoleBinding {
+        obj(json!({
+            "metadata": {"name": name, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+            "subjects": subjects
+        }))
+    }
+
+    fn sa(ns: &str, name: &str) -> serde_json::Value {
+        json!({"kind": "ServiceAccount", "name": name, "namespace": ns})
+    }
+
+    fn secret(ns: &str, name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> ObjectMeta {
+        obj(json!({"name": name, "namespace": ns, "labels": labels, "annotations": annotations}))
+    }
+
+    fn base() -> Principal {
+        Principal { namespace: "agents".into(), name: "agentid-fixer".into(), via: "base ServiceAccount".into() }
+    }
+
+    fn grant() -> Principal {
+        Principal { namespace: "agents".into(), name: "agentid-grant-g-1234abcd".into(), via: "grant g".into() }
+    }
+
+    #[test]
+    fn a_grant_reading_secrets_reaches_legacy_tokens_and_other_agents_but_not_its_own() {
+        let roles = [role(
+            "prod",
+            "read-secrets",
+            json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]),
+        )];
+        let bindings =
+            [binding("prod", "g", "Role", "read-secrets", json!([sa("agents", "agentid-grant-g-1234abcd")]))];
+        let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
+        let secrets = [
+            secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db-admin"})),
+            secret("prod", "tls", json!({}), json!({})),
+            secret(
+                "prod",
+                "agentid-other",
+                json!({"app.kubernetes.io/managed-by": "agentid", "agentid.dev/identity": "other"}),
+                json!({}),
+            ),
+            secret(
+                "agents",
+                "agentid-fixer",
+                json!({"app.kubernetes.io/managed-by": "agentid", "agentid.dev/identity": "fixer"}),
+                json!({}),
+            ),
+            secret("staging", "elsewhere", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "x"})),
+        ];
+        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets);
+        let got: Vec<(Kind, &str, &str)> = found.iter().map(|f| (f.kind, f.target.as_str(), f.via.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::LegacyToken, "db-token", "grant g"),
+                (Kind::AgentCredentials, "agentid-other", "grant g"),
+                (Kind::Secret, "tls", "grant g"),
+            ]
+        );
+        assert_eq!(found[0].detail, "long-lived token of ServiceAccount prod/db-admin");
+        let c = counts(&found);
+        assert_eq!((c.legacy_tokens, c.secrets, c.token_minting, c.pods, c.impersonation), (1, 3, 0, 0, 0));
+    }
+
+    #[test]
+    fn resource_names_limit_what_is_readable() {
+        let roles = [role(
+            "prod",
+            "one",
+            json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tls"], "verbs": ["get"]}]),
+        )];
+        let bindings = [binding("prod", "b", "Role", "one", json!([sa("agents", "agentid-fixer")]))];
+        let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
+        let secrets = [
+            secret("prod", "tls", json!({}), json!({})),
+            secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"})),
+        ];
+        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].target, "tls");
+    }
+
+    #[test]
+    fn cluster_bindings_groups_wildcards_and_subresource_wildcards_count() {
+        let cluster_roles = [
+            cluster_role("everything", json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}])),
+            cluster_role("exec", json!([{"apiGroups": [""], "resources": ["*/exec"], "verbs": ["create"]}])),
+        ];
+        let crbs: [ClusterRoleBinding; 1] = [obj(json!({
+            "metadata": {"name": "oops"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "exec"},
+            "subjects": [{"kind": "Group", "name": "system:serviceaccounts:agents"}]
+        }))];
+        let bindings = [
+            binding(
+                "ci",
+                "admin",
+                "ClusterRole",
+                "everything",
+                json!([{"kind": "User", "name": "system:serviceaccount:agents:agentid-fixer"}]),
+            ),
+            binding("ci", "deployer", "ClusterRole", "everything", json!([sa("ci", "deployer")])),
+        ];
+        let rbac =
+            Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &crbs };
+        let found = exposure("agents", "fixer", &[base()], &rbac, &[]);
+        let kinds: Vec<(Kind, &str)> = found.iter().map(|f| (f.kind, f.namespace.as_str())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (Kind::TokenRequest, "ci"),
+                (Kind::LegacyTokenMint, "ci"),
+                (Kind::PodAsServiceAccount, "ci"),
+                (Kind::Impersonation, "ci"),
+                (Kind::Impersonation, "ci"),
+                (Kind::Impersonation, "ci"),
+            ]
+        );
+        let pods = &found[2];
+        assert_eq!(pods.target, "deployer");
+        assert_eq!(
+            pods.detail,
+            "can create pods and exec into them in ci, where ServiceAccount(s) deployer hold rights"
+        );
+    }
+
+    #[test]
+    fn exec_alone_counts_only_where_powerful_service_accounts_live() {
+        let cluster_roles =
+            [cluster_role("exec", json!([{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}]))];
+        let bindings = [
+            binding("quiet", "b", "ClusterRole", "exec", json!([sa("agents", "agentid-fixer")])),
+            binding("busy", "b", "ClusterRole", "exec", json!([sa("agents", "agentid-fixer")])),
+            binding("busy", "op", "ClusterRole", "exec", json!([sa("busy", "operator")])),
+        ];
+        let rbac =
+            Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
+        let found = exposure("agents", "fixer", &[base()], &rbac, &[]);
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].namespace.as_str(), found[0].target.as_str()), ("busy", "operator"));
+        assert_eq!(found[0].detail, "can exec into pods in busy, where ServiceAccount(s) operator hold rights");
+    }
+
+    #[test]
+    fn nothing_reached_means_no_findings() {
+        let roles = [role(
+            "prod",
+            "view",
+            json!([{"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get"]}]),
+        )];
+        // Bound to someone else, and to a same-named ServiceAccount in another namespace.
+        let bindings = [
+            binding("prod", "b", "Role", "view", json!([sa("prod", "agentid-fixer")])),
+            binding("prod", "c", "Role", "view", json!([{"kind": "User", "name": "alice"}])),
+        ];
+        let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
+        let secrets = [secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"}))];
+        assert!(exposure("agents", "fixer", &[base()], &rbac, &secrets).is_empty());
+    }
+}
