@@ -25,7 +25,7 @@ enum Command {
     },
     /// Run the operator and its admission webhook against the cluster of the current kubeconfig
     /// (or the in-cluster config).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args)]
@@ -57,6 +57,14 @@ struct RunArgs {
     /// and replicas and renewed a month before expiry [default: a new one each start].
     #[arg(long, env = "AGENTID_WEBHOOK_CERT_SECRET")]
     webhook_cert_secret: Option<String>,
+    /// Namespaces whose AgentIdentities this installation serves (comma-separated) [default: all].
+    /// Identities elsewhere are refused by admission and marked Stalled.
+    #[arg(long, env = "AGENTID_AGENT_NAMESPACES", value_delimiter = ',')]
+    agent_namespaces: Vec<String>,
+    /// Namespaces grants may act in (comma-separated) [default: all]. The chart confines the
+    /// operator's RBAC to these; identities may not allow any other namespace.
+    #[arg(long, env = "AGENTID_TARGET_NAMESPACES", value_delimiter = ',')]
+    target_namespaces: Vec<String>,
     /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
@@ -73,7 +81,7 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(0);
                 });
             }
-            tokio::runtime::Runtime::new()?.block_on(run(args))
+            tokio::runtime::Runtime::new()?.block_on(run(*args))
         }
     }
 }
@@ -147,7 +155,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "no CA for issued kubeconfigs: the current config trusts system roots; pass --api-server-ca-file"
     );
     let client = kube::Client::try_from(config)?;
+    let clean = |list: Vec<String>| -> Vec<String> {
+        list.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()
+    };
+    let installation = agentid::policy::install::Installation {
+        agent_namespaces: clean(args.agent_namespaces),
+        target_namespaces: clean(args.target_namespaces),
+    };
     let settings = agentid::controller::Settings {
+        installation: installation.clone(),
         metrics_addr: args.metrics_addr,
         access: agentid::policy::desired::ClusterAccess { server, ca_pem },
         protected,
@@ -164,6 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 })
                 .transpose()?,
             own_namespace: std::env::var("POD_NAMESPACE").ok(),
+            installation,
         },
     };
     agentid::controller::run(client, settings).await

@@ -27,7 +27,10 @@ use serde_json::Value;
 
 use crate::{
     api::{AccessGrant, AgentIdentity, Approval},
-    policy::approval::{self, APPROVER_GROUPS, Approver, REQUESTED_BY},
+    policy::{
+        approval::{self, APPROVER_GROUPS, Approver, REQUESTED_BY},
+        install::Installation,
+    },
 };
 
 /// Namespaces that no identity may open to agents: the pod webhook does not guard them.
@@ -52,6 +55,7 @@ pub fn newly_allowed(req: &AdmissionRequest<DynamicObject>) -> Result<Vec<String
 pub fn validate_identity(
     req: &AdmissionRequest<DynamicObject>,
     own_namespace: Option<&str>,
+    installation: &Installation,
     not_delegable: &[String],
 ) -> AdmissionResponse {
     let response = AdmissionResponse::from(req);
@@ -59,6 +63,17 @@ pub fn validate_identity(
         Ok(added) => added,
         Err(e) => return response.deny(e),
     };
+    // Outside the installation agentid has no rights. Only what is new is checked, so that an
+    // identity left outside by a narrower installation can still be narrowed, or deleted.
+    let home = req.namespace.as_deref().unwrap_or_default();
+    let home_checked = if req.operation == Operation::Create { home } else { "" };
+    let scope = Installation {
+        agent_namespaces: if home_checked.is_empty() { vec![] } else { installation.agent_namespaces.clone() },
+        target_namespaces: installation.target_namespaces.clone(),
+    };
+    if let Err(message) = scope.check_identity(home_checked, &added) {
+        return response.deny(message);
+    }
     let forbidden: Vec<&String> =
         added.iter().filter(|n| NEVER_DELEGATED.contains(&n.as_str()) || Some(n.as_str()) == own_namespace).collect();
     if !forbidden.is_empty() {

@@ -130,12 +130,10 @@ fn labelled_for_an_identity() -> LabelSelector {
     }
 }
 
+/// Only the name: the Helm chart creates these objects and owns their labels (Helm's
+/// `app.kubernetes.io/managed-by: Helm`); agentid fills in the webhooks.
 fn meta() -> ObjectMeta {
-    ObjectMeta {
-        name: Some(CONFIGURATION_NAME.into()),
-        labels: Some([(names::MANAGED_BY_LABEL.to_string(), names::MANAGED_BY.to_string())].into()),
-        ..Default::default()
-    }
+    ObjectMeta { name: Some(CONFIGURATION_NAME.into()), ..Default::default() }
 }
 
 /// The mutating configuration: record the requester and the approver's groups on CREATE, and

@@ -38,7 +38,7 @@ use super::{
 };
 use crate::{
     api::{AccessGrant, AgentIdentity},
-    policy::names,
+    policy::{install::Installation, names},
 };
 
 /// Why the webhook could not start.
@@ -62,6 +62,7 @@ pub enum Error {
 struct AppState {
     client: Client,
     own_namespace: Option<String>,
+    installation: Installation,
 }
 
 /// Asks the authorizer whether the requesting user may `verb` agentid's `resource` (named
@@ -191,7 +192,7 @@ async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Re
                     }
                 }
             }
-            super::validate_identity(&req, state.own_namespace.as_deref(), &refused)
+            super::validate_identity(&req, state.own_namespace.as_deref(), &state.installation, &refused)
         }
         "AccessGrant" => validate_grant(&req),
         "Approval" if req.operation == Operation::Create => match approval_facts(&state.client, &req).await {
@@ -208,12 +209,12 @@ async fn validate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Re
 }
 
 /// The webhook's routes (without TLS), for the server and for tests.
-pub fn router(client: Client, own_namespace: Option<String>) -> Router {
+pub fn router(client: Client, own_namespace: Option<String>, installation: Installation) -> Router {
     Router::new()
         .route("/mutate", post(mutate_handler))
         .route("/validate", post(validate_handler))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(Arc::new(AppState { client, own_namespace }))
+        .with_state(Arc::new(AppState { client, own_namespace, installation }))
 }
 
 /// How the webhook is served and registered.
@@ -227,6 +228,8 @@ pub struct WebhookSettings {
     pub cert_secret: Option<(String, String)>,
     /// agentid's own namespace, whose pods the webhook never blocks.
     pub own_namespace: Option<String>,
+    /// The namespaces this installation serves: identities outside them are refused.
+    pub installation: Installation,
 }
 
 impl WebhookSettings {
@@ -278,9 +281,9 @@ pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Erro
     let listener = std::net::TcpListener::bind(settings.addr).map_err(Error::Serve)?;
     listener.set_nonblocking(true).map_err(Error::Serve)?;
     info!(addr = %settings.addr, "admission webhook listening");
-    let server = axum_server::from_tcp_rustls(listener, tls.clone())
-        .map_err(Error::Serve)?
-        .serve(router(client.clone(), settings.own_namespace.clone()).into_make_service());
+    let server = axum_server::from_tcp_rustls(listener, tls.clone()).map_err(Error::Serve)?.serve(
+        router(client.clone(), settings.own_namespace.clone(), settings.installation.clone()).into_make_service(),
+    );
     tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "admission webhook stopped");
@@ -361,7 +364,7 @@ mod tests {
         let client = Client::try_from(config).expect("client");
         let request =
             Request::post(path).header("content-type", "application/json").body(Body::from(body)).expect("request");
-        router(client, None).oneshot(request).await.expect("response").status()
+        router(client, None, Installation::ANYWHERE).oneshot(request).await.expect("response").status()
     }
 
     /// A small deterministic generator, so that a failure reproduces.
@@ -400,7 +403,11 @@ mod tests {
             };
             for path in ["/validate", "/mutate"] {
                 let request = Request::post(path).body(Body::from(body.clone())).expect("request");
-                let status = router(client.clone(), None).oneshot(request).await.expect("response").status();
+                let status = router(client.clone(), None, Installation::ANYWHERE)
+                    .oneshot(request)
+                    .await
+                    .expect("response")
+                    .status();
                 // Either refused as malformed (4xx) or parsed and answered (200, allowed or not).
                 assert!(status.is_client_error() || status == StatusCode::OK, "{path} answered {status} to {body:?}");
             }

@@ -217,8 +217,8 @@ fn identity_changes_check_only_newly_opened_namespaces() {
         Some(identity_json(&["staging"])),
     );
     assert_eq!(newly_allowed(&update), Ok(vec!["prod".to_string()]));
-    assert!(validate_identity(&update, None, &[]).allowed);
-    let refused = validate_identity(&update, None, &["prod".to_string()]);
+    assert!(validate_identity(&update, None, &Installation::ANYWHERE, &[]).allowed);
+    let refused = validate_identity(&update, None, &Installation::ANYWHERE, &["prod".to_string()]);
     assert!(!refused.allowed);
     assert!(message(&refused).contains("mallory may not open namespace(s) [\"prod\"]"), "{}", message(&refused));
 }
@@ -226,11 +226,34 @@ fn identity_changes_check_only_newly_opened_namespaces() {
 #[test]
 fn kube_system_and_agentids_own_namespace_are_never_opened() {
     let req = request("AgentIdentity", "CREATE", "admin", &["system:masters"], identity_json(&["kube-system"]), None);
-    assert!(!validate_identity(&req, None, &[]).allowed);
+    assert!(!validate_identity(&req, None, &Installation::ANYWHERE, &[]).allowed);
     let req =
         request("AgentIdentity", "CREATE", "admin", &["system:masters"], identity_json(&["agentid-system"]), None);
-    assert!(!validate_identity(&req, Some("agentid-system"), &[]).allowed);
-    assert!(validate_identity(&req, None, &[]).allowed);
+    assert!(!validate_identity(&req, Some("agentid-system"), &Installation::ANYWHERE, &[]).allowed);
+    assert!(validate_identity(&req, None, &Installation::ANYWHERE, &[]).allowed);
+}
+
+#[test]
+fn identities_outside_the_installation_are_refused_but_can_still_be_narrowed() {
+    let install = Installation { agent_namespaces: vec!["agents".into()], target_namespaces: vec!["staging".into()] };
+    let ok = request("AgentIdentity", "CREATE", "admin", &[], identity_json(&["staging"]), None);
+    assert!(validate_identity(&ok, None, &install, &[]).allowed);
+    let wide = request("AgentIdentity", "CREATE", "admin", &[], identity_json(&["staging", "prod"]), None);
+    let refused = validate_identity(&wide, None, &install, &[]);
+    assert!(message(&refused).contains("[\"prod\"] are outside this installation's target namespaces"));
+    let elsewhere = Installation { agent_namespaces: vec!["other".into()], ..install.clone() };
+    let refused = validate_identity(&ok, None, &elsewhere, &[]);
+    assert!(message(&refused).contains("not in \"agents\""), "{}", message(&refused));
+    // Already outside (a narrower installation), narrowed by an update: allowed.
+    let narrowed = request(
+        "AgentIdentity",
+        "UPDATE",
+        "admin",
+        &[],
+        identity_json(&["staging"]),
+        Some(identity_json(&["staging", "prod"])),
+    );
+    assert!(validate_identity(&narrowed, None, &elsewhere, &[]).allowed);
 }
 
 fn deployment_json(labels: Value, pod_spec: Value) -> Value {

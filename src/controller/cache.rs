@@ -18,6 +18,8 @@ use kube::{
 };
 use tracing::warn;
 
+use crate::policy::install::Installation;
+
 /// Read-only views of the cached objects.
 #[derive(Clone)]
 pub struct ClusterView {
@@ -25,20 +27,30 @@ pub struct ClusterView {
     pub roles: Store<Role>,
     /// Every ClusterRole.
     pub cluster_roles: Store<ClusterRole>,
-    /// Every Secret's metadata.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Secret metadata: one store for the whole cluster, or one per namespace of a confined
+    /// installation (its RBAC reaches no further).
+    pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
 }
 
 impl ClusterView {
     /// Starts watching; the stores fill in the background.
-    pub fn start(client: &Client) -> Self {
+    pub fn start(client: &Client, installation: &Installation) -> Self {
         let (roles, writer) = reflector::store();
         spawn("Roles", watcher(Api::<Role>::all(client.clone()), watcher::Config::default()), writer);
         let (cluster_roles, writer) = reflector::store();
         spawn("ClusterRoles", watcher(Api::<ClusterRole>::all(client.clone()), watcher::Config::default()), writer);
-        let (secrets, writer) = reflector::store();
-        let api = Api::<PartialObjectMeta<Secret>>::all(client.clone());
-        spawn("Secrets", watcher(api, watcher::Config::default()), writer);
+        let apis = match installation.namespaces() {
+            None => vec![Api::<PartialObjectMeta<Secret>>::all(client.clone())],
+            Some(namespaces) => namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect(),
+        };
+        let secrets = apis
+            .into_iter()
+            .map(|api| {
+                let (store, writer) = reflector::store();
+                spawn("Secrets", watcher(api, watcher::Config::default()), writer);
+                store
+            })
+            .collect();
         Self { roles, cluster_roles, secrets }
     }
 
@@ -46,7 +58,7 @@ impl ClusterView {
     pub fn ready(&self) -> bool {
         self.roles.wait_until_ready().now_or_never().is_some()
             && self.cluster_roles.wait_until_ready().now_or_never().is_some()
-            && self.secrets.wait_until_ready().now_or_never().is_some()
+            && self.secrets.iter().all(|s| s.wait_until_ready().now_or_never().is_some())
     }
 }
 

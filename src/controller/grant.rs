@@ -147,6 +147,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         identity: identity.as_ref(),
         verdict: &verdict,
         protected: &ctx.protected,
+        installation: &ctx.installation,
         service_account_created,
         now,
     };

@@ -71,26 +71,16 @@ async fn name_taken(identity: &AgentIdentity, ctx: &Context) -> Result<Option<St
 
 async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
+    // Outside the installation, agentid has no rights: say so before trying anything.
+    let home = identity.namespace().unwrap_or_default();
+    if let Err(message) = ctx.installation.check_identity(&home, &identity.spec.allowed_namespaces) {
+        return stall(identity, ctx, "OutsideInstallation", message, now).await;
+    }
     if let Some(taken) = name_taken(identity, ctx).await? {
         let message = format!(
             "{taken} already exists and was not made by agentid for this identity; agentid will not adopt it (it could hold privileges or be readable by others): remove or rename it"
         );
-        let old = identity.status.clone().unwrap_or_default();
-        let mut status = old.clone();
-        status.observed_generation = identity.metadata.generation;
-        set_summary(
-            &mut status.conditions,
-            Summary::Stalled,
-            "NameTaken",
-            message.clone(),
-            identity.metadata.generation,
-            now,
-        );
-        if status != old {
-            apply_status(&ctx.client, identity, &status).await?;
-            ctx.event(identity, EventType::Warning, "NameTaken", message).await;
-        }
-        return Ok(Action::requeue(std::time::Duration::from_secs(60)));
+        return stall(identity, ctx, "NameTaken", message, now).await;
     }
     server_side_apply::<ServiceAccount>(&ctx.client, &desired::identity_service_account(identity)).await?;
     server_side_apply::<Secret>(&ctx.client, &desired::identity_credentials_secret(identity)).await?;
@@ -115,7 +105,7 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
         observed_generation: identity.metadata.generation,
     };
     let generation = identity.metadata.generation;
-    let (reason, message) = match ceiling::identity_usable(identity, now) {
+    let (reason, message) = match ceiling::identity_usable(identity, &ctx.installation, now) {
         Ok(()) => (
             "Ready",
             format!(
@@ -169,6 +159,25 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     let exposure_recheck = now + jiff::SignedDuration::from_secs(if exposed.is_some() { 300 } else { 5 });
     let next = [retire_at, drift_recheck, Some(exposure_recheck)].into_iter().flatten().min();
     Ok(requeue_at(next, now))
+}
+
+/// Marks the identity Stalled (a human must change something) and looks again in a minute.
+async fn stall(
+    identity: &AgentIdentity,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let old = identity.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = identity.metadata.generation;
+    set_summary(&mut status.conditions, Summary::Stalled, reason, message.clone(), identity.metadata.generation, now);
+    if status != old {
+        apply_status(&ctx.client, identity, &status).await?;
+        ctx.event(identity, EventType::Warning, reason, message).await;
+    }
+    Ok(Action::requeue(std::time::Duration::from_secs(60)))
 }
 
 /// The condition that reports standing privilege.
@@ -237,7 +246,8 @@ fn credential_exposure(
     let principals = exposure::principals(&ns, &name, active);
     let roles: Vec<Role> = view.roles.state().iter().map(|r| (**r).clone()).collect();
     let cluster_roles: Vec<ClusterRole> = view.cluster_roles.state().iter().map(|r| (**r).clone()).collect();
-    let secrets: Vec<ObjectMeta> = view.secrets.state().iter().map(|s| s.metadata.clone()).collect();
+    let secrets: Vec<ObjectMeta> =
+        view.secrets.iter().flat_map(|store| store.state()).map(|s| s.metadata.clone()).collect();
     let rbac = exposure::Rbac {
         roles: &roles,
         cluster_roles: &cluster_roles,

@@ -43,7 +43,7 @@ use crate::{
     api::{AccessGrant, AgentIdentity, Approval, ProtectedResource},
     credentials::{self, kubernetes::KubernetesIssuer},
     metrics::{HttpState, Metrics},
-    policy::{desired::ClusterAccess, names},
+    policy::{desired::ClusterAccess, install::Installation, names},
 };
 
 /// Why a reconcile failed.
@@ -101,6 +101,8 @@ pub struct Settings {
     pub access: ClusterAccess,
     /// Resources that always need approval, whatever the identity says.
     pub protected: Vec<ProtectedResource>,
+    /// The namespaces this installation serves (its RBAC reaches no further).
+    pub installation: Installation,
     /// The admission webhook.
     pub webhook: WebhookSettings,
 }
@@ -112,6 +114,8 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     /// Resources the cluster-wide policy marks protected.
     pub(crate) protected: Vec<ProtectedResource>,
+    /// The namespaces this installation serves.
+    pub(crate) installation: Installation,
     /// Whether agentid's admission webhook is registered: only then are the requester and
     /// approver records on grants and Approvals trustworthy, so only then do Approvals count.
     pub(crate) admission_registered: bool,
@@ -137,6 +141,7 @@ impl Context {
             client,
             metrics,
             protected,
+            installation: Installation::default(),
             admission_registered: true,
             view: None,
             failures: Mutex::default(),
@@ -244,12 +249,26 @@ fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: 
     Action::requeue(delay)
 }
 
+/// One Api per namespace of `namespaces`, or one for the whole cluster when it is empty: a
+/// confined installation may read Secrets only in its own namespaces.
+pub(crate) fn secret_apis<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    if namespaces.is_empty() {
+        return vec![Api::all(client.clone())];
+    }
+    namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
+}
+
 /// Runs the operator until SIGTERM/ctrl-c.
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut context = Context::new(client.clone(), settings.access, settings.protected, metrics.clone());
     context.admission_registered = settings.webhook.endpoint.is_some();
-    context.view = Some(cache::ClusterView::start(&client));
+    context.view = Some(cache::ClusterView::start(&client, &settings.installation));
+    context.installation = settings.installation.clone();
     let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -307,9 +326,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     };
     let reached_too = reached.clone();
+    let mut identity_controller = identity_controller
+        .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default().labels(&base_selector));
+    // Secrets only where this installation may read them.
+    for api in secret_apis::<PartialObjectMeta<Secret>>(&client, &ctx.installation.agent_namespaces) {
+        identity_controller = identity_controller.owns(api, watcher::Config::default().labels(&base_selector));
+    }
     let identity_run = identity_controller
-        .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default().labels(&base_selector))
-        .owns(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default().labels(&base_selector))
         .watches(Api::<AccessGrant>::all(client.clone()), watcher::Config::default(), |grant: AccessGrant| {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })

@@ -53,10 +53,13 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
 /// hand), ServiceAccounts first. Safe while controllers run: objects are listed before grants, so a
 /// grant made in between cannot have its fresh objects taken for orphans.
 pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {
-    let service_accounts = list_grant_objects::<ServiceAccount>(ctx).await?;
-    let bindings = list_grant_objects::<RoleBinding>(ctx).await?;
-    let roles = list_grant_objects::<Role>(ctx).await?;
-    let secrets = list_grant_objects::<Secret>(ctx).await?;
+    let service_accounts = list_grant_objects(Api::<ServiceAccount>::all(ctx.client.clone())).await?;
+    let bindings = list_grant_objects(Api::<RoleBinding>::all(ctx.client.clone())).await?;
+    let roles = list_grant_objects(Api::<Role>::all(ctx.client.clone())).await?;
+    let mut secrets = Vec::new();
+    for api in super::secret_apis::<Secret>(&ctx.client, &ctx.installation.agent_namespaces) {
+        secrets.extend(list_grant_objects(api).await?);
+    }
     let grants = Api::<AccessGrant>::all(ctx.client.clone())
         .list_metadata(&ListParams::default())
         .await
@@ -68,7 +71,7 @@ pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {
         + delete_orphans(ctx, secrets, &live).await?)
 }
 
-async fn list_grant_objects<K>(ctx: &Context) -> Result<Vec<PartialObjectMeta<K>>, Error>
+async fn list_grant_objects<K>(api: Api<K>) -> Result<Vec<PartialObjectMeta<K>>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -76,8 +79,7 @@ where
         + std::fmt::Debug,
 {
     // Metadata only: listing Secrets this way never brings their data into the operator.
-    Api::<K>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default().labels(&names::all_grants_selector()))
+    api.list_metadata(&ListParams::default().labels(&names::all_grants_selector()))
         .await
         .map(|l| l.items)
         .map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::install::Installation;
 use crate::api::{AccessGrantSpec, AgentIdentity, duration};
 
 /// A ceiling the grant breaks. Each maps to a condition reason and a message naming it.
@@ -40,6 +41,9 @@ pub enum Violation {
     /// The grant carries no kind of access.
     #[error("the grant has no spec.kubernetes rules")]
     NoAccess,
+    /// The identity lives or reaches outside the namespaces this installation serves.
+    #[error("{0}")]
+    OutsideInstallation(String),
 }
 
 impl Violation {
@@ -53,13 +57,17 @@ impl Violation {
             Self::NamespaceNotAllowed { .. } => "NamespaceNotAllowed",
             Self::InvalidDuration(_) => "InvalidDuration",
             Self::NoAccess => "NoAccess",
+            Self::OutsideInstallation(_) => "OutsideInstallation",
         }
     }
 }
 
-/// Whether the identity may hold credentials at all right now (not suspended, not retired).
-pub fn identity_usable(identity: &AgentIdentity, now: Timestamp) -> Result<(), Violation> {
+/// Whether the identity may hold credentials at all right now (inside the installation, not
+/// suspended, not retired).
+pub fn identity_usable(identity: &AgentIdentity, installation: &Installation, now: Timestamp) -> Result<(), Violation> {
     let name = identity.metadata.name.clone().unwrap_or_default();
+    let home = identity.metadata.namespace.clone().unwrap_or_default();
+    installation.check_identity(&home, &identity.spec.allowed_namespaces).map_err(Violation::OutsideInstallation)?;
     if identity.spec.suspended {
         return Err(Violation::IdentitySuspended(name));
     }
@@ -72,8 +80,13 @@ pub fn identity_usable(identity: &AgentIdentity, now: Timestamp) -> Result<(), V
 }
 
 /// Checks a grant against its identity's ceiling; on success returns the grant's duration.
-pub fn check(identity: &AgentIdentity, grant: &AccessGrantSpec, now: Timestamp) -> Result<Duration, Violation> {
-    identity_usable(identity, now)?;
+pub fn check(
+    identity: &AgentIdentity,
+    grant: &AccessGrantSpec,
+    installation: &Installation,
+    now: Timestamp,
+) -> Result<Duration, Violation> {
+    identity_usable(identity, installation, now)?;
     let requested = duration::parse(&grant.duration)?;
     let max = duration::parse(&identity.spec.max_grant_duration)?;
     if requested > max || requested > duration::MAX_GRANT {
@@ -109,14 +122,20 @@ mod tests {
     #[test]
     fn within_the_ceiling_returns_the_duration() {
         let id = identity("fixer", &["staging"]);
-        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()), Ok(Duration::from_secs(900)));
-        assert_eq!(check(&id, &grant_spec("1h", "staging"), now()), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            check(&id, &grant_spec("15m", "staging"), &Installation::ANYWHERE, now()),
+            Ok(Duration::from_secs(900))
+        );
+        assert_eq!(
+            check(&id, &grant_spec("1h", "staging"), &Installation::ANYWHERE, now()),
+            Ok(Duration::from_secs(3600))
+        );
     }
 
     #[test]
     fn over_the_duration_ceiling() {
         let id = identity("fixer", &["staging"]);
-        let err = check(&id, &grant_spec("2h", "staging"), now()).unwrap_err();
+        let err = check(&id, &grant_spec("2h", "staging"), &Installation::ANYWHERE, now()).unwrap_err();
         assert_eq!(err.reason(), "DurationOverCeiling");
         assert_eq!(err.to_string(), "duration 2h exceeds the identity's maxGrantDuration 1h");
     }
@@ -124,7 +143,7 @@ mod tests {
     #[test]
     fn namespace_outside_allowed() {
         let id = identity("fixer", &["staging"]);
-        let err = check(&id, &grant_spec("15m", "production"), now()).unwrap_err();
+        let err = check(&id, &grant_spec("15m", "production"), &Installation::ANYWHERE, now()).unwrap_err();
         assert_eq!(err.reason(), "NamespaceNotAllowed");
         assert!(err.to_string().contains("\"production\""));
     }
@@ -132,29 +151,55 @@ mod tests {
     #[test]
     fn no_allowed_namespaces_allows_nothing() {
         let id = identity("fixer", &[]);
-        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "NamespaceNotAllowed");
+        assert_eq!(
+            check(&id, &grant_spec("15m", "staging"), &Installation::ANYWHERE, now()).unwrap_err().reason(),
+            "NamespaceNotAllowed"
+        );
     }
 
     #[test]
     fn suspended_and_retired_identities_get_nothing() {
         let mut id = identity("fixer", &["staging"]);
         id.spec.suspended = true;
-        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "IdentitySuspended");
+        assert_eq!(
+            check(&id, &grant_spec("15m", "staging"), &Installation::ANYWHERE, now()).unwrap_err().reason(),
+            "IdentitySuspended"
+        );
         let mut id = identity("fixer", &["staging"]);
         id.spec.retire_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
-        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "IdentityRetired");
+        assert_eq!(
+            check(&id, &grant_spec("15m", "staging"), &Installation::ANYWHERE, now()).unwrap_err().reason(),
+            "IdentityRetired"
+        );
         let mut id = identity("fixer", &["staging"]);
         let later = now().checked_add(jiff::SignedDuration::from_secs(1)).expect("in range");
         id.spec.retire_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(later));
-        assert!(check(&id, &grant_spec("15m", "staging"), now()).is_ok());
+        assert!(check(&id, &grant_spec("15m", "staging"), &Installation::ANYWHERE, now()).is_ok());
+    }
+
+    #[test]
+    fn an_identity_outside_the_installation_gets_nothing() {
+        let install = Installation { agent_namespaces: vec![], target_namespaces: vec!["staging".into()] };
+        let id = identity("fixer", &["staging", "production"]);
+        let err = check(&id, &grant_spec("15m", "staging"), &install, now()).unwrap_err();
+        assert_eq!(err.reason(), "OutsideInstallation");
+        assert!(err.to_string().contains("[\"production\"] are outside"), "{err}");
+        let id = identity("fixer", &["staging"]);
+        assert!(check(&id, &grant_spec("15m", "staging"), &install, now()).is_ok());
     }
 
     #[test]
     fn malformed_durations_fail_closed() {
         let id = identity("fixer", &["staging"]);
-        assert_eq!(check(&id, &grant_spec("forever", "staging"), now()).unwrap_err().reason(), "InvalidDuration");
+        assert_eq!(
+            check(&id, &grant_spec("forever", "staging"), &Installation::ANYWHERE, now()).unwrap_err().reason(),
+            "InvalidDuration"
+        );
         let mut id = identity("fixer", &["staging"]);
         id.spec.max_grant_duration = "lots".into();
-        assert_eq!(check(&id, &grant_spec("15m", "staging"), now()).unwrap_err().reason(), "InvalidDuration");
+        assert_eq!(
+            check(&id, &grant_spec("15m", "staging"), &Installation::ANYWHERE, now()).unwrap_err().reason(),
+            "InvalidDuration"
+        );
     }
 }

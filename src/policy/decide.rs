@@ -6,6 +6,7 @@ use super::{
     approval::Verdict,
     ceiling::{self, Violation},
     classify,
+    install::Installation,
 };
 use crate::api::{AccessGrant, AgentIdentity, GrantPhase, ProtectedResource, duration};
 
@@ -18,6 +19,8 @@ pub struct Facts<'a> {
     pub verdict: &'a Verdict,
     /// What the cluster-wide policy marks protected.
     pub protected: &'a [ProtectedResource],
+    /// The namespaces this installation serves.
+    pub installation: &'a Installation,
     /// When the grant's ServiceAccount was created, if it exists: the operator's own record that
     /// a credential was issued, which (unlike status) no requester can write.
     pub service_account_created: Option<Timestamp>,
@@ -161,7 +164,7 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
                 message: "the grant needs approval and its approvals do not (or no longer) add up".into(),
             };
         }
-        if let Err(violation) = ceiling::check(identity, &grant.spec, now) {
+        if let Err(violation) = ceiling::check(identity, &grant.spec, facts.installation, now) {
             let reason = match violation {
                 Violation::IdentitySuspended(_) | Violation::IdentityRetired(..) => violation.reason(),
                 _ => "CeilingLowered",
@@ -189,7 +192,7 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
     let Some(identity) = identity else {
         return Step::Reject(Violation::IdentityNotFound(identity_name.clone()));
     };
-    let duration = match ceiling::check(identity, &grant.spec, now) {
+    let duration = match ceiling::check(identity, &grant.spec, facts.installation, now) {
         Ok(d) => d,
         Err(violation) => return Step::Reject(violation),
     };
@@ -237,6 +240,8 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
+
+    static ANYWHERE: Installation = Installation::ANYWHERE;
     use crate::{
         api::{AccessGrantStatus, ApprovalRecord},
         policy::testing::{grant, identity, rule},
@@ -250,7 +255,17 @@ mod tests {
     }
 
     fn decide_at(g: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Step {
-        decide(g, Facts { identity, verdict: &WAITING, protected: &[], service_account_created: None, now })
+        decide(
+            g,
+            Facts {
+                identity,
+                verdict: &WAITING,
+                protected: &[],
+                installation: &ANYWHERE,
+                service_account_created: None,
+                now,
+            },
+        )
     }
 
     fn now() -> Timestamp {
@@ -376,7 +391,17 @@ mod tests {
     }
 
     fn with_verdict(g: &AccessGrant, id: &AgentIdentity, verdict: &Verdict, now: Timestamp) -> Step {
-        decide(g, Facts { identity: Some(id), verdict, protected: &[], service_account_created: None, now })
+        decide(
+            g,
+            Facts {
+                identity: Some(id),
+                verdict,
+                protected: &[],
+                installation: &ANYWHERE,
+                service_account_created: None,
+                now,
+            },
+        )
     }
 
     fn approved() -> Verdict {
@@ -447,6 +472,7 @@ mod tests {
                 identity: Some(&plain),
                 verdict: &WAITING,
                 protected: &cluster,
+                installation: &ANYWHERE,
                 service_account_created: None,
                 now: now(),
             },
@@ -495,6 +521,7 @@ mod tests {
             identity: Some(id),
             verdict: &WAITING,
             protected: &[],
+            installation: &ANYWHERE,
             service_account_created: Some(created),
             now: now(),
         }

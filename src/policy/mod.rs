@@ -10,6 +10,7 @@ pub mod decide;
 pub mod desired;
 pub mod drift;
 pub mod exposure;
+pub mod install;
 pub mod names;
 
 #[cfg(test)]
