@@ -35,12 +35,13 @@ pub const E2E_LABEL: &str = "agentid.dev/e2e";
 
 /// A running control plane the suite may use.
 pub struct Cluster {
-    dir: PathBuf,
+    /// The cluster's directory (admin.kubeconfig, logs).
+    pub dir: PathBuf,
     /// Users already written, with their groups: a name must keep its groups for the whole run.
     users: Mutex<HashMap<String, Vec<String>>>,
 }
 
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -48,7 +49,7 @@ fn cluster_script() -> PathBuf {
     repo_root().join("tests/control-plane/cluster")
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     ensure!(
         out.status.success(),
@@ -250,17 +251,26 @@ pub struct Operator {
     metrics_port: u16,
     webhook_port: u16,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Operator {
-    /// Starts the operator against the cluster in `dir`, with extra environment variables.
+    /// Starts the operator against the cluster in `dir` as cluster admin, with extra environment
+    /// variables.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_as(dir, dir.join("admin.kubeconfig"), env, &[])
+    }
+
+    /// Starts the operator against the cluster in `dir` with the identity in `kubeconfig` and
+    /// extra arguments to `agentid run`.
+    pub fn start_as(dir: &Path, kubeconfig: PathBuf, env: &[(&str, &str)], args: &[&str]) -> anyhow::Result<Self> {
         let op = Self {
             child: Mutex::new(None),
-            kubeconfig: dir.join("admin.kubeconfig"),
+            kubeconfig,
             metrics_port: free_port(),
             webhook_port: free_port(),
-            log: dir.join(format!("operator-{}.log", std::process::id())),
+            log: dir.join(format!("operator-{}-{}.log", std::process::id(), free_port())),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         op.spawn(env)?;
         Ok(op)
@@ -272,6 +282,7 @@ impl Operator {
             .args(["run", "--exit-on-stdin-eof", "--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
             .args(["--webhook-addr", &format!("127.0.0.1:{}", self.webhook_port)])
             .args(["--webhook-url", &format!("https://127.0.0.1:{}", self.webhook_port)])
+            .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .envs(env.iter().copied())
@@ -360,17 +371,18 @@ fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
 
 /// The operator shared by the tests of this run, started on first use.
 pub async fn operator() -> anyhow::Result<&'static Operator> {
-    static OPERATOR: OnceLock<Operator> = OnceLock::new();
+    static OPERATOR: tokio::sync::OnceCell<Operator> = tokio::sync::OnceCell::const_new();
     install_crds().await?;
-    let op = match OPERATOR.get() {
-        Some(op) => op,
-        None => {
-            let started = Operator::start(&cluster().dir, &[])?;
-            // Another test may have won the race; its operator is the shared one.
-            let _ = OPERATOR.set(started);
-            OPERATOR.get().context("operator")?
-        }
-    };
+    let op = OPERATOR
+        .get_or_try_init(|| async {
+            match std::env::var("AGENTID_E2E_OPERATOR_RBAC").as_deref() {
+                // The second pass of tests/run: the operator acts as the chart's ServiceAccount,
+                // proving the chart's RBAC suffices.
+                Ok("chart") => crate::chart::operator_with_chart_rbac(&cluster().dir).await,
+                _ => Operator::start(&cluster().dir, &[]),
+            }
+        })
+        .await?;
     op.wait_ready().await?;
     Ok(op)
 }

@@ -4,6 +4,7 @@
 
 mod approval;
 mod audit;
+mod chart;
 mod crash;
 mod crds;
 mod drift;
