@@ -57,6 +57,11 @@ struct RunArgs {
     /// and replicas and renewed a month before expiry [default: a new one each start].
     #[arg(long, env = "AGENTID_WEBHOOK_CERT_SECRET")]
     webhook_cert_secret: Option<String>,
+    /// The certificate in --webhook-cert-secret is issued by someone else (cert-manager): read
+    /// `tls.crt`/`tls.key` from it, reload on change, and leave the webhooks' caBundle to the CA
+    /// injector.
+    #[arg(long, env = "AGENTID_WEBHOOK_CERT_EXTERNAL", requires = "webhook_cert_secret")]
+    webhook_cert_external: bool,
     /// Namespaces whose AgentIdentities this installation serves (comma-separated) [default: all].
     /// Identities elsewhere are refused by admission and marked Stalled.
     #[arg(long, env = "AGENTID_AGENT_NAMESPACES", value_delimiter = ',')]
@@ -179,6 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         .context("--webhook-cert-secret: expected NAMESPACE/NAME")
                 })
                 .transpose()?,
+            cert_external: args.webhook_cert_external,
             own_namespace: std::env::var("POD_NAMESPACE").ok(),
             installation,
         },

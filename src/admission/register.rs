@@ -49,8 +49,8 @@ impl Endpoint {
         }
     }
 
-    fn client_config(&self, path: &str, ca_pem: &str) -> WebhookClientConfig {
-        let ca_bundle = Some(ByteString(ca_pem.as_bytes().to_vec()));
+    fn client_config(&self, path: &str, ca_pem: Option<&str>) -> WebhookClientConfig {
+        let ca_bundle = ca_pem.map(|pem| ByteString(pem.as_bytes().to_vec()));
         match self {
             Self::Url(url) => WebhookClientConfig {
                 url: Some(format!("{}{path}", url.trim_end_matches('/'))),
@@ -138,7 +138,11 @@ fn meta() -> ObjectMeta {
 
 /// The mutating configuration: record the requester and the approver's groups on CREATE, and
 /// give pods labelled for an identity that identity's ServiceAccount and credentials.
-pub fn mutating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>) -> MutatingWebhookConfiguration {
+pub fn mutating(
+    endpoint: &Endpoint,
+    ca_pem: Option<&str>,
+    own_namespace: Option<&str>,
+) -> MutatingWebhookConfiguration {
     let hook = |name: &str, resource: &str| MutatingWebhook {
         name: name.into(),
         client_config: endpoint.client_config("/mutate", ca_pem),
@@ -168,7 +172,11 @@ pub fn mutating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>) 
 
 /// The validating configuration: check grants and Approvals on CREATE and UPDATE, and that no
 /// pod borrows an identity's or a grant's ServiceAccount or Secret.
-pub fn validating(endpoint: &Endpoint, ca_pem: &str, own_namespace: Option<&str>) -> ValidatingWebhookConfiguration {
+pub fn validating(
+    endpoint: &Endpoint,
+    ca_pem: Option<&str>,
+    own_namespace: Option<&str>,
+) -> ValidatingWebhookConfiguration {
     let hook = |name: &str, resource: &str| ValidatingWebhook {
         name: name.into(),
         client_config: endpoint.client_config("/validate", ca_pem),
@@ -211,7 +219,7 @@ mod tests {
     fn url_hosts_and_paths() {
         let e = Endpoint::Url("https://127.0.0.1:9443".into());
         assert_eq!(e.hosts(), vec!["127.0.0.1"]);
-        let v = validating(&e, "CA", None);
+        let v = validating(&e, Some("CA"), None);
         let hooks = v.webhooks.unwrap_or_default();
         assert_eq!(hooks[0].client_config.url.as_deref(), Some("https://127.0.0.1:9443/validate"));
         assert!(hooks.iter().all(|h| h.failure_policy.as_deref() == Some("Fail")));
@@ -221,19 +229,19 @@ mod tests {
 
     #[test]
     fn pod_hooks_spare_kube_system_and_agentids_namespace() {
-        let v = validating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA", Some("agentid-system"));
+        let v = validating(&Endpoint::Url("https://127.0.0.1:1".into()), Some("CA"), Some("agentid-system"));
         let pods = v.webhooks.unwrap_or_default().into_iter().find(|h| h.name == "pods.agentid.dev").expect("pod hook");
         let exempt = pods.namespace_selector.and_then(|s| s.match_expressions).expect("selector")[0].values.clone();
         assert_eq!(exempt, Some(vec!["kube-system".to_string(), "agentid-system".to_string()]));
         assert_eq!(pods.failure_policy.as_deref(), Some("Fail"));
-        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA", None);
+        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), Some("CA"), None);
         let pods = m.webhooks.unwrap_or_default().into_iter().find(|h| h.name == "pods.agentid.dev").expect("pod hook");
         assert!(pods.object_selector.is_some(), "only labelled pods are mutated");
     }
 
     #[test]
     fn status_subresource_is_not_intercepted() {
-        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), "CA", None);
+        let m = mutating(&Endpoint::Url("https://127.0.0.1:1".into()), Some("CA"), None);
         for hook in m.webhooks.unwrap_or_default().into_iter().filter(|h| h.name != "pods.agentid.dev") {
             for rule in hook.rules.unwrap_or_default() {
                 assert!(rule.resources.unwrap_or_default().iter().all(|r| !r.contains('/')));

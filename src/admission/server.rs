@@ -226,6 +226,10 @@ pub struct WebhookSettings {
     pub endpoint: Option<Endpoint>,
     /// The Secret (namespace, name) that keeps the certificate; None: a new one each start.
     pub cert_secret: Option<(String, String)>,
+    /// The certificate in `cert_secret` is made by someone else (cert-manager): agentid only
+    /// reads it (`tls.crt`, `tls.key`), reloads it when it changes, and leaves each webhook's
+    /// caBundle to whoever injects it (cert-manager's cainjector).
+    pub cert_external: bool,
     /// agentid's own namespace, whose pods the webhook never blocks.
     pub own_namespace: Option<String>,
     /// The namespaces this installation serves: identities outside them are refused.
@@ -267,21 +271,90 @@ async fn current_cert(client: &Client, settings: &WebhookSettings) -> Result<Ser
     Ok(cert)
 }
 
+/// `tls.crt` and `tls.key` of an externally managed Secret, waiting up to a minute for them to
+/// appear (cert-manager fills the Secret shortly after install). Only this Secret is read.
+async fn external_cert(client: &Client, ns: &str, name: &str) -> Result<(String, String), Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for attempt in 0..60 {
+        let data = secrets.get_opt(name).await.map_err(Error::Register)?.and_then(|s| s.data).unwrap_or_default();
+        let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|t| !t.is_empty());
+        if let (Some(cert), Some(key)) = (text("tls.crt"), text("tls.key")) {
+            return Ok((cert, key));
+        }
+        if attempt == 0 {
+            info!(secret = %name, "waiting for the webhook certificate Secret to be filled");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    Err(Error::Tls(std::io::Error::other(format!(
+        "Secret {ns}/{name} has no tls.crt and tls.key after a minute: is cert-manager issuing the Certificate?"
+    ))))
+}
+
 /// Starts the webhook: certificate, registration (caBundle), the HTTPS server, and a task that
-/// renews the certificate a month before it expires. Returns once the webhook is registered.
+/// renews (or, when external, reloads) the certificate. Returns once the webhook is registered.
 pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Error> {
     // Both kube's client and this server use ring; installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if settings.cert_external {
+        return start_external(client, settings).await;
+    }
     let cert = current_cert(&client, &settings).await?;
     let tls = RustlsConfig::from_pem(cert.cert_pem.clone().into_bytes(), cert.key_pem.clone().into_bytes())
         .await
         .map_err(Error::Tls)?;
-    // Bound before it is registered, so the apiserver is never sent to a closed port (which,
-    // failing closed, would refuse requests).
+    serve(&client, &settings, tls.clone())?;
+    let own = settings.own_namespace.as_deref();
+    match &settings.endpoint {
+        Some(endpoint) => register(&client, endpoint, Some(&cert.ca_pem), own).await?,
+        None => warn!(
+            "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded, no approval can count and pods are not injected"
+        ),
+    }
+    tokio::spawn(rotate(client, settings, tls, cert));
+    Ok(())
+}
+
+/// The external-certificate variant of [`start`].
+async fn start_external(client: Client, settings: WebhookSettings) -> Result<(), Error> {
+    let (ns, name) = settings.cert_secret.clone().ok_or_else(|| {
+        Error::Tls(std::io::Error::other("an external webhook certificate needs --webhook-cert-secret NAMESPACE/NAME"))
+    })?;
+    let (mut cert, key) = external_cert(&client, &ns, &name).await?;
+    let tls = RustlsConfig::from_pem(cert.clone().into_bytes(), key.into_bytes()).await.map_err(Error::Tls)?;
+    serve(&client, &settings, tls.clone())?;
+    if let Some(endpoint) = &settings.endpoint {
+        register(&client, endpoint, None, settings.own_namespace.as_deref()).await?;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            match external_cert(&client, &ns, &name).await {
+                Ok((new_cert, new_key)) if new_cert != cert => {
+                    match tls.reload_from_pem(new_cert.clone().into_bytes(), new_key.into_bytes()).await {
+                        Ok(()) => {
+                            info!(secret = %name, "webhook certificate reloaded");
+                            cert = new_cert;
+                        }
+                        Err(e) => warn!(error = %e, "could not load the new webhook certificate; will retry"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "could not read the webhook certificate; will retry"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Binds the webhook's port and serves it in the background. Bound before the webhook is
+/// registered, so the apiserver is never sent to a closed port (which, failing closed, would
+/// refuse requests).
+fn serve(client: &Client, settings: &WebhookSettings, tls: RustlsConfig) -> Result<(), Error> {
     let listener = std::net::TcpListener::bind(settings.addr).map_err(Error::Serve)?;
     listener.set_nonblocking(true).map_err(Error::Serve)?;
     info!(addr = %settings.addr, "admission webhook listening");
-    let server = axum_server::from_tcp_rustls(listener, tls.clone()).map_err(Error::Serve)?.serve(
+    let server = axum_server::from_tcp_rustls(listener, tls).map_err(Error::Serve)?.serve(
         router(client.clone(), settings.own_namespace.clone(), settings.installation.clone()).into_make_service(),
     );
     tokio::spawn(async move {
@@ -289,14 +362,6 @@ pub async fn start(client: Client, settings: WebhookSettings) -> Result<(), Erro
             tracing::error!(error = %e, "admission webhook stopped");
         }
     });
-    let own = settings.own_namespace.as_deref();
-    match &settings.endpoint {
-        Some(endpoint) => register(&client, endpoint, &cert.ca_pem, own).await?,
-        None => warn!(
-            "no --webhook-url or --webhook-service: the admission webhook is not registered, so requesters are not recorded, no approval can count and pods are not injected"
-        ),
-    }
-    tokio::spawn(rotate(client, settings, tls, cert));
     Ok(())
 }
 
@@ -316,7 +381,7 @@ async fn rotate(client: Client, settings: WebhookSettings, tls: RustlsConfig, mu
         // Trust both CAs while the apiserver and the server switch over.
         let bundle = format!("{}{}", renewed.ca_pem, cert.ca_pem);
         if let Some(endpoint) = &settings.endpoint
-            && let Err(e) = register(&client, endpoint, &bundle, settings.own_namespace.as_deref()).await
+            && let Err(e) = register(&client, endpoint, Some(&bundle), settings.own_namespace.as_deref()).await
         {
             warn!(error = %e, "could not update the caBundle; will retry");
             continue;
@@ -332,11 +397,12 @@ async fn rotate(client: Client, settings: WebhookSettings, tls: RustlsConfig, mu
     }
 }
 
-/// Installs (or updates) agentid's webhook configurations pointing at `endpoint`.
+/// Installs (or updates) agentid's webhook configurations pointing at `endpoint`, with `ca_pem`
+/// as caBundle (None: left to whoever injects it).
 pub async fn register(
     client: &Client,
     endpoint: &Endpoint,
-    ca_pem: &str,
+    ca_pem: Option<&str>,
     own_namespace: Option<&str>,
 ) -> Result<(), Error> {
     let ssa = PatchParams::apply(names::FIELD_MANAGER).force();

@@ -131,7 +131,11 @@ fn kubeconfig_arg(dir: &Path) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn the_chart_lints_and_renders_and_the_install_manifest_is_current() -> anyhow::Result<()> {
-    for values in ["charts/agentid/ci/confined-values.yaml", "charts/agentid/ci/cluster-wide-values.yaml"] {
+    for values in [
+        "charts/agentid/ci/confined-values.yaml",
+        "charts/agentid/ci/cluster-wide-values.yaml",
+        "charts/agentid/ci/cert-manager-values.yaml",
+    ] {
         let out = helm_ok(&["lint", "--strict", "charts/agentid", "-f", values])?;
         assert!(out.contains("0 chart(s) failed"), "{out}");
         let rendered = helm_ok(&["template", "agentid", "charts/agentid", "-n", "agentid-system", "-f", values])?;
@@ -356,5 +360,67 @@ async fn installed_by_helm_the_operator_is_confined_to_its_namespaces() -> anyho
         .list(&ListParams::default())
         .await?;
     assert_eq!(crds.items.iter().filter(|c| c.name_any().ends_with(".agentid.dev")).count(), 3, "the CRDs stay");
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_cert_manager_the_operator_serves_the_issued_certificate_and_keeps_the_injected_ca() -> anyhow::Result<()>
+{
+    let pc = PrivateCluster::start("certmanager").await?;
+    let admin = pc.admin().await?;
+    for ns in ["agentid-system", "agents", "staging"] {
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &namespace).await?;
+    }
+    // What cert-manager would write: a CA-signed serving certificate in a kubernetes.io/tls Secret.
+    let issued = agentid::admission::certs::generate(&["127.0.0.1".to_string()], jiff::Timestamp::now())?;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "agentid-webhook-cert"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": issued.cert_pem, "tls.key": issued.key_pem, "ca.crt": issued.ca_pem}
+    }))?;
+    create(&admin, "agentid-system", &secret).await?;
+    let args = ["--webhook-cert-secret", "agentid-system/agentid-webhook-cert", "--webhook-cert-external"];
+    let op =
+        Operator::start_as(&pc.dir, pc.dir.join("admin.kubeconfig"), &[("POD_NAMESPACE", "agentid-system")], &args)?;
+    op.wait_ready().await.with_context(|| op.log())?;
+
+    // agentid registered its webhooks without a caBundle: that is the injector's job.
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    let hooks = validating.get("agentid").await?.webhooks.unwrap_or_default();
+    assert!(!hooks.is_empty() && hooks.iter().all(|h| h.client_config.ca_bundle.is_none()), "{hooks:?}");
+    // Until then the webhook cannot be reached, and agentid's resources cannot be created (fail closed).
+    let early = Api::<agentid::api::AgentIdentity>::namespaced(admin.clone(), "agents")
+        .create(&PostParams::default(), &identity("early", &["staging"]))
+        .await;
+    assert!(early.is_err(), "created without a trusted webhook: {early:?}");
+
+    // What cainjector does: copy ca.crt into every webhook.
+    let ca = k8s_openapi::ByteString(issued.ca_pem.clone().into_bytes());
+    let mut v = validating.get("agentid").await?;
+    v.webhooks.iter_mut().flatten().for_each(|h| h.client_config.ca_bundle = Some(ca.clone()));
+    validating.replace("agentid", &PostParams::default(), &v).await?;
+    let mut m = mutating.get("agentid").await?;
+    m.webhooks.iter_mut().flatten().for_each(|h| h.client_config.ca_bundle = Some(ca.clone()));
+    mutating.replace("agentid", &PostParams::default(), &m).await?;
+
+    // A restart re-registers the webhooks and leaves the injected CA alone.
+    op.restart(&[("POD_NAMESPACE", "agentid-system")])?;
+    op.wait_ready().await.with_context(|| op.log())?;
+    let hooks = validating.get("agentid").await?.webhooks.unwrap_or_default();
+    assert!(hooks.iter().all(|h| h.client_config.ca_bundle.as_ref() == Some(&ca)), "the injected CA was lost");
+
+    // The apiserver now reaches the webhook over TLS with the issued certificate: grants flow.
+    create(&admin, "agents", &identity("reader", &["staging"])).await?;
+    wait_identity_ready(&admin, "agents", "reader").await.with_context(|| op.log())?;
+    create(
+        &admin,
+        "agents",
+        &grant("read", "reader", "10m", vec![rule("staging", "", &["configmaps"], &["get"], &[])]),
+    )
+    .await?;
+    let active = wait_phase(&admin, "agents", "read", GrantPhase::Active).await.with_context(|| op.log())?;
+    assert_eq!(active.status.and_then(|s| s.requested_by).as_deref(), Some("admin"), "the mutating webhook ran");
     Ok(())
 }
