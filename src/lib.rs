@@ -12,5 +12,6 @@ pub mod cli;
 pub mod controller;
 pub mod credentials;
 pub mod failpoint;
+pub mod leader;
 pub mod metrics;
 pub mod policy;

@@ -70,6 +70,13 @@ struct RunArgs {
     /// operator's RBAC to these; identities may not allow any other namespace.
     #[arg(long, env = "AGENTID_TARGET_NAMESPACES", value_delimiter = ',')]
     target_namespaces: Vec<String>,
+    /// Elect a leader among replicas with a Lease in this namespace [default: $POD_NAMESPACE]:
+    /// every replica serves the webhook, only the leader reconciles.
+    #[arg(long, env = "AGENTID_LEADER_ELECTION")]
+    leader_election: bool,
+    /// The leader Lease's namespace [default: $POD_NAMESPACE].
+    #[arg(long, env = "AGENTID_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
     /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
@@ -167,7 +174,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         agent_namespaces: clean(args.agent_namespaces),
         target_namespaces: clean(args.target_namespaces),
     };
+    let leader_election = if args.leader_election {
+        let namespace = args
+            .leader_election_namespace
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .context("--leader-election needs --leader-election-namespace or $POD_NAMESPACE")?;
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        Some(agentid::controller::LeaderElection { namespace, identity })
+    } else {
+        None
+    };
     let settings = agentid::controller::Settings {
+        leader_election,
         installation: installation.clone(),
         metrics_addr: args.metrics_addr,
         access: agentid::policy::desired::ClusterAccess { server, ca_pem },

@@ -67,6 +67,8 @@ pub struct Metrics {
     grants_by_phase: Family<PhaseLabels, Gauge>,
     /// Bindings found giving an identity standing privilege (each time one is first seen).
     pub standing_privilege_detections: Counter,
+    /// 1 while this replica holds the leader Lease (or runs without leader election), else 0.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,8 +98,11 @@ impl Default for Metrics {
             "Bindings not made by agentid found giving an identity standing privilege",
             standing_privilege_detections.clone(),
         );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica leads (reconciles and writes), else 0", leader.clone());
         Self {
             registry,
+            leader,
             reconcile_duration,
             reconcile_errors,
             issuance_latency,

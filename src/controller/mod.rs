@@ -105,6 +105,38 @@ pub struct Settings {
     pub installation: Installation,
     /// The admission webhook.
     pub webhook: WebhookSettings,
+    /// Leader election (namespace and this replica's identity); None: this process always leads.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// Where the leader Lease lives and who this replica is.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    /// The Lease's namespace (agentid's own).
+    pub namespace: String,
+    /// This replica's identity (the pod name).
+    pub identity: String,
+}
+
+/// The leader Lease's name.
+pub const LEASE_NAME: &str = "agentid-leader";
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// Shared by every reconcile.
@@ -282,8 +314,35 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     tokio::spawn(crate::metrics::serve(
         settings.metrics_addr,
-        HttpState { metrics, grants: grant_store.clone(), ready: ready.clone() },
+        HttpState { metrics: metrics.clone(), grants: grant_store.clone(), ready: ready.clone() },
     ));
+
+    // With leader election every replica serves the webhook (so it is ready now); only the
+    // Lease's holder goes on to reconcile.
+    let elector = settings
+        .leader_election
+        .as_ref()
+        .map(|le| Arc::new(crate::leader::Elector::new(client.clone(), &le.namespace, LEASE_NAME, &le.identity)));
+    if let Some(elector) = &elector {
+        ready.store(true, Ordering::Release);
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => {
+                info!("stopped before becoming the leader");
+                return Ok(());
+            }
+        }
+    }
+    metrics.leader.set(1);
+    // From here on the Lease is renewed in the background; if that fails for the renew deadline,
+    // another replica may lead: stop writing at once (the restart starts over as a candidate).
+    let holder = elector.clone().map(|elector| {
+        tokio::spawn(async move {
+            elector.hold().await;
+            tracing::error!("lost the leader Lease; exiting so that only the leader writes");
+            std::process::exit(1);
+        })
+    });
 
     // Overdue revocations and orphans first: nothing is issued before they are done.
     startup::sweep(&ctx).await?;
@@ -365,6 +424,12 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     ready.store(true, Ordering::Release);
     info!("agentid is running");
     futures::future::join(grant_run, identity_run).await;
+    if let (Some(holder), Some(elector)) = (holder, &elector) {
+        // Stop renewing first, or the renewal could take the released Lease back.
+        holder.abort();
+        let _ = holder.await;
+        elector.release().await;
+    }
     info!("agentid stopped");
     Ok(())
 }

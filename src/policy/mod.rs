@@ -11,6 +11,7 @@ pub mod desired;
 pub mod drift;
 pub mod exposure;
 pub mod install;
+pub mod lease;
 pub mod names;
 
 #[cfg(test)]

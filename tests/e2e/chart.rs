@@ -121,7 +121,7 @@ pub async fn operator_with_chart_rbac(dir: &Path) -> anyhow::Result<Operator> {
         dir,
         kubeconfig,
         &[("POD_NAMESPACE", "agentid-system")],
-        &["--webhook-cert-secret", "agentid-system/agentid-webhook-cert"],
+        &["--webhook-cert-secret", "agentid-system/agentid-webhook-cert", "--leader-election"],
     )
 }
 
@@ -167,7 +167,7 @@ async fn the_chart_lints_and_renders_and_the_install_manifest_is_current() -> an
     assert!(!ok && err.contains("set namespaces.agents and namespaces.targets"), "{err}");
     // The schema refuses what is not a value of the chart.
     let (ok, _, err) =
-        helm(&["template", "agentid", "charts/agentid", "--set", "rbac.clusterWide=true", "--set", "replicaCount=2"])?;
+        helm(&["template", "agentid", "charts/agentid", "--set", "rbac.clusterWide=true", "--set", "replicaCount=0"])?;
     assert!(!ok && err.contains("replicaCount"), "{err}");
     let (ok, _, err) = helm(&[
         "template",
@@ -286,6 +286,7 @@ async fn installed_by_helm_the_operator_is_confined_to_its_namespaces() -> anyho
             "staging",
             "--webhook-cert-secret",
             "agentid-system/agentid-webhook-cert",
+            "--leader-election",
         ],
     )?;
     op.wait_ready().await.with_context(|| op.log())?;

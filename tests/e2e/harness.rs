@@ -304,6 +304,14 @@ impl Operator {
         }
     }
 
+    /// Sends SIGTERM (graceful shutdown) and waits until the operator is gone.
+    pub fn terminate(&self) {
+        if let Some((mut child, _stdin)) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits for the operator to exit on its own (e.g. at a failpoint); returns whether it did.
     pub async fn wait_exit(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
