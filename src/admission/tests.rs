@@ -306,3 +306,55 @@ fn workload_templates_cannot_borrow_either() {
     let other = request("ConfigMap", "CREATE", "eve", &[], json!({"metadata": {"name": "x"}}), None);
     assert!(pods::pod_of(&other).is_none());
 }
+
+#[test]
+fn random_reviews_never_panic_and_every_refusal_says_why() {
+    use crate::policy::fuzz::Gen;
+    let mut g = Gen::new(0x5eed_0002);
+    let install = Installation { agent_namespaces: vec!["agents".into()], target_namespaces: vec!["staging".into()] };
+    let (mut refused, mut allowed) = (0, 0);
+    let mut check = |response: AdmissionResponse, what: &str| {
+        if response.allowed {
+            allowed += 1;
+        } else {
+            refused += 1;
+            assert!(!message(&response).trim().is_empty(), "{what}: refused without a message");
+        }
+    };
+    for round in 0..2000 {
+        let user = g.pick(&["alice", "bob", "system:serviceaccount:agents:agentid-x", ""]);
+        let op = g.pick(&["CREATE", "UPDATE", "DELETE"]);
+        let old = |g: &mut Gen, v: Value| if op == "UPDATE" && !g.one_in(5) { Some(v) } else { None };
+        let grant = g.grant();
+        let old_grant = g.grant();
+        let req = request("AccessGrant", op, user, &[], grant, old(&mut g, old_grant));
+        check(validate_grant(&req), &format!("round {round}: grant"));
+        check(mutate(&req), &format!("round {round}: grant mutation"));
+
+        let identity = g.identity();
+        let old_identity = g.identity();
+        let req = request("AgentIdentity", op, user, &[], identity, old(&mut g, old_identity));
+        let refused_ns = if g.one_in(3) { vec!["staging".to_string()] } else { vec![] };
+        check(
+            validate_identity(&req, Some("agentid-system"), &install, &refused_ns),
+            &format!("round {round}: identity"),
+        );
+
+        let approval = g.approval();
+        let req = request("Approval", "CREATE", user, &["sre-leads"], approval, None);
+        let facts = ApprovalFacts {
+            grant: serde_json::from_value(g.grant()).ok(),
+            identity: serde_json::from_value(g.identity()).ok(),
+            may_approve: g.one_in(2),
+        };
+        check(validate_approval(&req, &facts), &format!("round {round}: approval"));
+        check(mutate(&req), &format!("round {round}: approval mutation"));
+
+        let (kind, workload) = g.workload();
+        let req = request(&kind, op, user, &[], workload, None);
+        check(pods::mutate(&req, g.one_in(2)), &format!("round {round}: {kind} mutation"));
+        check(pods::validate(&req, g.one_in(2)), &format!("round {round}: {kind} validation"));
+    }
+    // Both answers occur often: the generator reaches the checks' decisions, not only parse errors.
+    assert!(refused > 1000 && allowed > 1000, "refused {refused}, allowed {allowed}");
+}

@@ -10,6 +10,8 @@ pub mod decide;
 pub mod desired;
 pub mod drift;
 pub mod exposure;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod install;
 pub mod lease;
 pub mod names;
