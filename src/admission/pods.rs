@@ -224,11 +224,12 @@ fn is_pod_controller(username: &str) -> bool {
 }
 
 /// The identity the requesting user must be allowed to `use` (RBAC on `agentidentities`) for this
-/// pod or workload: the one its (template's) label names, unless a pod controller creates the pod
-/// from a workload that was checked when it was written.
+/// pod or workload: the one its (template's) label names, unless a kube-system controller makes
+/// it from a parent that was checked when it was written (Deployment → ReplicaSet → Pod,
+/// CronJob → Job → Pod, StatefulSet/DaemonSet → Pod: every parent kind is checked here too).
 pub fn identity_to_authorize(req: &AdmissionRequest<DynamicObject>, pod: &Pod) -> Option<String> {
     let user = req.user_info.username.as_deref().unwrap_or("");
-    if req.kind.kind == "Pod" && is_pod_controller(user) {
+    if is_pod_controller(user) {
         return None;
     }
     requested_identity(pod).map(str::to_string)

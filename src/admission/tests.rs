@@ -289,6 +289,23 @@ fn running_as_an_identity_needs_the_right_to_use_it() {
     let by_eve = workload_request("Pod", "eve", p);
     let pod = pods::pod_of(&by_eve).expect("a pod").expect("parses");
     assert_eq!(pods::identity_to_authorize(&by_eve, &pod).as_deref(), Some("db-admin"));
+    // So were ReplicaSets made from Deployments (and Jobs from CronJobs) by their controllers;
+    // the same ReplicaSet written by a user is checked.
+    let rs = deployment_json(json!({"agentid.dev/identity": "db-admin"}), c);
+    let by_deployments =
+        workload_request("ReplicaSet", "system:serviceaccount:kube-system:deployment-controller", rs.clone());
+    let pod = pods::pod_of(&by_deployments).expect("a workload").expect("a template");
+    assert_eq!(pods::identity_to_authorize(&by_deployments, &pod), None);
+    assert!(pods::validate(&by_deployments, false).allowed);
+    let by_eve = workload_request("ReplicaSet", "eve", rs);
+    assert!(!pods::validate(&by_eve, false).allowed);
+    // A ServiceAccount elsewhere named like a controller is not one.
+    let impostor = workload_request(
+        "Pod",
+        "system:serviceaccount:agents:deployment-controller",
+        json!({"metadata": {"name": "p", "labels": {"agentid.dev/identity": "db-admin"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+    );
+    assert!(!pods::validate(&impostor, false).allowed);
 }
 
 #[test]

@@ -169,9 +169,11 @@ pub struct Explanation {
 pub fn explain(grant: &AccessGrant, identity: Option<&AgentIdentity>) -> Explanation {
     let status = grant.status.clone().unwrap_or_default();
     let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.clone()).unwrap_or_default();
+    // What the operator recorded includes the cluster-wide protected resources (its flags), which
+    // the plugin cannot know; before that, the identity's own policy is what can be computed.
     let reasons = match identity {
-        Some(id) => decide::approval_reasons(grant, id, &[]),
-        None => status.approval_reasons.clone(),
+        Some(id) if status.approval_reasons.is_empty() => decide::approval_reasons(grant, id, &[]),
+        _ => status.approval_reasons.clone(),
     };
     Explanation {
         grant: format!("{}/{}", grant.namespace().unwrap_or_default(), grant.name_any()),

@@ -202,7 +202,8 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 // Record the intent (and the fixed end) before making anything: a crash from here
                 // on resumes with the same expiry instead of starting a second credential.
                 status.phase = Some(GrantPhase::Pending);
-                status.requires_approval = Some(false);
+                // A held grant that was approved keeps saying it needed approval.
+                status.requires_approval = Some(status.requires_approval.unwrap_or(false));
                 status.expires_at = Some(Time(expires_at));
                 status.service_account_name = Some(objects.name.clone());
                 status.credentials_secret = Some(objects.name.clone());

@@ -231,3 +231,33 @@ async fn running_pods_as_an_identity_needs_the_right_to_use_it() -> anyhow::Resu
     agents.delete().await?;
     target.delete().await
 }
+
+#[tokio::test]
+async fn a_labelled_deployment_gets_pods_that_run_as_its_identity() -> anyhow::Result<()> {
+    let (admin, agents, target) = setup("deploy").await?;
+    let a = agents.name.clone();
+    // The admin may `use` the identity; the Deployment is checked when written, and the
+    // ReplicaSet and pods the controllers make from it are admitted and injected.
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "agent"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "agent"}},
+                 "template": {"metadata": {"labels": {"app": "agent", "agentid.dev/identity": "fixer"}},
+                              "spec": {"containers": containers()}}}
+    }))?;
+    create(&admin, &a, &deployment).await?;
+    let pod = crate::harness::poll_until(std::time::Duration::from_secs(30), "a pod of the Deployment", || {
+        let (admin, a) = (admin.clone(), a.clone());
+        async move {
+            let pods =
+                Api::<Pod>::namespaced(admin, &a).list(&kube::api::ListParams::default().labels("app=agent")).await?;
+            Ok(pods.items.into_iter().next())
+        }
+    })
+    .await?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    assert_eq!(spec.service_account_name.as_deref(), Some("agentid-fixer"));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert!(spec.volumes.iter().flatten().any(|v| v.name == "agentid-credentials"), "{:?}", pod.name_any());
+    agents.delete().await?;
+    target.delete().await
+}
