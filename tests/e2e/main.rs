@@ -4,11 +4,14 @@
 
 mod approval;
 mod audit;
+mod chaos;
 mod chart;
 mod crash;
 mod crds;
 mod drift;
+mod examples;
 mod exposure;
+mod failover;
 mod fixtures;
 mod harness;
 mod injection;
