@@ -26,12 +26,12 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{PartialObjectMeta, Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
         finalizer::{Event as FinalizerEvent, finalizer},
         reflector::ObjectRef,
-        watcher,
+        watcher::{self, watcher},
     },
 };
 use serde::Serialize;
@@ -348,8 +348,19 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     startup::sweep(&ctx).await?;
 
     let mapper_store = grant_store.clone();
+    // A grant depends on its identity's spec (ceiling, kill switch, retirement) and on its
+    // deletion, never on its status: identity status changes with every grant, and re-checking
+    // every grant of the identity each time made issuing n grants cost n² reconciles.
+    let identity_changes =
+        watcher(identities.clone(), watcher::Config::default()).default_backoff().applied_objects().predicate_filter(
+            |id: &AgentIdentity| {
+                let deleting = u64::from(id.metadata.deletion_timestamp.is_some());
+                id.metadata.generation.map(|g| (g as u64) << 1 | deleting)
+            },
+            Default::default(),
+        );
     let grant_run = grant_controller
-        .watches(identities.clone(), watcher::Config::default(), move |identity: AgentIdentity| {
+        .watches_stream(identity_changes, move |identity: AgentIdentity| {
             let ns = identity.namespace();
             let name = identity.name_any();
             mapper_store

@@ -6,7 +6,7 @@
 //! token issued for it stops authenticating at once — then the rest, and tolerates what is
 //! already gone.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use jiff::Timestamp;
 use k8s_openapi::{
@@ -39,11 +39,25 @@ use crate::{
 /// expiry, is what ends a shorter grant on time.
 pub const MIN_TOKEN_SECONDS: i64 = 600;
 
+/// Keys of an identity's credentials Secret to set (Some) or remove (None).
+type Entries = BTreeMap<String, Option<ByteString>>;
+
+/// One queued write and where its outcome goes.
+type Queued = (Entries, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// The queue of writes into one identity's credentials Secret.
+#[derive(Default)]
+struct IdentityWriter {
+    queue: std::sync::Mutex<Vec<Queued>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
 /// Issues and revokes Kubernetes credentials.
 #[derive(Clone)]
 pub struct KubernetesIssuer {
     client: Client,
     access: ClusterAccess,
+    identity_writers: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<IdentityWriter>>>>,
 }
 
 fn rules_of(grant: &AccessGrant) -> &[KubernetesRule] {
@@ -65,7 +79,7 @@ where
 impl KubernetesIssuer {
     /// An issuer acting through `client`, writing kubeconfigs that reach the cluster via `access`.
     pub fn new(client: Client, access: ClusterAccess) -> Self {
-        Self { client, access }
+        Self { client, access, identity_writers: Default::default() }
     }
 
     /// Makes (or completes) the grant's credential, valid until `expires_at`. The token is
@@ -108,6 +122,17 @@ impl KubernetesIssuer {
         let secret = server_side_apply(&self.client, &objects.secret()).await?;
         failpoint::hit("issue:after-secret");
         let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
+        // Resumed (a crash, or a reconcile that ran on a cache not yet showing Active): the token
+        // for this end is already in the grant's Secret; make sure the identity's copy is too.
+        let written = |k: &str| secret.data.as_ref().and_then(|d| d.get(k)).map(|v| v.0.clone());
+        if written("expires-at").as_deref() == Some(expires_at.to_string().as_bytes())
+            && let Some(token) = written("token").filter(|t| !t.is_empty())
+        {
+            let token =
+                String::from_utf8(token).map_err(|_| Error::Malformed("the stored token is not UTF-8".into()))?;
+            let data = credential_data(grant, &self.access, &token, expires_at);
+            return self.write_identity_entries(ns, &identity_secret, grant, &data).await;
+        }
 
         let seconds = (expires_at.as_second() - now.as_second()).max(MIN_TOKEN_SECONDS);
         let request = TokenRequest {
@@ -136,19 +161,68 @@ impl KubernetesIssuer {
 
         let data = credential_data(grant, &self.access, &token, expires_at);
         let grant_name = grant.name_any();
-        let identity_entries: BTreeMap<String, ByteString> =
-            data.iter().map(|(k, v)| (names::identity_secret_key(&grant_name, k), v.clone())).collect();
         secrets
             .patch(&objects.name, &PatchParams::default(), &Patch::Merge(json!({"data": data})))
             .await
             .doing(|| format!("writing Secret {}", objects.name))?;
         failpoint::hit("issue:after-grant-secret");
-        secrets
-            .patch(&identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": identity_entries})))
-            .await
-            .doing(|| format!("writing the grant's entries into Secret {identity_secret}"))?;
+        self.write_identity_entries(ns, &identity_secret, grant, &data).await?;
         debug!(grant = %grant_name, secret = %objects.name, "credential written");
         Ok(())
+    }
+
+    /// Writes `entries` (None: remove the key) into an identity's credentials Secret. All of an
+    /// identity's grants write into that one Secret; concurrent patches of one object contend in
+    /// the apiserver (100 at once had some wait past its 60 s timeout), and each patch rewrites
+    /// the whole Secret. So writes queue per Secret, and whoever holds the turn writes everything
+    /// queued so far in one patch.
+    async fn write_identity(&self, ns: &str, identity_secret: &str, entries: Entries) -> Result<(), Error> {
+        let writer = {
+            let mut writers = self.identity_writers.lock().unwrap_or_else(|e| e.into_inner());
+            writers.entry(format!("{ns}/{identity_secret}")).or_default().clone()
+        };
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        writer.queue.lock().unwrap_or_else(|e| e.into_inner()).push((entries, done));
+        {
+            let _turn = writer.turn.lock().await;
+            let batch: Vec<Queued> = std::mem::take(&mut *writer.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            if !batch.is_empty() {
+                let mut merged = Entries::new();
+                for (entries, _) in &batch {
+                    merged.extend(entries.clone());
+                }
+                let result = match Api::<Secret>::namespaced(self.client.clone(), ns)
+                    .patch(identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": merged})))
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    // Gone with its identity: nothing left to write into or remove from.
+                    Err(kube::Error::Api(s)) if s.code == 404 && merged.values().all(Option::is_none) => Ok(()),
+                    Err(e) => Err(format!("writing Secret {identity_secret}: {e}")),
+                };
+                for (_, done) in batch {
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+        match outcome.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(Error::NotReady(message)),
+            Err(_) => Err(Error::NotReady(format!("the write into Secret {identity_secret} was dropped"))),
+        }
+    }
+
+    async fn write_identity_entries(
+        &self,
+        ns: &str,
+        identity_secret: &str,
+        grant: &AccessGrant,
+        data: &BTreeMap<String, ByteString>,
+    ) -> Result<(), Error> {
+        let grant_name = grant.name_any();
+        let entries: Entries =
+            data.iter().map(|(k, v)| (names::identity_secret_key(&grant_name, k), Some(v.clone()))).collect();
+        self.write_identity(ns, identity_secret, entries).await
     }
 
     /// Takes the credential away: ServiceAccount first, then bindings, roles, Secrets and the
@@ -171,21 +245,12 @@ impl KubernetesIssuer {
         delete_if_present(&secrets, &objects.name).await?;
 
         let grant_name = grant.name_any();
-        let removal: BTreeMap<String, Option<()>> = ["token", "kubeconfig", "ca.crt", "expires-at", "scope"]
+        let removal: Entries = ["token", "kubeconfig", "ca.crt", "expires-at", "scope"]
             .iter()
             .map(|k| (names::identity_secret_key(&grant_name, k), None))
             .collect();
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
-        match secrets.patch(&identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": removal}))).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Kube {
-                    action: format!("removing the grant's entries from Secret {identity_secret}"),
-                    source,
-                });
-            }
-        }
+        self.write_identity(ns, &identity_secret, removal).await?;
         Ok(sa_deleted)
     }
 }
