@@ -242,14 +242,30 @@ async fn wait_seen(seen: &Arc<Mutex<HashMap<String, Instant>>>, name: &str) -> a
     bail!("{name} never became Active")
 }
 
-/// Namespaces `ns` (identity `agent`) and `target`, and a watch recording when grants in `ns`
-/// become Active.
-async fn stage(admin: &Client, ns: &str, target: &str) -> anyhow::Result<Arc<Mutex<HashMap<String, Instant>>>> {
+/// Grants per identity: every active grant's kubeconfig lives in its identity's one Secret, and a
+/// Secret holds at most 1 MiB (about 250 grants' worth); the benchmark keeps well below that.
+const GRANTS_PER_IDENTITY: usize = 100;
+
+/// The identity grant `i` belongs to.
+fn agent_of(i: usize) -> String {
+    format!("agent{}", i / GRANTS_PER_IDENTITY)
+}
+
+/// Namespaces `ns` (identities `agent0`… for `grants` grants) and `target`, and a watch recording
+/// when grants in `ns` become Active.
+async fn stage(
+    admin: &Client,
+    ns: &str,
+    target: &str,
+    grants: usize,
+) -> anyhow::Result<Arc<Mutex<HashMap<String, Instant>>>> {
     namespace(admin, ns).await?;
     namespace(admin, target).await?;
-    Api::<AgentIdentity>::namespaced(admin.clone(), ns)
-        .create(&PostParams::default(), &identity("agent", target, false))
-        .await?;
+    for i in (0..grants.max(1)).step_by(GRANTS_PER_IDENTITY) {
+        Api::<AgentIdentity>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &identity(&agent_of(i), target, false))
+            .await?;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(watch_active(admin, ns))
 }
@@ -271,7 +287,7 @@ where
 /// seconds from the first creation to the last 200).
 async fn operator_issuance(admin: &Client, base: &Config, n: usize, run: &str) -> anyhow::Result<(Vec<f64>, f64)> {
     let (ns, target) = (format!("op-{run}"), format!("op-{run}-t"));
-    let seen = stage(admin, &ns, &target).await?;
+    let seen = stage(admin, &ns, &target, n).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     all_at_once(n, |i| {
         let (admin, base, ns, target, seen) = (admin.clone(), base.clone(), ns.clone(), target.clone(), seen.clone());
@@ -279,7 +295,7 @@ async fn operator_issuance(admin: &Client, base: &Config, n: usize, run: &str) -
             let name = format!("g{i}");
             let t0 = Instant::now();
             Api::<AccessGrant>::namespaced(admin.clone(), &ns)
-                .create(&PostParams::default(), &grant(&name, "agent", &target, "30m"))
+                .create(&PostParams::default(), &grant(&name, &agent_of(i), &target, "30m"))
                 .await?;
             wait_seen(&seen, &name).await?;
             let g = Api::<AccessGrant>::namespaced(admin.clone(), &ns).get(&name).await?;
@@ -355,14 +371,14 @@ async fn revocation(
     burst: usize,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let (ns, target) = ("rev".to_string(), "rev-t".to_string());
-    let seen = stage(admin, &ns, &target).await?;
+    let seen = stage(admin, &ns, &target, active).await?;
     let t = Instant::now();
     futures::stream::iter(0..active)
         .map(|i| {
             let (admin, ns, target) = (admin.clone(), ns.clone(), target.clone());
             async move {
                 Api::<AccessGrant>::namespaced(admin, &ns)
-                    .create(&PostParams::default(), &grant(&format!("r{i}"), "agent", &target, "1h"))
+                    .create(&PostParams::default(), &grant(&format!("r{i}"), &agent_of(i), &target, "1h"))
                     .await
                     .map(|_| ())
             }
