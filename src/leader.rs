@@ -127,13 +127,18 @@ impl Elector {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(RETRY_PERIOD).await;
-            match self.try_once().await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
+            // The renewal counts from before it was sent (renewTime is taken then), and a request
+            // that hangs must not outlast the deadline.
+            let started = Instant::now();
+            let left = RENEW_DEADLINE.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.try_once()).await {
+                Ok(Ok(true)) => renewed = started,
+                Ok(Ok(false)) => {
                     warn!(lease = %self.name, "another replica took the leader Lease");
                     return;
                 }
-                Err(e) => warn!(error = %e, "could not renew the leader Lease; will retry"),
+                Ok(Err(e)) => warn!(error = %e, "could not renew the leader Lease; will retry"),
+                Err(_) => warn!("renewing the leader Lease timed out"),
             }
             if renewed.elapsed() >= RENEW_DEADLINE {
                 return;

@@ -218,18 +218,35 @@ pub fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, Strin
     Some(serde_json::from_value::<Pod>(template.clone()).map_err(|e| format!("malformed pod template: {e}")))
 }
 
-/// Controllers that create pods from workloads whose creators were checked at the workload.
-fn is_pod_controller(username: &str) -> bool {
-    username.starts_with("system:serviceaccount:kube-system:") || username == "system:kube-controller-manager"
+/// The kube-controller-manager controllers that make `kind` from a parent workload the webhook
+/// checked when it was written: deployment → ReplicaSet, cronjob → Job, and the pod-making
+/// controllers → Pod. Nothing else in kube-system is exempt.
+fn made_by_its_controller(username: &str, kind: &str) -> bool {
+    let Some(controller) = username.strip_prefix("system:serviceaccount:kube-system:") else {
+        return username == "system:kube-controller-manager";
+    };
+    match kind {
+        "ReplicaSet" => controller == "deployment-controller",
+        "Job" => controller == "cronjob-controller",
+        "Pod" => matches!(
+            controller,
+            "replicaset-controller"
+                | "job-controller"
+                | "statefulset-controller"
+                | "daemon-set-controller"
+                | "replication-controller"
+        ),
+        _ => false,
+    }
 }
 
 /// The identity the requesting user must be allowed to `use` (RBAC on `agentidentities`) for this
-/// pod or workload: the one its (template's) label names, unless a kube-system controller makes
-/// it from a parent that was checked when it was written (Deployment → ReplicaSet → Pod,
-/// CronJob → Job → Pod, StatefulSet/DaemonSet → Pod: every parent kind is checked here too).
+/// pod or workload: the one its (template's) label names, unless the controller that makes this
+/// kind from a checked parent creates it (Deployment → ReplicaSet → Pod, CronJob → Job → Pod,
+/// StatefulSet/DaemonSet → Pod). Updates are always checked.
 pub fn identity_to_authorize(req: &AdmissionRequest<DynamicObject>, pod: &Pod) -> Option<String> {
     let user = req.user_info.username.as_deref().unwrap_or("");
-    if is_pod_controller(user) {
+    if req.operation == kube::core::admission::Operation::Create && made_by_its_controller(user, &req.kind.kind) {
         return None;
     }
     requested_identity(pod).map(str::to_string)

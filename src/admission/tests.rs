@@ -299,6 +299,19 @@ fn running_as_an_identity_needs_the_right_to_use_it() {
     assert!(pods::validate(&by_deployments, false).allowed);
     let by_eve = workload_request("ReplicaSet", "eve", rs);
     assert!(!pods::validate(&by_eve, false).allowed);
+    // Other kube-system accounts, a controller making another kind, and updates are checked.
+    let rs = deployment_json(
+        json!({"agentid.dev/identity": "db-admin"}),
+        json!({"containers": [{"name": "c", "image": "i"}]}),
+    );
+    let by_addon = workload_request("Deployment", "system:serviceaccount:kube-system:some-addon", rs.clone());
+    assert!(!pods::validate(&by_addon, false).allowed);
+    let wrong_kind =
+        workload_request("Deployment", "system:serviceaccount:kube-system:deployment-controller", rs.clone());
+    assert!(!pods::validate(&wrong_kind, false).allowed);
+    let mut update = workload_request("ReplicaSet", "system:serviceaccount:kube-system:deployment-controller", rs);
+    update.operation = kube::core::admission::Operation::Update;
+    assert!(!pods::validate(&update, false).allowed);
     // A ServiceAccount elsewhere named like a controller is not one.
     let impostor = workload_request(
         "Pod",

@@ -316,7 +316,7 @@ async fn remove_subject(ctx: &Context, finding: &drift::Finding, ns: &str, ident
         subjects
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| !(drift::removable(s) && drift::reaches(s, ns, identity)))
+            .filter(|s| !(drift::removable(s) && drift::reaches_in(s, finding.namespace.as_deref(), ns, identity)))
             .collect()
     };
     match &finding.namespace {

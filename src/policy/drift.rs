@@ -36,11 +36,27 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// Whether `subject` reaches the identity `identity` of namespace `ns`.
+/// Whether `subject` reaches the identity `identity` of namespace `ns`. A ServiceAccount subject
+/// without a namespace (valid in a RoleBinding) is checked by [`reaches_in`].
 pub fn reaches(subject: &Subject, ns: &str, identity: &str) -> bool {
+    reaches_in(subject, None, ns, identity)
+}
+
+/// [`reaches`] for a subject of a binding in `binding_ns` (None: a ClusterRoleBinding): a
+/// ServiceAccount subject without a namespace is in the binding's namespace, and the user name
+/// `system:serviceaccount:NS:NAME` is that ServiceAccount too.
+pub fn reaches_in(subject: &Subject, binding_ns: Option<&str>, ns: &str, identity: &str) -> bool {
+    if subject.kind == "User"
+        && let Some(rest) = subject.name.strip_prefix("system:serviceaccount:")
+        && let Some((sa_ns, sa)) = rest.split_once(':')
+    {
+        let as_sa =
+            Subject { kind: "ServiceAccount".into(), name: sa.into(), namespace: Some(sa_ns.into()), api_group: None };
+        return reaches_in(&as_sa, None, ns, identity);
+    }
     match subject.kind.as_str() {
         "ServiceAccount" => {
-            let sa_ns = subject.namespace.as_deref().unwrap_or_default();
+            let sa_ns = subject.namespace.as_deref().or(binding_ns).unwrap_or_default();
             // The base ServiceAccount, or any of this identity's grant ServiceAccounts (they carry
             // the grant's name, not the identity's, so every grant SA of the namespace counts: a
             // standing binding to any of them is drift).
@@ -80,11 +96,11 @@ pub fn standing_privileges(
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
     for b in role_bindings.iter().filter(|b| !exempt(b.labels())) {
-        for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
-            let namespace = b.namespace().unwrap_or_default();
+        let namespace = b.namespace().unwrap_or_default();
+        for subject in b.subjects.iter().flatten().filter(|s| reaches_in(s, Some(&namespace), ns, identity)) {
             findings.push(Finding {
                 binding: format!("RoleBinding {namespace}/{}", b.name_any()),
-                namespace: Some(namespace),
+                namespace: Some(namespace.clone()),
                 name: b.name_any(),
                 role: role(&b.role_ref),
                 subject: subject.clone(),
@@ -167,6 +183,23 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].binding, "ClusterRoleBinding oops");
         assert_eq!(found[0].namespace, None);
+    }
+
+    #[test]
+    fn namespace_less_subjects_and_service_account_user_names_count() {
+        let bindings = vec![
+            rb("agents", "implicit-ns", json!([{"kind": "ServiceAccount", "name": "agentid-fixer"}]), json!({})),
+            rb("prod", "implicit-elsewhere", json!([{"kind": "ServiceAccount", "name": "agentid-fixer"}]), json!({})),
+            rb(
+                "prod",
+                "as-user",
+                json!([{"kind": "User", "name": "system:serviceaccount:agents:agentid-fixer"}]),
+                json!({}),
+            ),
+        ];
+        let found = standing_privileges("agents", "fixer", &bindings, &[]);
+        let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, vec!["implicit-ns", "as-user"]);
     }
 
     #[test]

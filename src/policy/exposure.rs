@@ -36,10 +36,14 @@ pub struct Principal {
 }
 
 impl Principal {
-    fn reached_by(&self, subject: &Subject) -> bool {
+    /// Whether `subject` of a binding in `binding_ns` (None: a ClusterRoleBinding) names this
+    /// ServiceAccount. A RoleBinding's ServiceAccount subject without a namespace means the
+    /// binding's own namespace.
+    fn reached_by(&self, subject: &Subject, binding_ns: Option<&str>) -> bool {
         match subject.kind.as_str() {
             "ServiceAccount" => {
-                subject.name == self.name && subject.namespace.as_deref() == Some(self.namespace.as_str())
+                subject.name == self.name
+                    && subject.namespace.as_deref().or(binding_ns) == Some(self.namespace.as_str())
             }
             "User" => subject.name == format!("system:serviceaccount:{}:{}", self.namespace, self.name),
             "Group" => {
@@ -108,15 +112,20 @@ impl<'a> Rbac<'a> {
     fn rules_of(&self, p: &Principal) -> Vec<(Scope, &'a PolicyRule)> {
         let cluster_role = |name: &str| self.cluster_roles.iter().find(|r| r.name_any() == name);
         let mut out = Vec::new();
-        for b in self.cluster_role_bindings.iter().filter(|b| b.subjects.iter().flatten().any(|s| p.reached_by(s))) {
+        for b in
+            self.cluster_role_bindings.iter().filter(|b| b.subjects.iter().flatten().any(|s| p.reached_by(s, None)))
+        {
             if b.role_ref.kind == "ClusterRole"
                 && let Some(role) = cluster_role(&b.role_ref.name)
             {
                 out.extend(role.rules.iter().flatten().map(|r| (Scope::Cluster, r)));
             }
         }
-        for b in self.role_bindings.iter().filter(|b| b.subjects.iter().flatten().any(|s| p.reached_by(s))) {
+        for b in self.role_bindings.iter() {
             let ns = b.namespace().unwrap_or_default();
+            if !b.subjects.iter().flatten().any(|s| p.reached_by(s, Some(&ns))) {
+                continue;
+            }
             let rules = match b.role_ref.kind.as_str() {
                 "ClusterRole" => cluster_role(&b.role_ref.name).and_then(|r| r.rules.as_ref()),
                 "Role" => self
@@ -267,21 +276,23 @@ fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<Strin
     let agentid_made = |labels: &BTreeMap<String, String>| {
         labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
     };
+    // (subject, the binding's namespace): a RoleBinding's ServiceAccount subject without a
+    // namespace is in the binding's namespace.
     let subjects = rbac
         .role_bindings
         .iter()
         .filter(|b| !agentid_made(b.labels()))
-        .flat_map(|b| b.subjects.iter().flatten())
+        .flat_map(|b| b.subjects.iter().flatten().map(move |s| (s, b.namespace())))
         .chain(
             rbac.cluster_role_bindings
                 .iter()
                 .filter(|b| !agentid_made(b.labels()))
-                .flat_map(|b| b.subjects.iter().flatten()),
+                .flat_map(|b| b.subjects.iter().flatten().map(|s| (s, None))),
         );
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for s in subjects.filter(|s| s.kind == "ServiceAccount" && !s.name.starts_with("agentid-")) {
-        if let Some(ns) = &s.namespace {
-            out.entry(ns.clone()).or_default().insert(s.name.clone());
+    for (s, binding_ns) in subjects.filter(|(s, _)| s.kind == "ServiceAccount" && !s.name.starts_with("agentid-")) {
+        if let Some(ns) = s.namespace.clone().or(binding_ns) {
+            out.entry(ns).or_default().insert(s.name.clone());
         }
     }
     out
@@ -550,6 +561,18 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].namespace.as_str(), found[0].target.as_str()), ("busy", "operator"));
         assert_eq!(found[0].detail, "can exec into pods in busy, where ServiceAccount(s) operator hold rights");
+    }
+
+    #[test]
+    fn a_service_account_subject_without_namespace_is_in_the_bindings_namespace() {
+        let roles = [role("agents", "read", json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]))];
+        let bindings =
+            [binding("agents", "b", "Role", "read", json!([{"kind": "ServiceAccount", "name": "agentid-fixer"}]))];
+        let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
+        let secrets = [secret("agents", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"}))];
+        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].kind, Kind::LegacyToken);
     }
 
     #[test]
