@@ -24,7 +24,7 @@ use std::{
 use agentid::api::{AccessGrant, AgentIdentity, Approval, Decision, GrantPhase};
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, ServiceAccount};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -323,10 +323,7 @@ async fn chaos_churn_with_operator_kills_and_an_apiserver_restart() -> anyhow::R
 
     let pc = PrivateCluster::start("chaos").await?;
     let admin = pc.admin().await?;
-    for ns in [NS, TARGET] {
-        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &namespace).await?;
-    }
+    create_namespaces(&admin, &[NS, TARGET]).await?;
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "vol"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
@@ -339,11 +336,7 @@ async fn chaos_churn_with_operator_kills_and_an_apiserver_restart() -> anyhow::R
     create(&admin, NS, &churn).await?;
     wait_identity_ready(&admin, NS, "churn").await?;
     // alice may approve (RBAC) in this cluster.
-    let approver: k8s_openapi::api::rbac::v1::ClusterRole =
-        serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join("deploy/approver-clusterrole.yaml"))?)?;
-    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(admin.clone())
-        .create(&PostParams::default(), &approver)
-        .await?;
+    install_approver_role(&admin).await?;
     bind(&admin, NS, "approvers", "agentid-approver", &["alice"], &[]).await?;
     let alice = {
         let out = Command::new(repo_root().join("tests/control-plane/cluster"))

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::{
     admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
     authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{ConfigMap, Namespace, ServiceAccount},
+    core::v1::{ConfigMap, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role},
 };
 use kube::{
@@ -220,6 +220,16 @@ async fn cluster_scoped_leftovers(admin: &Client) -> anyhow::Result<Vec<String>>
     Ok(found)
 }
 
+/// Identity `reader` in `agents`, allowed into `staging`, and its grant `read` (get configmaps
+/// there), waited until Active; the operator's log is attached to any failure.
+async fn issue_reader_grant(admin: &Client, op: &Operator) -> anyhow::Result<agentid::api::AccessGrant> {
+    create(admin, "agents", &identity("reader", &["staging"])).await?;
+    wait_identity_ready(admin, "agents", "reader").await.with_context(|| op.log())?;
+    let read = grant("read", "reader", "10m", vec![rule("staging", "", &["configmaps"], &["get"], &[])]);
+    create(admin, "agents", &read).await?;
+    wait_phase(admin, "agents", "read", GrantPhase::Active).await.with_context(|| op.log())
+}
+
 /// The apiserver's message for a refused request.
 fn refusal<T: std::fmt::Debug>(result: kube::Result<T>) -> String {
     match result {
@@ -232,10 +242,7 @@ fn refusal<T: std::fmt::Debug>(result: kube::Result<T>) -> String {
 async fn installed_by_helm_the_operator_is_confined_to_its_namespaces() -> anyhow::Result<()> {
     let pc = PrivateCluster::start("chart").await?;
     let admin = pc.admin().await?;
-    for ns in ["agents", "staging", "other", "agentid-system"] {
-        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &namespace).await?;
-    }
+    create_namespaces(&admin, &["agents", "staging", "other", "agentid-system"]).await?;
     let kubectl = |args: &[&str]| -> anyhow::Result<()> {
         let bin = String::from_utf8(
             Command::new(repo_root().join("tests/control-plane/cluster")).arg("bin").output()?.stdout,
@@ -290,17 +297,9 @@ async fn installed_by_helm_the_operator_is_confined_to_its_namespaces() -> anyho
         ],
     )?;
     op.wait_ready().await.with_context(|| op.log())?;
-    create(&admin, "agents", &identity("reader", &["staging"])).await?;
-    wait_identity_ready(&admin, "agents", "reader").await.with_context(|| op.log())?;
     let config: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
     create(&admin, "staging", &config).await?;
-    create(
-        &admin,
-        "agents",
-        &grant("read", "reader", "10m", vec![rule("staging", "", &["configmaps"], &["get"], &[])]),
-    )
-    .await?;
-    let active = wait_phase(&admin, "agents", "read", GrantPhase::Active).await.with_context(|| op.log())?;
+    let active = issue_reader_grant(&admin, &op).await?;
     let agent = agent_client(&admin, &active).await?;
     Api::<ConfigMap>::namespaced(agent, "staging").get("settings").await?;
 
@@ -369,10 +368,7 @@ async fn with_cert_manager_the_operator_serves_the_issued_certificate_and_keeps_
 {
     let pc = PrivateCluster::start("certmanager").await?;
     let admin = pc.admin().await?;
-    for ns in ["agentid-system", "agents", "staging"] {
-        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &namespace).await?;
-    }
+    create_namespaces(&admin, &["agentid-system", "agents", "staging"]).await?;
     // What cert-manager would write: a CA-signed serving certificate in a kubernetes.io/tls Secret.
     let issued = agentid::admission::certs::generate(&["127.0.0.1".to_string()], jiff::Timestamp::now())?;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
@@ -413,15 +409,7 @@ async fn with_cert_manager_the_operator_serves_the_issued_certificate_and_keeps_
     assert!(hooks.iter().all(|h| h.client_config.ca_bundle.as_ref() == Some(&ca)), "the injected CA was lost");
 
     // The apiserver now reaches the webhook over TLS with the issued certificate: grants flow.
-    create(&admin, "agents", &identity("reader", &["staging"])).await?;
-    wait_identity_ready(&admin, "agents", "reader").await.with_context(|| op.log())?;
-    create(
-        &admin,
-        "agents",
-        &grant("read", "reader", "10m", vec![rule("staging", "", &["configmaps"], &["get"], &[])]),
-    )
-    .await?;
-    let active = wait_phase(&admin, "agents", "read", GrantPhase::Active).await.with_context(|| op.log())?;
+    let active = issue_reader_grant(&admin, &op).await?;
     assert_eq!(active.status.and_then(|s| s.requested_by).as_deref(), Some("admin"), "the mutating webhook ran");
     Ok(())
 }

@@ -6,12 +6,8 @@ use std::time::{Duration, Instant};
 
 use agentid::api::GrantPhase;
 use anyhow::Context as _;
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Namespace};
-use kube::{
-    Api, Client,
-    api::{ListParams, PostParams},
-};
-use serde_json::json;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client, api::ListParams};
 
 use crate::{
     fixtures::*,
@@ -57,10 +53,7 @@ async fn issue(admin: &Client, name: &str) -> anyhow::Result<Duration> {
 async fn the_leader_hands_over_on_kill_and_on_shutdown_and_nothing_is_issued_twice() -> anyhow::Result<()> {
     let pc = PrivateCluster::start("failover").await?;
     let admin = pc.admin().await?;
-    for ns in ["agentid-system", "agents", "staging"] {
-        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &namespace).await?;
-    }
+    create_namespaces(&admin, &["agentid-system", "agents", "staging"]).await?;
     let a = replica(&pc, "replica-a")?;
     poll_until(Duration::from_secs(30), "replica-a leads", || {
         let admin = admin.clone();

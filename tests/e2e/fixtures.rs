@@ -305,3 +305,13 @@ pub fn plugin(user: &str, ns: &str, args: &[&str]) -> anyhow::Result<(bool, Stri
         .output()?;
     Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
 }
+
+/// Creates the namespaces `names` (on a private control plane, where names need not be unique).
+pub async fn create_namespaces(admin: &Client, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone()).create(&PostParams::default(), &ns).await?;
+    }
+    Ok(())
+}
