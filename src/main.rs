@@ -77,6 +77,11 @@ struct RunArgs {
     /// The leader Lease's namespace [default: $POD_NAMESPACE].
     #[arg(long, env = "AGENTID_LEADER_ELECTION_NAMESPACE")]
     leader_election_namespace: Option<String>,
+    /// The most grants one identity may hold at once; more are Rejected (TooManyActiveGrants).
+    /// All of an identity's credentials share one Secret (1 MiB), which holds about 300.
+    #[arg(long, env = "AGENTID_MAX_ACTIVE_GRANTS_PER_IDENTITY", default_value_t = agentid::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=agentid::policy::capacity::MAX_ACTIVE_GRANTS_LIMIT as i64))]
+    max_active_grants_per_identity: u16,
     /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
@@ -189,6 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let settings = agentid::controller::Settings {
         leader_election,
+        max_active_grants: usize::from(args.max_active_grants_per_identity),
         installation: installation.clone(),
         metrics_addr: args.metrics_addr,
         access: agentid::policy::desired::ClusterAccess { server, ca_pem },

@@ -81,6 +81,24 @@ fn mutation_records_the_requester_whatever_the_request_says() {
 }
 
 #[test]
+fn mutation_adds_the_revocation_finalizer_once_and_keeps_others() {
+    let finalizer = crate::policy::names::GRANT_FINALIZER;
+    let bare = grant_json("fixer", None);
+    let doc = patched(&mutate(&request("AccessGrant", "CREATE", "bob", &[], bare.clone(), None)), bare);
+    assert_eq!(doc["metadata"]["finalizers"], serde_json::json!([finalizer]));
+
+    let mut theirs = grant_json("fixer", None);
+    theirs["metadata"]["finalizers"] = serde_json::json!(["example.com/keep"]);
+    let doc = patched(&mutate(&request("AccessGrant", "CREATE", "bob", &[], theirs.clone(), None)), theirs);
+    assert_eq!(doc["metadata"]["finalizers"], serde_json::json!(["example.com/keep", finalizer]));
+
+    let mut already = grant_json("fixer", None);
+    already["metadata"]["finalizers"] = serde_json::json!([finalizer]);
+    let doc = patched(&mutate(&request("AccessGrant", "CREATE", "bob", &[], already.clone(), None)), already);
+    assert_eq!(doc["metadata"]["finalizers"], serde_json::json!([finalizer]));
+}
+
+#[test]
 fn mutation_records_approver_groups() {
     let obj = approval_json("alice", "uid-rm", Some(&["forged"]));
     let req = request("Approval", "CREATE", "alice", &["sre-leads", "system:authenticated"], obj.clone(), None);

@@ -176,7 +176,7 @@ async fn decide(client: &Client, ns: &str, grant_name: &str, decision: Decision,
     }
 }
 
-async fn list_all<K>(client: &Client, what: &str) -> anyhow::Result<Vec<K>>
+async fn list_all<K>(client: &Client, what: &str) -> anyhow::Result<Vec<std::sync::Arc<K>>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -184,7 +184,10 @@ where
         .list(&ListParams::default())
         .await
         .with_context(|| format!("listing {what} (exposure needs to read every {what})"))?
-        .items)
+        .items
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect())
 }
 
 async fn exposure(client: &Client, ns: &str, name: &str) -> anyhow::Result<render::ExposureReport> {
@@ -201,10 +204,11 @@ async fn exposure(client: &Client, ns: &str, name: &str) -> anyhow::Result<rende
         .filter(|g| g.spec.identity == identity.name_any())
         .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active))
         .collect();
-    let roles: Vec<Role> = list_all(client, "Roles").await?;
-    let cluster_roles: Vec<ClusterRole> = list_all(client, "ClusterRoles").await?;
-    let role_bindings: Vec<RoleBinding> = list_all(client, "RoleBindings").await?;
-    let cluster_role_bindings: Vec<ClusterRoleBinding> = list_all(client, "ClusterRoleBindings").await?;
+    let roles: Vec<std::sync::Arc<Role>> = list_all(client, "Roles").await?;
+    let cluster_roles: Vec<std::sync::Arc<ClusterRole>> = list_all(client, "ClusterRoles").await?;
+    let role_bindings: Vec<std::sync::Arc<RoleBinding>> = list_all(client, "RoleBindings").await?;
+    let cluster_role_bindings: Vec<std::sync::Arc<ClusterRoleBinding>> =
+        list_all(client, "ClusterRoleBindings").await?;
     let secrets: Vec<_> = Api::<Secret>::all(client.clone())
         .list_metadata(&ListParams::default())
         .await
@@ -213,6 +217,7 @@ async fn exposure(client: &Client, ns: &str, name: &str) -> anyhow::Result<rende
         .into_iter()
         .map(|s| s.metadata)
         .collect();
+    let secrets: Vec<_> = secrets.iter().collect();
     let rbac = exposure::Rbac {
         roles: &roles,
         cluster_roles: &cluster_roles,

@@ -1,11 +1,13 @@
-//! Caches of the cluster objects exposure analysis reads: Roles and ClusterRoles (rules), and
-//! Secrets by metadata only — the operator never caches Secret data, so a legacy token is known by
-//! its `kubernetes.io/service-account.name` annotation, never by its content.
+//! Caches of the cluster objects drift and exposure analysis read: Roles and ClusterRoles (rules),
+//! RoleBindings and ClusterRoleBindings (subjects), and Secrets by metadata only — the operator
+//! never caches Secret data, so a legacy token is known by its
+//! `kubernetes.io/service-account.name` annotation, never by its content. Every cached object is
+//! slimmed first (see [`slim`]).
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::Secret,
-    rbac::v1::{ClusterRole, Role},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use kube::{
     Api, Client, Resource,
@@ -30,11 +32,47 @@ pub struct ClusterView {
     /// Secret metadata: one store for the whole cluster, or one per namespace of a confined
     /// installation (its RBAC reaches no further).
     pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+    /// Every RoleBinding.
+    pub role_bindings: Store<RoleBinding>,
+    /// Every ClusterRoleBinding.
+    pub cluster_role_bindings: Store<ClusterRoleBinding>,
+}
+
+/// Binding changes (deletions too), each yielded only once the caches hold it: a reconcile a
+/// binding triggers sees that binding. They fill the binding caches, so they must be polled (the
+/// identity controller does).
+pub struct BindingChanges {
+    /// RoleBindings made, changed or deleted.
+    pub role_bindings: BoxStream<'static, watcher::Result<RoleBinding>>,
+    /// ClusterRoleBindings made, changed or deleted.
+    pub cluster_role_bindings: BoxStream<'static, watcher::Result<ClusterRoleBinding>>,
+}
+
+/// Drops what agentid never reads and what is most of a cached object's size: managed fields and
+/// `kubectl apply`'s copy of the whole object.
+pub fn slim<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A watch of `api` that fills a cache (slimmed objects) and yields each touched object after
+/// the cache has it.
+pub fn cached<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config).modify(slim::<K>).default_backoff().reflect(writer).touched_objects();
+    (store, stream.boxed())
 }
 
 impl ClusterView {
-    /// Starts watching; the stores fill in the background.
-    pub fn start(client: &Client, installation: &Installation) -> Self {
+    /// Starts watching; the Role, ClusterRole and Secret stores fill in the background, the
+    /// binding stores as their changes are polled.
+    pub fn start(client: &Client, installation: &Installation) -> (Self, BindingChanges) {
         let (roles, writer) = reflector::store();
         spawn("Roles", watcher(Api::<Role>::all(client.clone()), watcher::Config::default()), writer);
         let (cluster_roles, writer) = reflector::store();
@@ -51,7 +89,20 @@ impl ClusterView {
                 store
             })
             .collect();
-        Self { roles, cluster_roles, secrets }
+        let (role_bindings, role_binding_changes) =
+            cached(Api::<RoleBinding>::all(client.clone()), watcher::Config::default());
+        let (cluster_role_bindings, cluster_role_binding_changes) =
+            cached(Api::<ClusterRoleBinding>::all(client.clone()), watcher::Config::default());
+        let view = Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings };
+        let changes =
+            BindingChanges { role_bindings: role_binding_changes, cluster_role_bindings: cluster_role_binding_changes };
+        (view, changes)
+    }
+
+    /// Whether the binding stores have their first full list.
+    pub fn bindings_ready(&self) -> bool {
+        self.role_bindings.wait_until_ready().now_or_never().is_some()
+            && self.cluster_role_bindings.wait_until_ready().now_or_never().is_some()
     }
 
     /// Whether every store has its first full list.
@@ -59,6 +110,7 @@ impl ClusterView {
         self.roles.wait_until_ready().now_or_never().is_some()
             && self.cluster_roles.wait_until_ready().now_or_never().is_some()
             && self.secrets.iter().all(|s| s.wait_until_ready().now_or_never().is_some())
+            && self.bindings_ready()
     }
 }
 
@@ -69,8 +121,7 @@ fn spawn<K>(
 ) where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    // Managed fields are most of an object's size and never read here.
-    let stream = stream.modify(|o: &mut K| o.meta_mut().managed_fields = None).default_backoff().reflect(writer);
+    let stream = stream.modify(slim::<K>).default_backoff().reflect(writer);
     tokio::spawn(stream.for_each(move |event| {
         if let Err(e) = event {
             warn!(watch = what, error = %e, "watch failed; retrying with backoff");

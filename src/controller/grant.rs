@@ -15,6 +15,7 @@ use crate::{
     api::{AccessGrant, AccessGrantStatus, AgentIdentity, Approval, GrantPhase},
     policy::{
         approval::{self, Candidate, Verdict},
+        ceiling::Violation,
         conditions::{Summary, set_summary},
         decide::{Facts, Step, decide},
         desired::GrantObjects,
@@ -34,23 +35,26 @@ async fn may_approve(ctx: &Context, user: &str, groups: &[String], ns: &str, gra
         .map_err(kube_err("asking the authorizer whether an approver may approve"))
 }
 
+/// The Approvals that name the grant.
+async fn approvals_of(grant: &AccessGrant, ctx: &Context) -> Result<Vec<Approval>, Error> {
+    let name = grant.name_any();
+    let approvals = Api::<Approval>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(kube_err("listing Approvals"))?;
+    Ok(approvals.items.into_iter().filter(|a| a.spec.grant == name).collect())
+}
+
 /// What the grant's Approvals add up to, each approver re-checked against RBAC now.
 async fn verdict(
     grant: &AccessGrant,
     identity: Option<&AgentIdentity>,
+    approvals: Vec<Approval>,
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Verdict, Error> {
     let ns = grant.namespace().unwrap_or_default();
     let name = grant.name_any();
-    let approvals: Vec<Approval> = Api::<Approval>::namespaced(ctx.client.clone(), &ns)
-        .list(&kube::api::ListParams::default())
-        .await
-        .map_err(kube_err("listing Approvals"))?
-        .items
-        .into_iter()
-        .filter(|a| a.spec.grant == name)
-        .collect();
     if !ctx.admission_registered {
         // Without admission, who asked and who approved were written by the users themselves.
         let why = "agentid's admission webhook is not registered, so no Approval can be trusted";
@@ -111,19 +115,34 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         // Past its end nothing else matters: revoke without waiting on any look-up that could fail.
         (None, no_verdict, None)
     } else {
-        // Live reads, not a cache: a grant must never be issued against a stale ceiling.
-        let identity = Api::<AgentIdentity>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(&grant.spec.identity)
-            .await
-            .map_err(kube_err(format!("reading AgentIdentity {}", grant.spec.identity)))?
-            .filter(|i| i.metadata.deletion_timestamp.is_none());
-        let verdict = if terminal { no_verdict } else { verdict(grant, identity.as_ref(), ctx, now).await? };
+        // Live reads, not a cache: a grant must never be issued against a stale ceiling. The three
+        // are independent, so they go out together (one round trip, not three).
+        let identity = async {
+            Api::<AgentIdentity>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(&grant.spec.identity)
+                .await
+                .map_err(kube_err(format!("reading AgentIdentity {}", grant.spec.identity)))
+        };
+        let approvals = async {
+            if terminal {
+                return Ok(None);
+            }
+            approvals_of(grant, ctx).await.map(Some)
+        };
         let sa_name = GrantObjects::new(grant).name;
-        let sa_created = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(ctx.client.clone(), &ns)
-            .get_metadata_opt(&sa_name)
-            .await
-            .map_err(kube_err(format!("reading ServiceAccount {sa_name}")))?
-            .map(|sa| sa.metadata.creation_timestamp.map(|t| t.0).unwrap_or(now));
+        let sa_created = async {
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(ctx.client.clone(), &ns)
+                .get_metadata_opt(&sa_name)
+                .await
+                .map_err(kube_err(format!("reading ServiceAccount {sa_name}")))
+        };
+        let (identity, approvals, sa_created) = tokio::try_join!(identity, approvals, sa_created)?;
+        let identity = identity.filter(|i| i.metadata.deletion_timestamp.is_none());
+        let verdict = match approvals {
+            Some(approvals) => verdict(grant, identity.as_ref(), approvals, ctx, now).await?,
+            None => no_verdict,
+        };
+        let sa_created = sa_created.map(|sa| sa.metadata.creation_timestamp.map(|t| t.0).unwrap_or(now));
         (identity, verdict, sa_created)
     };
 
@@ -154,15 +173,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     match decide(grant, facts) {
         Step::Wait { recheck_at } => Ok(requeue_at(recheck_at, now)),
 
-        Step::Reject(violation) => {
-            status.phase = Some(GrantPhase::Rejected);
-            let message = format!("rejected: {violation}");
-            set_summary(&mut status.conditions, Summary::Stalled, violation.reason(), message.clone(), generation, now);
-            apply_status(&ctx.client, grant, &status).await?;
-            audit(grant, &status, "rejected", violation.reason());
-            ctx.event(grant, EventType::Warning, "Rejected", message).await;
-            Ok(Action::await_change())
-        }
+        Step::Reject(violation) => reject(grant, ctx, status, &violation, now).await,
 
         Step::AwaitApproval { reasons, recheck_at } => {
             status.phase = Some(GrantPhase::AwaitingApproval);
@@ -199,6 +210,13 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         Step::Issue { expires_at } => {
             let objects = GrantObjects::new(grant);
             if status.expires_at.is_none() {
+                // A new credential: only if the identity has room for one more.
+                if let Err(held) = ctx.reserve_slot(grant).await? {
+                    let limit = ctx.max_active_grants;
+                    let identity = grant.spec.identity.clone();
+                    let violation = Violation::TooManyActiveGrants { identity, held, limit };
+                    return reject(grant, ctx, status, &violation, now).await;
+                }
                 // Record the intent (and the fixed end) before making anything: a crash from here
                 // on resumes with the same expiry instead of starting a second credential.
                 status.phase = Some(GrantPhase::Pending);
@@ -264,6 +282,24 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
     }
+}
+
+/// Ends the grant as Rejected: it never held a credential and never will.
+async fn reject(
+    grant: &AccessGrant,
+    ctx: &Context,
+    mut status: AccessGrantStatus,
+    violation: &Violation,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    status.phase = Some(GrantPhase::Rejected);
+    let message = format!("rejected: {violation}");
+    let generation = grant.metadata.generation;
+    set_summary(&mut status.conditions, Summary::Stalled, violation.reason(), message.clone(), generation, now);
+    apply_status(&ctx.client, grant, &status).await?;
+    audit(grant, &status, "rejected", violation.reason());
+    ctx.event(grant, EventType::Warning, "Rejected", message).await;
+    Ok(Action::await_change())
 }
 
 /// The grant is being deleted: revoke whatever it holds, then let it go.

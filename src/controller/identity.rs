@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding, Subject},
+    rbac::v1::{ClusterRoleBinding, Role, RoleBinding, Subject},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
@@ -32,6 +32,24 @@ use crate::{
 pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AgentIdentity");
     reconcile_with_finalizer(identity, &ctx, names::IDENTITY_FINALIZER, apply, cleanup).await
+}
+
+/// The identity's grants that hold a credential and are not being revoked: from the grant cache
+/// (which holds every grant change before it reaches this controller), or read when the cache
+/// is not filled yet.
+async fn active_grants(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<Arc<AccessGrant>>, Error> {
+    let active = |g: &AccessGrant| {
+        g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active) && g.metadata.deletion_timestamp.is_none()
+    };
+    if let Some(store) = ctx.grants.as_ref().filter(|s| super::store_ready(s)) {
+        let (ns, name) = (identity.namespace(), identity.name_any());
+        return Ok(store
+            .state()
+            .into_iter()
+            .filter(|g| g.namespace() == ns && g.spec.identity == name && active(g))
+            .collect());
+    }
+    Ok(grants_of(identity, ctx).await?.into_iter().filter(|g| active(g)).map(Arc::new).collect())
 }
 
 async fn grants_of(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<AccessGrant>, Error> {
@@ -76,24 +94,29 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     if let Err(message) = ctx.installation.check_identity(&home, &identity.spec.allowed_namespaces) {
         return stall(identity, ctx, "OutsideInstallation", message, now).await;
     }
-    if let Some(taken) = name_taken(identity, ctx).await? {
-        let message = format!(
-            "{taken} already exists and was not made by agentid for this identity; agentid will not adopt it (it could hold privileges or be readable by others): remove or rename it"
-        );
-        return stall(identity, ctx, "NameTaken", message, now).await;
+    if !ctx.base_objects_current(identity) {
+        if let Some(taken) = name_taken(identity, ctx).await? {
+            let message = format!(
+                "{taken} already exists and was not made by agentid for this identity; agentid will not adopt it (it could hold privileges or be readable by others): remove or rename it"
+            );
+            return stall(identity, ctx, "NameTaken", message, now).await;
+        }
+        let (sa, secret) =
+            (desired::identity_service_account(identity), desired::identity_credentials_secret(identity));
+        let (role, binding) =
+            (desired::identity_requester_role(identity), desired::identity_requester_binding(identity));
+        tokio::try_join!(
+            server_side_apply::<ServiceAccount>(&ctx.client, &sa),
+            server_side_apply::<Secret>(&ctx.client, &secret),
+            server_side_apply::<Role>(&ctx.client, &role),
+            server_side_apply::<RoleBinding>(&ctx.client, &binding),
+        )?;
+        ctx.base_objects_applied(identity);
     }
-    server_side_apply::<ServiceAccount>(&ctx.client, &desired::identity_service_account(identity)).await?;
-    server_side_apply::<Secret>(&ctx.client, &desired::identity_credentials_secret(identity)).await?;
-    server_side_apply::<Role>(&ctx.client, &desired::identity_requester_role(identity)).await?;
-    server_side_apply::<RoleBinding>(&ctx.client, &desired::identity_requester_binding(identity)).await?;
 
     let name = identity.name_any();
-    let active: Vec<AccessGrant> = grants_of(identity, ctx)
-        .await?
-        .into_iter()
-        .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active))
-        .collect();
-    let bindings = Bindings::list(ctx).await?;
+    let active = active_grants(identity, ctx).await?;
+    let bindings = Bindings::current(ctx).await?;
 
     let old = identity.status.clone().unwrap_or_default();
     let mut status = AgentIdentityStatus {
@@ -205,15 +228,21 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// Every RoleBinding and ClusterRoleBinding, read fresh: a binding that was just made must be
-/// seen by the reconcile it triggered.
+/// Every RoleBinding and ClusterRoleBinding: from the caches, which hold a binding before the
+/// reconcile it triggers runs; read from the apiserver while they are still filling.
 struct Bindings {
-    role_bindings: Vec<RoleBinding>,
-    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    role_bindings: Vec<Arc<RoleBinding>>,
+    cluster_role_bindings: Vec<Arc<ClusterRoleBinding>>,
 }
 
 impl Bindings {
-    async fn list(ctx: &Context) -> Result<Self, Error> {
+    async fn current(ctx: &Context) -> Result<Self, Error> {
+        if let Some(view) = ctx.view.as_ref().filter(|v| v.bindings_ready()) {
+            return Ok(Self {
+                role_bindings: view.role_bindings.state(),
+                cluster_role_bindings: view.cluster_role_bindings.state(),
+            });
+        }
         let lp = ListParams::default();
         let role_bindings = Api::<RoleBinding>::all(ctx.client.clone())
             .list(&lp)
@@ -225,7 +254,10 @@ impl Bindings {
             .await
             .map_err(kube_err("listing ClusterRoleBindings"))?
             .items;
-        Ok(Self { role_bindings, cluster_role_bindings })
+        Ok(Self {
+            role_bindings: role_bindings.into_iter().map(Arc::new).collect(),
+            cluster_role_bindings: cluster_role_bindings.into_iter().map(Arc::new).collect(),
+        })
     }
 }
 
@@ -237,17 +269,16 @@ pub const EXPOSURE: &str = "CredentialExposureDetected";
 fn credential_exposure(
     identity: &AgentIdentity,
     ctx: &Context,
-    active: &[AccessGrant],
+    active: &[Arc<AccessGrant>],
     bindings: &Bindings,
 ) -> Option<Vec<exposure::Exposed>> {
     let view = ctx.view.as_ref().filter(|v| v.ready())?;
     let ns = identity.namespace().unwrap_or_default();
     let name = identity.name_any();
-    let principals = exposure::principals(&ns, &name, active);
-    let roles: Vec<Role> = view.roles.state().iter().map(|r| (**r).clone()).collect();
-    let cluster_roles: Vec<ClusterRole> = view.cluster_roles.state().iter().map(|r| (**r).clone()).collect();
-    let secrets: Vec<ObjectMeta> =
-        view.secrets.iter().flat_map(|store| store.state()).map(|s| s.metadata.clone()).collect();
+    let principals = exposure::principals(&ns, &name, active.iter().map(|g| g.as_ref()));
+    let (roles, cluster_roles) = (view.roles.state(), view.cluster_roles.state());
+    let secrets: Vec<_> = view.secrets.iter().flat_map(|store| store.state()).collect();
+    let secrets: Vec<&ObjectMeta> = secrets.iter().map(|s| &s.metadata).collect();
     let rbac = exposure::Rbac {
         roles: &roles,
         cluster_roles: &cluster_roles,
@@ -368,6 +399,7 @@ async fn cleanup(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Erro
         grant::reevaluate(&g, ctx).await?;
         revoked += 1;
     }
+    ctx.forget_identity(identity);
     info!(revoked, "identity deleted; its grants are revoked");
     Ok(Action::await_change())
 }

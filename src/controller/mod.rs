@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::{
@@ -30,7 +31,7 @@ use kube::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
         finalizer::{Event as FinalizerEvent, finalizer},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
     },
 };
@@ -40,7 +41,7 @@ use tracing::{info, warn};
 
 use crate::{
     admission::server::WebhookSettings,
-    api::{AccessGrant, AgentIdentity, Approval, ProtectedResource},
+    api::{AccessGrant, AgentIdentity, Approval, GrantPhase, ProtectedResource},
     credentials::{self, kubernetes::KubernetesIssuer},
     metrics::{HttpState, Metrics},
     policy::{desired::ClusterAccess, install::Installation, names},
@@ -107,7 +108,22 @@ pub struct Settings {
     pub webhook: WebhookSettings,
     /// Leader election (namespace and this replica's identity); None: this process always leads.
     pub leader_election: Option<LeaderElection>,
+    /// The most grants one identity may hold at once (its credentials Secret holds them all).
+    pub max_active_grants: usize,
 }
+
+/// Caches of the objects agentid makes for each identity (labelled `component=base`).
+#[derive(Clone)]
+pub struct OwnedCaches {
+    /// The base ServiceAccounts.
+    pub service_accounts: Store<ServiceAccount>,
+    /// The credentials Secrets, metadata only (one store per watched namespace).
+    pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+}
+
+/// How long an identity's base objects, once applied, are trusted from the caches before they
+/// are applied again.
+const BASE_REAPPLY: Duration = Duration::from_secs(60);
 
 /// Where the leader Lease lives and who this replica is.
 #[derive(Debug, Clone)]
@@ -151,8 +167,21 @@ pub struct Context {
     /// Whether agentid's admission webhook is registered: only then are the requester and
     /// approver records on grants and Approvals trustworthy, so only then do Approvals count.
     pub(crate) admission_registered: bool,
-    /// Roles, ClusterRoles and Secret metadata, for exposure analysis (None: not analysed).
+    /// Roles, ClusterRoles, bindings and Secret metadata, for drift and exposure analysis (None:
+    /// read from the apiserver, exposure not analysed).
     pub(crate) view: Option<cache::ClusterView>,
+    /// Every AccessGrant, as the grant controller sees them (None: read from the apiserver).
+    pub(crate) grants: Option<Store<AccessGrant>>,
+    /// The most grants one identity may hold at once.
+    pub(crate) max_active_grants: usize,
+    /// Per identity (`namespace/name`), grants this process has begun issuing that the grant
+    /// cache does not show issued yet.
+    issuing: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
+    /// The identities' own ServiceAccounts and credentials Secrets (metadata), as watched.
+    pub(crate) owned: Option<OwnedCaches>,
+    /// Per identity (`namespace/name`): the uid and generation whose base objects were last
+    /// applied, and when.
+    base_applied: Mutex<HashMap<String, (String, i64, std::time::Instant)>>,
     recorder: Recorder,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -176,6 +205,11 @@ impl Context {
             installation: Installation::default(),
             admission_registered: true,
             view: None,
+            grants: None,
+            max_active_grants: crate::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS,
+            issuing: Mutex::default(),
+            owned: None,
+            base_applied: Mutex::default(),
             failures: Mutex::default(),
         }
     }
@@ -192,6 +226,91 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish event");
         }
+    }
+
+    /// Counts `grant` against its identity's cap before it is issued (see `policy::capacity`);
+    /// Err: the identity holds `limit` already.
+    pub(crate) async fn reserve_slot(&self, grant: &AccessGrant) -> Result<Result<(), usize>, Error> {
+        let ns = grant.namespace().unwrap_or_default();
+        let identity = &grant.spec.identity;
+        let ours = |g: &AccessGrant| g.namespace().as_deref() == Some(ns.as_str()) && &g.spec.identity == identity;
+        let grants: Vec<Arc<AccessGrant>> = match self.grants.as_ref().filter(|s| store_ready(s)) {
+            Some(store) => store.state().into_iter().filter(|g| ours(g)).collect(),
+            None => Api::<AccessGrant>::namespaced(self.client.clone(), &ns)
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(kube_err("listing AccessGrants"))?
+                .items
+                .into_iter()
+                .filter(|g| ours(g))
+                .map(Arc::new)
+                .collect(),
+        };
+        let mut seen = crate::policy::capacity::Holdings::default();
+        for g in grants {
+            let status = g.status.as_ref();
+            if status.and_then(|s| s.phase).is_some_and(GrantPhase::is_terminal)
+                || g.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let uid = g.uid().unwrap_or_default();
+            match status.and_then(|s| s.expires_at.as_ref()) {
+                Some(_) => seen.holding.insert(uid),
+                None => seen.waiting.insert(uid),
+            };
+        }
+        let mut issuing = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        let reserved = issuing.entry(format!("{ns}/{identity}")).or_default();
+        let uid = grant.uid().unwrap_or_default();
+        let outcome = crate::policy::capacity::reserve(&uid, &seen, reserved, self.max_active_grants);
+        if reserved.is_empty() {
+            issuing.remove(&format!("{ns}/{identity}"));
+        }
+        Ok(outcome)
+    }
+
+    /// Whether the identity's base objects (ServiceAccount, credentials Secret, requester Role and
+    /// RoleBinding) were applied for this generation less than a minute ago and the caches still
+    /// show all four: then a reconcile (most come from its grants changing) need not apply them
+    /// again. A deleted or replaced object is missing from the caches and is made again at once.
+    pub(crate) fn base_objects_current(&self, identity: &AgentIdentity) -> bool {
+        let (Some(owned), Some(view)) = (&self.owned, &self.view) else { return false };
+        let ns = identity.namespace().unwrap_or_default();
+        let name = identity.name_any();
+        let recent =
+            self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).get(&format!("{ns}/{name}")).is_some_and(
+                |(uid, generation, at)| {
+                    Some(uid) == identity.metadata.uid.as_ref()
+                        && Some(*generation) == identity.metadata.generation
+                        && at.elapsed() < BASE_REAPPLY
+                },
+            );
+        let sa = ObjectRef::new(&names::identity_service_account(&name)).within(&ns);
+        let secret = ObjectRef::new(&names::identity_credentials_secret(&name)).within(&ns);
+        // The requester Role and its RoleBinding share a name.
+        let requester = names::identity_requester_role(&name);
+        recent
+            && owned.service_accounts.get(&sa).is_some()
+            && owned.secrets.iter().any(|s| s.get(&secret).is_some())
+            && view.roles.get(&ObjectRef::new(&requester).within(&ns)).is_some()
+            && view.role_bindings.get(&ObjectRef::new(&requester).within(&ns)).is_some()
+    }
+
+    /// Records that the identity's base objects were applied now.
+    pub(crate) fn base_objects_applied(&self, identity: &AgentIdentity) {
+        let key = format!("{}/{}", identity.namespace().unwrap_or_default(), identity.name_any());
+        let (Some(uid), Some(generation)) = (identity.metadata.uid.clone(), identity.metadata.generation) else {
+            return;
+        };
+        let mut applied = self.base_applied.lock().unwrap_or_else(|e| e.into_inner());
+        applied.insert(key, (uid, generation, std::time::Instant::now()));
+    }
+
+    /// Forgets a deleted identity.
+    pub(crate) fn forget_identity(&self, identity: &AgentIdentity) {
+        let key = format!("{}/{}", identity.namespace().unwrap_or_default(), identity.name_any());
+        self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
     }
 
     fn backoff_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
@@ -212,6 +331,15 @@ impl Context {
         }
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
     }
+}
+
+/// Whether a store has its first full list.
+pub(crate) fn store_ready<K: kube::runtime::reflector::Lookup + Clone>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::FutureExt as _;
+    store.wait_until_ready().now_or_never().is_some()
 }
 
 /// Runs `apply` or, for an object being deleted, `cleanup` under finalizer `finalizer_name`, and
@@ -299,15 +427,46 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut context = Context::new(client.clone(), settings.access, settings.protected, metrics.clone());
     context.admission_registered = settings.webhook.endpoint.is_some();
-    context.view = Some(cache::ClusterView::start(&client, &settings.installation));
+    let (view, binding_changes) = cache::ClusterView::start(&client, &settings.installation);
+    context.view = Some(view);
     context.installation = settings.installation.clone();
+    context.max_active_grants = settings.max_active_grants;
+
+    // What agentid makes for each identity, cached: owned Secrets by metadata only (the operator
+    // never caches Secret data), and only where this installation may read them.
+    let base_selector = format!("{}={},{}=base", names::MANAGED_BY_LABEL, names::MANAGED_BY, names::COMPONENT_LABEL);
+    let owned_config = watcher::Config::default().labels(&base_selector);
+    let (service_accounts, sa_changes) =
+        cache::cached(Api::<ServiceAccount>::all(client.clone()), owned_config.clone());
+    let (secrets, secret_changes): (Vec<_>, Vec<_>) =
+        secret_apis::<PartialObjectMeta<Secret>>(&client, &settings.installation.agent_namespaces)
+            .into_iter()
+            .map(|api| cache::cached(api, owned_config.clone()))
+            .unzip();
+    context.owned = Some(OwnedCaches { service_accounts, secrets });
+
+    // One watch of AccessGrants, shared: the grant controller reconciles from it; the identity
+    // controller is triggered by it and counts active grants in its cache, which holds each
+    // change before any controller hears of it.
+    let (grant_store, grant_writer) = reflector::store_shared::<AccessGrant>(1024);
+    let grant_events = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
+    let grant_changes = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
+    let grant_watch = watcher(Api::<AccessGrant>::all(client.clone()), watcher::Config::default())
+        .modify(cache::slim::<AccessGrant>)
+        .default_backoff()
+        .reflect_shared(grant_writer)
+        .for_each(|event| {
+            if let Err(e) = event {
+                warn!(watch = "AccessGrants", error = %e, "watch failed; retrying with backoff");
+            }
+            futures::future::ready(())
+        });
+    context.grants = Some(grant_store.clone());
     let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
 
-    let grants: Api<AccessGrant> = Api::all(client.clone());
     let identities: Api<AgentIdentity> = Api::all(client.clone());
-    let grant_controller = Controller::new(grants, watcher::Config::default());
-    let grant_store = grant_controller.store();
+    let grant_controller = Controller::for_shared_stream(grant_events, grant_store.clone());
 
     // Admission first: without it no grant records its requester and no Approval is checked.
     crate::admission::server::start(client.clone(), settings.webhook.clone()).await?;
@@ -377,10 +536,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .run(grant::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
-    // Owned Secrets are watched by metadata only: the operator never caches Secret data.
-    let base_selector = format!("{}={},{}=base", names::MANAGED_BY_LABEL, names::MANAGED_BY, names::COMPONENT_LABEL);
-    let identity_controller = Controller::new(identities, watcher::Config::default());
-    let identity_store = identity_controller.store();
+    let (identity_store, identity_writer) = reflector::store();
+    let identity_stream = watcher(identities, watcher::Config::default())
+        .modify(cache::slim::<AgentIdentity>)
+        .default_backoff()
+        .reflect(identity_writer)
+        .applied_objects();
+    let identity_controller = Controller::for_stream(identity_stream, identity_store.clone());
     // A binding made or changed anywhere may give an identity standing privilege: look again at
     // every identity its subjects reach.
     let reached = move |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
@@ -396,24 +558,16 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     };
     let reached_too = reached.clone();
-    let mut identity_controller = identity_controller
-        .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default().labels(&base_selector));
-    // Secrets only where this installation may read them.
-    for api in secret_apis::<PartialObjectMeta<Secret>>(&client, &ctx.installation.agent_namespaces) {
-        identity_controller = identity_controller.owns(api, watcher::Config::default().labels(&base_selector));
+    let mut identity_controller = identity_controller.owns_stream(sa_changes);
+    for changes in secret_changes {
+        identity_controller = identity_controller.owns_stream(changes);
     }
     let identity_run = identity_controller
-        .watches(Api::<AccessGrant>::all(client.clone()), watcher::Config::default(), |grant: AccessGrant| {
+        .watches_shared_stream(grant_changes, |grant: Arc<AccessGrant>| {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })
-        .watches(Api::<RoleBinding>::all(client.clone()), watcher::Config::default(), move |b: RoleBinding| {
-            reached(b.subjects)
-        })
-        .watches(
-            Api::<ClusterRoleBinding>::all(client.clone()),
-            watcher::Config::default(),
-            move |b: ClusterRoleBinding| reached_too(b.subjects),
-        )
+        .watches_stream(binding_changes.role_bindings, move |b: RoleBinding| reached(b.subjects))
+        .watches_stream(binding_changes.cluster_role_bindings, move |b: ClusterRoleBinding| reached_too(b.subjects))
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -434,7 +588,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     ready.store(true, Ordering::Release);
     info!("agentid is running");
-    futures::future::join(grant_run, identity_run).await;
+    tokio::select! {
+        _ = futures::future::join(grant_run, identity_run) => {}
+        // Never ends by itself: it feeds both controllers until they stop.
+        _ = grant_watch => {}
+    }
     if let (Some(holder), Some(elector)) = (holder, &elector) {
         // Stop renewing first, or the renewal could take the released Lease back.
         holder.abort();

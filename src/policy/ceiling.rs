@@ -44,6 +44,18 @@ pub enum Violation {
     /// The identity lives or reaches outside the namespaces this installation serves.
     #[error("{0}")]
     OutsideInstallation(String),
+    /// The identity already holds as many credentials as the installation allows one identity.
+    #[error(
+        "AgentIdentity {identity:?} already holds {held} active grant(s), the most this installation allows one identity (--max-active-grants-per-identity={limit}): let one end or delete one, then ask again"
+    )]
+    TooManyActiveGrants {
+        /// The identity.
+        identity: String,
+        /// How many grants it holds (or is being issued).
+        held: usize,
+        /// The cap.
+        limit: usize,
+    },
 }
 
 impl Violation {
@@ -58,6 +70,7 @@ impl Violation {
             Self::InvalidDuration(_) => "InvalidDuration",
             Self::NoAccess => "NoAccess",
             Self::OutsideInstallation(_) => "OutsideInstallation",
+            Self::TooManyActiveGrants { .. } => "TooManyActiveGrants",
         }
     }
 }

@@ -91,8 +91,8 @@ pub fn removable(subject: &Subject) -> bool {
 pub fn standing_privileges(
     ns: &str,
     identity: &str,
-    role_bindings: &[RoleBinding],
-    cluster_role_bindings: &[ClusterRoleBinding],
+    role_bindings: &[std::sync::Arc<RoleBinding>],
+    cluster_role_bindings: &[std::sync::Arc<ClusterRoleBinding>],
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
     for b in role_bindings.iter().filter(|b| !exempt(b.labels())) {
@@ -140,6 +140,10 @@ mod tests {
         .expect("binding")
     }
 
+    fn shared<T>(items: impl IntoIterator<Item = T>) -> Vec<std::sync::Arc<T>> {
+        items.into_iter().map(std::sync::Arc::new).collect()
+    }
+
     fn sa(ns: &str, name: &str) -> serde_json::Value {
         json!({"kind": "ServiceAccount", "name": name, "namespace": ns})
     }
@@ -161,7 +165,7 @@ mod tests {
                 json!({"app.kubernetes.io/managed-by": "agentid"}),
             ),
         ];
-        let found = standing_privileges("agents", "fixer", &bindings, &[]);
+        let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, vec!["all-sas", "direct", "grant-sa", "ns-sas"]);
         assert!(found.iter().all(|f| f.namespace.as_deref() == Some("prod")));
@@ -179,7 +183,7 @@ mod tests {
             "subjects": [sa("agents", "agentid-fixer")]
         }))
         .expect("binding");
-        let found = standing_privileges("agents", "fixer", &[], &[crb]);
+        let found = standing_privileges("agents", "fixer", &[], &[crb.into()]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].binding, "ClusterRoleBinding oops");
         assert_eq!(found[0].namespace, None);
@@ -197,7 +201,7 @@ mod tests {
                 json!({}),
             ),
         ];
-        let found = standing_privileges("agents", "fixer", &bindings, &[]);
+        let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, vec!["implicit-ns", "as-user"]);
     }

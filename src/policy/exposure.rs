@@ -9,7 +9,10 @@
 //! their aggregated rules in `rules`, filled in by the controller-manager, so they need no special
 //! case.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use k8s_openapi::{
     api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
@@ -45,11 +48,14 @@ impl Principal {
                 subject.name == self.name
                     && subject.namespace.as_deref().or(binding_ns) == Some(self.namespace.as_str())
             }
-            "User" => subject.name == format!("system:serviceaccount:{}:{}", self.namespace, self.name),
+            "User" => {
+                subject.name.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'))
+                    == Some((self.namespace.as_str(), self.name.as_str()))
+            }
             "Group" => {
                 subject.name == "system:serviceaccounts"
                     || subject.name == "system:authenticated"
-                    || subject.name == format!("system:serviceaccounts:{}", self.namespace)
+                    || subject.name.strip_prefix("system:serviceaccounts:") == Some(self.namespace.as_str())
             }
             _ => false,
         }
@@ -58,30 +64,35 @@ impl Principal {
 
 /// The ServiceAccounts an identity acts as: its base ServiceAccount and the ServiceAccount of
 /// each of `grants` (its active grants).
-pub fn principals(ns: &str, identity: &str, grants: &[crate::api::AccessGrant]) -> Vec<Principal> {
+pub fn principals<'a>(
+    ns: &str,
+    identity: &str,
+    grants: impl IntoIterator<Item = &'a crate::api::AccessGrant>,
+) -> Vec<Principal> {
     let base = Principal {
         namespace: ns.into(),
         name: names::identity_service_account(identity),
         via: "base ServiceAccount".into(),
     };
-    let grant_sas = grants.iter().filter_map(|g| {
+    let grant_sas = grants.into_iter().filter_map(|g| {
         let name = g.status.as_ref().and_then(|s| s.service_account_name.clone())?;
         Some(Principal { namespace: ns.into(), name, via: format!("grant {}", g.name_any()) })
     });
     std::iter::once(base).chain(grant_sas).collect()
 }
 
-/// The RBAC objects of the cluster.
+/// The RBAC objects of the cluster (shared, as a watch cache holds them: reading them copies
+/// nothing).
 #[derive(Debug, Clone, Copy)]
 pub struct Rbac<'a> {
     /// Roles.
-    pub roles: &'a [Role],
+    pub roles: &'a [Arc<Role>],
     /// ClusterRoles.
-    pub cluster_roles: &'a [ClusterRole],
+    pub cluster_roles: &'a [Arc<ClusterRole>],
     /// RoleBindings.
-    pub role_bindings: &'a [RoleBinding],
+    pub role_bindings: &'a [Arc<RoleBinding>],
     /// ClusterRoleBindings.
-    pub cluster_role_bindings: &'a [ClusterRoleBinding],
+    pub cluster_role_bindings: &'a [Arc<ClusterRoleBinding>],
 }
 
 /// Where a rule holds: one namespace, or every namespace (a ClusterRoleBinding).
@@ -301,10 +312,10 @@ fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<Strin
 /// Whether a Secret is the identity's own: its credentials Secret or one of its grants' (agentid
 /// made it, in the identity's namespace, for this identity; never a ServiceAccount token).
 fn own_secret(meta: &ObjectMeta, ns: &str, identity: &str) -> bool {
-    let labels = meta.labels.clone().unwrap_or_default();
+    let label = |key: &str| meta.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str);
     meta.namespace.as_deref() == Some(ns)
-        && labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
-        && labels.get(names::IDENTITY_LABEL).map(String::as_str) == Some(identity)
+        && label(names::MANAGED_BY_LABEL) == Some(names::MANAGED_BY)
+        && label(names::IDENTITY_LABEL) == Some(identity)
         && !meta.annotations.iter().flatten().any(|(k, _)| k == LEGACY_TOKEN_ANNOTATION)
 }
 
@@ -316,9 +327,11 @@ pub fn exposure(
     identity: &str,
     principals: &[Principal],
     rbac: &Rbac<'_>,
-    secrets: &[ObjectMeta],
+    secrets: &[&ObjectMeta],
 ) -> Vec<Exposed> {
-    let powerful = powerful_service_accounts(rbac);
+    // Which ServiceAccounts hold rights scans every binding: only when some principal can start
+    // or enter pods.
+    let mut powerful: Option<BTreeMap<String, BTreeSet<String>>> = None;
     let mut out = BTreeSet::new();
     for p in principals {
         let rules = rbac.rules_of(p);
@@ -331,7 +344,7 @@ pub fn exposure(
         };
 
         let read = reach(&rules, &["get", "list", "watch"], "", "secrets");
-        for meta in secrets {
+        for meta in secrets.iter().filter(|_| !read.is_empty()) {
             let (secret_ns, name) = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
             if own_secret(meta, ns, identity) || !allowed_in(&read, &secret_ns, &name) {
                 continue;
@@ -373,7 +386,12 @@ pub fn exposure(
         let pods = reach(&rules, &["create"], "", "pods");
         let exec =
             [reach(&rules, &["create", "get"], "", "pods/exec"), reach(&rules, &["create", "get"], "", "pods/attach")];
-        for (pod_ns, sas) in &powerful {
+        let enters_pods = !pods.is_empty() || exec.iter().any(|r| !r.is_empty());
+        let powerful = match enters_pods {
+            true => powerful.get_or_insert_with(|| powerful_service_accounts(rbac)),
+            false => &BTreeMap::new(),
+        };
+        for (pod_ns, sas) in powerful.iter() {
             let can_create = pods.iter().any(|(s, _)| s.covers(pod_ns));
             let can_exec = exec.iter().any(|r| r.iter().any(|(s, _)| s.covers(pod_ns)));
             if !(can_create || can_exec) {
@@ -426,6 +444,10 @@ mod tests {
         }))
     }
 
+    fn shared<T: Clone>(items: &[T]) -> Vec<Arc<T>> {
+        items.iter().cloned().map(Arc::new).collect()
+    }
+
     fn sa(ns: &str, name: &str) -> serde_json::Value {
         json!({"kind": "ServiceAccount", "name": name, "namespace": ns})
     }
@@ -451,6 +473,8 @@ mod tests {
         )];
         let bindings =
             [binding("prod", "g", "Role", "read-secrets", json!([sa("agents", "agentid-grant-g-1234abcd")]))];
+        let roles = shared(&roles);
+        let bindings = shared(&bindings);
         let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [
             secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db-admin"})),
@@ -469,7 +493,7 @@ mod tests {
             ),
             secret("staging", "elsewhere", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "x"})),
         ];
-        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets);
+        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets.iter().collect::<Vec<_>>());
         let got: Vec<(Kind, &str, &str)> = found.iter().map(|f| (f.kind, f.target.as_str(), f.via.as_str())).collect();
         assert_eq!(
             got,
@@ -492,12 +516,14 @@ mod tests {
             json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tls"], "verbs": ["get"]}]),
         )];
         let bindings = [binding("prod", "b", "Role", "one", json!([sa("agents", "agentid-fixer")]))];
+        let roles = shared(&roles);
+        let bindings = shared(&bindings);
         let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [
             secret("prod", "tls", json!({}), json!({})),
             secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"})),
         ];
-        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets);
+        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets.iter().collect::<Vec<_>>());
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].target, "tls");
     }
@@ -523,6 +549,9 @@ mod tests {
             ),
             binding("ci", "deployer", "ClusterRole", "everything", json!([sa("ci", "deployer")])),
         ];
+        let cluster_roles = shared(&cluster_roles);
+        let bindings = shared(&bindings);
+        let crbs = shared(&crbs);
         let rbac =
             Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &crbs };
         let found = exposure("agents", "fixer", &[base()], &rbac, &[]);
@@ -555,6 +584,8 @@ mod tests {
             binding("busy", "b", "ClusterRole", "exec", json!([sa("agents", "agentid-fixer")])),
             binding("busy", "op", "ClusterRole", "exec", json!([sa("busy", "operator")])),
         ];
+        let cluster_roles = shared(&cluster_roles);
+        let bindings = shared(&bindings);
         let rbac =
             Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
         let found = exposure("agents", "fixer", &[base()], &rbac, &[]);
@@ -568,9 +599,11 @@ mod tests {
         let roles = [role("agents", "read", json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]))];
         let bindings =
             [binding("agents", "b", "Role", "read", json!([{"kind": "ServiceAccount", "name": "agentid-fixer"}]))];
+        let roles = shared(&roles);
+        let bindings = shared(&bindings);
         let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [secret("agents", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"}))];
-        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets);
+        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets.iter().collect::<Vec<_>>());
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].kind, Kind::LegacyToken);
     }
@@ -587,8 +620,10 @@ mod tests {
             binding("prod", "b", "Role", "view", json!([sa("prod", "agentid-fixer")])),
             binding("prod", "c", "Role", "view", json!([{"kind": "User", "name": "alice"}])),
         ];
+        let roles = shared(&roles);
+        let bindings = shared(&bindings);
         let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"}))];
-        assert!(exposure("agents", "fixer", &[base()], &rbac, &secrets).is_empty());
+        assert!(exposure("agents", "fixer", &[base()], &rbac, &secrets.iter().collect::<Vec<_>>()).is_empty());
     }
 }

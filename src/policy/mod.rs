@@ -3,6 +3,7 @@
 //! tested.
 
 pub mod approval;
+pub mod capacity;
 pub mod ceiling;
 pub mod classify;
 pub mod conditions;
