@@ -4,6 +4,7 @@
 
 mod approval;
 mod audit;
+mod capacity;
 mod chaos;
 mod chart;
 mod crash;
