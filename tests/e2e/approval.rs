@@ -197,9 +197,19 @@ async fn the_requester_cannot_approve_their_own_request() -> anyhow::Result<()> 
     // erin is an approver who also asks for a grant; her own approval is refused.
     let erin = cluster().user("erin", &["sre-leads"]).await?;
     bind_role_to(&st.admin, &a, "erin-requester", "requester", "erin").await?;
-    let own = Api::<AccessGrant>::namespaced(erin.clone(), &a)
-        .create(&PostParams::default(), &st.delete_volume("erins"))
-        .await?;
+    // The RoleBinding just made reaches the authorizer's cache a moment later.
+    let own = crate::harness::poll_until(Duration::from_secs(10), "erin's binding to take effect", || {
+        let api = Api::<AccessGrant>::namespaced(erin.clone(), &a);
+        let g = st.delete_volume("erins");
+        async move {
+            match api.create(&PostParams::default(), &g).await {
+                Ok(g) => Ok(Some(g)),
+                Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await?;
     wait_phase(&st.admin, &a, "erins", GrantPhase::AwaitingApproval).await?;
     assert_refused(
         st.decide(&erin, "erin-self", &own, "erin", Decision::Approve).await,
