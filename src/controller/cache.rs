@@ -101,17 +101,18 @@ impl ClusterView {
 
     /// Whether the binding stores have their first full list.
     pub fn bindings_ready(&self) -> bool {
-        self.role_bindings.wait_until_ready().now_or_never().is_some()
-            && self.cluster_role_bindings.wait_until_ready().now_or_never().is_some()
+        ready(&self.role_bindings) && ready(&self.cluster_role_bindings)
     }
 
     /// Whether every store has its first full list.
     pub fn ready(&self) -> bool {
-        self.roles.wait_until_ready().now_or_never().is_some()
-            && self.cluster_roles.wait_until_ready().now_or_never().is_some()
-            && self.secrets.iter().all(|s| s.wait_until_ready().now_or_never().is_some())
-            && self.bindings_ready()
+        ready(&self.roles) && ready(&self.cluster_roles) && self.secrets.iter().all(ready) && self.bindings_ready()
     }
+}
+
+/// Whether a store has its first full list.
+pub fn ready<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> bool {
+    store.wait_until_ready().now_or_never().is_some()
 }
 
 fn spawn<K>(

@@ -34,31 +34,14 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
     reconcile_with_finalizer(identity, &ctx, names::IDENTITY_FINALIZER, apply, cleanup).await
 }
 
-/// The identity's grants that hold a credential and are not being revoked: from the grant cache
-/// (which holds every grant change before it reaches this controller), or read when the cache
-/// is not filled yet.
+/// The identity's grants that hold a credential and are not being revoked.
 async fn active_grants(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<Arc<AccessGrant>>, Error> {
-    let active = |g: &AccessGrant| {
+    let (ns, name) = (identity.namespace().unwrap_or_default(), identity.name_any());
+    let mut grants = ctx.grants_of(&ns, &name).await?;
+    grants.retain(|g| {
         g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active) && g.metadata.deletion_timestamp.is_none()
-    };
-    if let Some(store) = ctx.grants.as_ref().filter(|s| super::store_ready(s)) {
-        let (ns, name) = (identity.namespace(), identity.name_any());
-        return Ok(store
-            .state()
-            .into_iter()
-            .filter(|g| g.namespace() == ns && g.spec.identity == name && active(g))
-            .collect());
-    }
-    Ok(grants_of(identity, ctx).await?.into_iter().filter(|g| active(g)).map(Arc::new).collect())
-}
-
-async fn grants_of(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<AccessGrant>, Error> {
-    let name = identity.name_any();
-    let grants = Api::<AccessGrant>::namespaced(ctx.client.clone(), &identity.namespace().unwrap_or_default())
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("listing AccessGrants"))?;
-    Ok(grants.items.into_iter().filter(|g| g.spec.identity == name).collect())
+    });
+    Ok(grants)
 }
 
 /// The first of the identity's object names that an object agentid did not make already holds.
@@ -390,7 +373,8 @@ where
 /// ServiceAccount, Secret, Role and RoleBinding are owned by it and garbage-collected.
 async fn cleanup(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {
     let mut revoked = 0;
-    for g in grants_of(identity, ctx).await? {
+    // Read, not cached: a grant made a moment ago must be revoked too.
+    for g in ctx.list_grants_of(&identity.namespace().unwrap_or_default(), &identity.name_any()).await? {
         let phase = g.status.as_ref().and_then(|s| s.phase);
         if phase.is_some_and(GrantPhase::is_terminal) && g.status.as_ref().is_some_and(|s| s.revoked_at.is_some()) {
             continue;

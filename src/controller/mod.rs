@@ -228,24 +228,31 @@ impl Context {
         }
     }
 
+    /// The grants of identity `identity` in `ns`, read from the apiserver.
+    pub(crate) async fn list_grants_of(&self, ns: &str, identity: &str) -> Result<Vec<AccessGrant>, Error> {
+        let grants = Api::<AccessGrant>::namespaced(self.client.clone(), ns)
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(kube_err("listing AccessGrants"))?;
+        Ok(grants.items.into_iter().filter(|g| g.spec.identity == identity).collect())
+    }
+
+    /// The grants of identity `identity` in `ns`: from the grant cache (which holds every grant
+    /// change before a controller hears of it), or read while the cache is still filling.
+    pub(crate) async fn grants_of(&self, ns: &str, identity: &str) -> Result<Vec<Arc<AccessGrant>>, Error> {
+        if let Some(store) = self.grants.as_ref().filter(|s| cache::ready(s)) {
+            let ours = |g: &Arc<AccessGrant>| g.namespace().as_deref() == Some(ns) && g.spec.identity == identity;
+            return Ok(store.state().into_iter().filter(ours).collect());
+        }
+        Ok(self.list_grants_of(ns, identity).await?.into_iter().map(Arc::new).collect())
+    }
+
     /// Counts `grant` against its identity's cap before it is issued (see `policy::capacity`);
     /// Err: the identity holds `limit` already.
     pub(crate) async fn reserve_slot(&self, grant: &AccessGrant) -> Result<Result<(), usize>, Error> {
         let ns = grant.namespace().unwrap_or_default();
         let identity = &grant.spec.identity;
-        let ours = |g: &AccessGrant| g.namespace().as_deref() == Some(ns.as_str()) && &g.spec.identity == identity;
-        let grants: Vec<Arc<AccessGrant>> = match self.grants.as_ref().filter(|s| store_ready(s)) {
-            Some(store) => store.state().into_iter().filter(|g| ours(g)).collect(),
-            None => Api::<AccessGrant>::namespaced(self.client.clone(), &ns)
-                .list(&kube::api::ListParams::default())
-                .await
-                .map_err(kube_err("listing AccessGrants"))?
-                .items
-                .into_iter()
-                .filter(|g| ours(g))
-                .map(Arc::new)
-                .collect(),
-        };
+        let grants = self.grants_of(&ns, identity).await?;
         let mut seen = crate::policy::capacity::Holdings::default();
         for g in grants {
             let status = g.status.as_ref();
@@ -260,12 +267,13 @@ impl Context {
                 None => seen.waiting.insert(uid),
             };
         }
+        let key = identity_key(&ns, identity);
         let mut issuing = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
-        let reserved = issuing.entry(format!("{ns}/{identity}")).or_default();
+        let reserved = issuing.entry(key.clone()).or_default();
         let uid = grant.uid().unwrap_or_default();
         let outcome = crate::policy::capacity::reserve(&uid, &seen, reserved, self.max_active_grants);
         if reserved.is_empty() {
-            issuing.remove(&format!("{ns}/{identity}"));
+            issuing.remove(&key);
         }
         Ok(outcome)
     }
@@ -279,7 +287,7 @@ impl Context {
         let ns = identity.namespace().unwrap_or_default();
         let name = identity.name_any();
         let recent =
-            self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).get(&format!("{ns}/{name}")).is_some_and(
+            self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).get(&identity_key(&ns, &name)).is_some_and(
                 |(uid, generation, at)| {
                     Some(uid) == identity.metadata.uid.as_ref()
                         && Some(*generation) == identity.metadata.generation
@@ -299,7 +307,7 @@ impl Context {
 
     /// Records that the identity's base objects were applied now.
     pub(crate) fn base_objects_applied(&self, identity: &AgentIdentity) {
-        let key = format!("{}/{}", identity.namespace().unwrap_or_default(), identity.name_any());
+        let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
         let (Some(uid), Some(generation)) = (identity.metadata.uid.clone(), identity.metadata.generation) else {
             return;
         };
@@ -309,7 +317,7 @@ impl Context {
 
     /// Forgets a deleted identity.
     pub(crate) fn forget_identity(&self, identity: &AgentIdentity) {
-        let key = format!("{}/{}", identity.namespace().unwrap_or_default(), identity.name_any());
+        let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
         self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
     }
 
@@ -333,13 +341,9 @@ impl Context {
     }
 }
 
-/// Whether a store has its first full list.
-pub(crate) fn store_ready<K: kube::runtime::reflector::Lookup + Clone>(store: &Store<K>) -> bool
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    use futures::FutureExt as _;
-    store.wait_until_ready().now_or_never().is_some()
+/// The key of per-identity records: `namespace/name`.
+fn identity_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
 }
 
 /// Runs `apply` or, for an object being deleted, `cleanup` under finalizer `finalizer_name`, and
