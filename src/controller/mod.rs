@@ -3,6 +3,7 @@
 
 mod cache;
 mod grant;
+mod grant_index;
 mod identity;
 mod startup;
 
@@ -17,7 +18,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
@@ -172,6 +173,8 @@ pub struct Context {
     pub(crate) view: Option<cache::ClusterView>,
     /// Every AccessGrant, as the grant controller sees them (None: read from the apiserver).
     pub(crate) grants: Option<Store<AccessGrant>>,
+    /// The grant cache's names per identity (filled only when `grants` is set).
+    grant_index: Arc<grant_index::GrantIndex>,
     /// The most grants one identity may hold at once.
     pub(crate) max_active_grants: usize,
     /// Per identity (`namespace/name`), grants this process has begun issuing that the grant
@@ -206,6 +209,7 @@ impl Context {
             admission_registered: true,
             view: None,
             grants: None,
+            grant_index: Arc::default(),
             max_active_grants: crate::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS,
             issuing: Mutex::default(),
             owned: None,
@@ -241,8 +245,7 @@ impl Context {
     /// change before a controller hears of it), or read while the cache is still filling.
     pub(crate) async fn grants_of(&self, ns: &str, identity: &str) -> Result<Vec<Arc<AccessGrant>>, Error> {
         if let Some(store) = self.grants.as_ref().filter(|s| cache::ready(s)) {
-            let ours = |g: &Arc<AccessGrant>| g.namespace().as_deref() == Some(ns) && g.spec.identity == identity;
-            return Ok(store.state().into_iter().filter(ours).collect());
+            return Ok(self.grant_index.grants_of(store, ns, identity));
         }
         Ok(self.list_grants_of(ns, identity).await?.into_iter().map(Arc::new).collect())
     }
@@ -458,6 +461,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let grant_watch = watcher(Api::<AccessGrant>::all(client.clone()), watcher::Config::default())
         .modify(cache::slim::<AccessGrant>)
         .default_backoff()
+        .inspect_ok({
+            let index = context.grant_index.clone();
+            move |event| index.observe(event)
+        })
         .reflect_shared(grant_writer)
         .for_each(|event| {
             if let Err(e) = event {
@@ -510,7 +517,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // Overdue revocations and orphans first: nothing is issued before they are done.
     startup::sweep(&ctx).await?;
 
-    let mapper_store = grant_store.clone();
+    let (mapper_store, mapper_index) = (grant_store.clone(), ctx.grant_index.clone());
     // A grant depends on its identity's spec (ceiling, kill switch, retirement) and on its
     // deletion, never on its status: identity status changes with every grant, and re-checking
     // every grant of the identity each time made issuing n grants cost n² reconciles.
@@ -524,14 +531,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         );
     let grant_run = grant_controller
         .watches_stream(identity_changes, move |identity: AgentIdentity| {
-            let ns = identity.namespace();
-            let name = identity.name_any();
-            mapper_store
-                .state()
-                .into_iter()
-                .filter(|g| g.namespace() == ns && g.spec.identity == name)
-                .map(|g| ObjectRef::from_obj(g.as_ref()))
-                .collect::<Vec<_>>()
+            let (ns, name) = (identity.namespace().unwrap_or_default(), identity.name_any());
+            let grants = mapper_index.grants_of(&mapper_store, &ns, &name);
+            grants.into_iter().map(|g| ObjectRef::from_obj(g.as_ref())).collect::<Vec<_>>()
         })
         .watches(Api::<Approval>::all(client.clone()), watcher::Config::default(), |approval: Approval| {
             Some(ObjectRef::new(&approval.spec.grant).within(&approval.namespace().unwrap_or_default()))

@@ -64,7 +64,9 @@ pub fn reaches_in(subject: &Subject, binding_ns: Option<&str>, ns: &str, identit
                 && (subject.name == names::identity_service_account(identity)
                     || subject.name.starts_with("agentid-grant-"))
         }
-        "Group" => subject.name == "system:serviceaccounts" || subject.name == format!("system:serviceaccounts:{ns}"),
+        "Group" => {
+            subject.name == "system:serviceaccounts" || subject.name.strip_prefix("system:serviceaccounts:") == Some(ns)
+        }
         _ => false,
     }
 }
