@@ -420,8 +420,9 @@ async fn revocation(
             }
         });
     }
-    // All `burst` expire at the same second T.
-    let at = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_secs(20))?;
+    // All `burst` expire at the same second T, far enough ahead to patch them all first.
+    let lead = 20.max(burst as i64 / 20);
+    let at = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_secs(lead))?;
     let at = jiff::Timestamp::from_second(at.as_second())?;
     let pp = PatchParams::default();
     futures::stream::iter(0..burst)
@@ -598,6 +599,7 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     report["issuance"] = json!(rows);
+    save(&report)?;
 
     if active > 0 && burst > 0 {
         let (by_delete, by_401) = revocation(&admin, &base, active, burst).await?;
@@ -608,6 +610,7 @@ async fn main() -> anyhow::Result<()> {
         );
         report["revocation"] = json!({"active": active, "burst": burst, "serviceAccountDeleted": d, "first401": r});
         report["rssAfterRevocationMiB"] = json!(op.rss_mib());
+        save(&report)?;
     }
 
     if identities > 0 {
@@ -638,11 +641,19 @@ async fn main() -> anyhow::Result<()> {
     } else {
         op.stop();
     }
-    let path = repo().join("target/bench-report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    save(&report)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    eprintln!("wrote {}", path.display());
+    eprintln!("wrote {}", report_path().display());
     Ok(())
+}
+
+fn report_path() -> PathBuf {
+    repo().join("target/bench-report.json")
+}
+
+/// Writes the report so far (a long run that fails late keeps what it measured).
+fn save(report: &serde_json::Value) -> anyhow::Result<()> {
+    Ok(std::fs::write(report_path(), serde_json::to_string_pretty(report)?)?)
 }
 
 fn machine() -> serde_json::Value {
