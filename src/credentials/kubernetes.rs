@@ -35,6 +35,24 @@ use crate::{
     },
 };
 
+/// Whether `token`, a ServiceAccount token, was minted for the ServiceAccount with uid `sa_uid`
+/// bound to the Secret with uid `secret_uid`, by its claims. The signature is not checked here
+/// (the apiserver checks it on every use): this only tells a token for the current objects from
+/// a stale or foreign one, and anything that does not parse is neither.
+pub fn token_bound_to(token: &str, sa_uid: &str, secret_uid: &str) -> bool {
+    use base64::Engine as _;
+    let Some(payload) = token.split('.').nth(1) else { return false };
+    let Ok(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+        return false;
+    };
+    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&claims) else { return false };
+    let k8s = &claims["kubernetes.io"];
+    !sa_uid.is_empty()
+        && !secret_uid.is_empty()
+        && k8s["serviceaccount"]["uid"].as_str() == Some(sa_uid)
+        && k8s["secret"]["uid"].as_str() == Some(secret_uid)
+}
+
 /// The apiserver refuses TokenRequests shorter than this; revocation, not the token's own
 /// expiry, is what ends a shorter grant on time.
 pub const MIN_TOKEN_SECONDS: i64 = 600;
@@ -114,9 +132,9 @@ impl KubernetesIssuer {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
         let (roles, bindings) = (objects.roles(rules), objects.role_bindings(rules));
         let service_account = async {
-            server_side_apply(&self.client, &objects.service_account()).await?;
+            let sa = server_side_apply(&self.client, &objects.service_account()).await?;
             failpoint::hit("issue:after-service-account");
-            Ok::<_, Error>(())
+            Ok::<_, Error>(sa)
         };
         let roles = async {
             futures::future::try_join_all(roles.iter().map(|r| server_side_apply(&self.client, r))).await?;
@@ -133,16 +151,19 @@ impl KubernetesIssuer {
             failpoint::hit("issue:after-secret");
             Ok(secret)
         };
-        let ((), (), (), secret) = tokio::try_join!(service_account, roles, bindings, secret)?;
+        let (sa, (), (), secret) = tokio::try_join!(service_account, roles, bindings, secret)?;
         let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
+        let sa_uid = sa.uid().ok_or_else(|| Error::Malformed(format!("ServiceAccount {} has no uid", objects.name)))?;
         // Resumed (a crash, or a reconcile that ran on a cache not yet showing Active): the token
         // for this end is already in the grant's Secret; make sure the identity's copy is too.
+        // Only a token minted for these very objects is reused: one for a ServiceAccount or
+        // Secret since deleted and re-made no longer authenticates, and one written there by
+        // anyone else is not ours to hand out.
         let written = |k: &str| secret.data.as_ref().and_then(|d| d.get(k)).map(|v| v.0.clone());
         if written("expires-at").as_deref() == Some(expires_at.to_string().as_bytes())
-            && let Some(token) = written("token").filter(|t| !t.is_empty())
+            && let Some(token) = written("token").and_then(|t| String::from_utf8(t).ok())
+            && token_bound_to(&token, &sa_uid, &secret_uid)
         {
-            let token =
-                String::from_utf8(token).map_err(|_| Error::Malformed("the stored token is not UTF-8".into()))?;
             let data = credential_data(grant, &self.access, &token, expires_at);
             return self.write_identity_entries(ns, &identity_secret, grant, &data).await;
         }
@@ -205,21 +226,31 @@ impl KubernetesIssuer {
             let _turn = writer.turn.lock().await;
             let batch: Vec<Queued> = std::mem::take(&mut *writer.queue.lock().unwrap_or_else(|e| e.into_inner()));
             if !batch.is_empty() {
-                let mut merged = Entries::new();
-                for (entries, _) in &batch {
-                    merged.extend(entries.clone());
-                }
-                let result = match Api::<Secret>::namespaced(self.client.clone(), ns)
-                    .patch(identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": merged})))
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    // Gone with its identity: nothing left to write into or remove from.
-                    Err(kube::Error::Api(s)) if s.code == 404 && merged.values().all(Option::is_none) => Ok(()),
-                    Err(e) => Err(format!("writing Secret {identity_secret}: {e}")),
+                let merged = |writes: &[&Queued]| {
+                    let mut merged = Entries::new();
+                    for (entries, _) in writes {
+                        merged.extend(entries.clone());
+                    }
+                    merged
                 };
-                for (_, done) in batch {
-                    let _ = done.send(result.clone());
+                let removing = |queued: &&Queued| queued.0.values().all(Option::is_none);
+                let all: Vec<&Queued> = batch.iter().collect();
+                let result = self.patch_identity(ns, identity_secret, merged(&all)).await;
+                // A failed write must not hold up a revocation queued with it (say, new entries
+                // the Secret has no room for): the removals go again on their own.
+                let removals: Vec<&Queued> = all.iter().copied().filter(removing).collect();
+                let removals_result = match result {
+                    Err(_) if !removals.is_empty() && removals.len() < all.len() => {
+                        Some(self.patch_identity(ns, identity_secret, merged(&removals)).await)
+                    }
+                    _ => None,
+                };
+                for queued in batch {
+                    let outcome = match &removals_result {
+                        Some(r) if removing(&&queued) => r.clone(),
+                        _ => result.clone(),
+                    };
+                    let _ = queued.1.send(outcome);
                 }
             }
         }
@@ -227,6 +258,20 @@ impl KubernetesIssuer {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(Error::NotReady(message)),
             Err(_) => Err(Error::NotReady(format!("the write into Secret {identity_secret} was dropped"))),
+        }
+    }
+
+    /// One merge patch of an identity's credentials Secret.
+    async fn patch_identity(&self, ns: &str, identity_secret: &str, entries: Entries) -> Result<(), String> {
+        let removal_only = entries.values().all(Option::is_none);
+        match Api::<Secret>::namespaced(self.client.clone(), ns)
+            .patch(identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": entries})))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Gone with its identity: nothing left to write into or remove from.
+            Err(kube::Error::Api(s)) if s.code == 404 && removal_only => Ok(()),
+            Err(e) => Err(format!("writing Secret {identity_secret}: {e}")),
         }
     }
 
@@ -243,14 +288,21 @@ impl KubernetesIssuer {
         self.write_identity(ns, identity_secret, entries).await
     }
 
+    /// Ends the credential in one call: deletes the grant's ServiceAccount, without which no
+    /// token issued for it authenticates. Returns when it was deleted (None: already gone).
+    pub async fn end_credential(&self, grant: &AccessGrant) -> Result<Option<Timestamp>, Error> {
+        let objects = GrantObjects::new(grant);
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &objects.namespace);
+        Ok(delete_if_present(&sas, &objects.name).await?.then(Timestamp::now))
+    }
+
     /// Takes the credential away: ServiceAccount first, then bindings, roles, Secrets and the
     /// entries in the identity's Secret. Safe to repeat; returns when the ServiceAccount was
     /// deleted (None if it was already gone).
     pub async fn revoke(&self, grant: &AccessGrant) -> Result<Option<Timestamp>, Error> {
         let objects = GrantObjects::new(grant);
         let ns = &objects.namespace;
-        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        let sa_deleted = delete_if_present(&sas, &objects.name).await?.then(Timestamp::now);
+        let sa_deleted = self.end_credential(grant).await?;
         failpoint::hit("revoke:after-service-account");
 
         for namespace in GrantObjects::target_namespaces(rules_of(grant)) {
@@ -270,5 +322,44 @@ impl KubernetesIssuer {
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
         self.write_identity(ns, &identity_secret, removal).await?;
         Ok(sa_deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_bound_to;
+    use base64::Engine as _;
+
+    fn token(claims: serde_json::Value) -> String {
+        let enc = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!("{}.{}.c2lnbmF0dXJl", enc(&serde_json::json!({"alg": "RS256"})), enc(&claims))
+    }
+
+    fn claims(sa_uid: &str, secret_uid: &str) -> serde_json::Value {
+        serde_json::json!({"kubernetes.io": {
+            "namespace": "agents",
+            "serviceaccount": {"name": "agentid-grant-g-1", "uid": sa_uid},
+            "secret": {"name": "agentid-grant-g-1", "uid": secret_uid},
+        }})
+    }
+
+    #[test]
+    fn a_token_for_the_current_objects_is_recognised() {
+        assert!(token_bound_to(&token(claims("sa-1", "sec-1")), "sa-1", "sec-1"));
+    }
+
+    #[test]
+    fn a_token_for_replaced_objects_or_not_a_token_is_not() {
+        // The ServiceAccount or the Secret was deleted and re-made since the token was minted.
+        assert!(!token_bound_to(&token(claims("sa-old", "sec-1")), "sa-1", "sec-1"));
+        assert!(!token_bound_to(&token(claims("sa-1", "sec-old")), "sa-1", "sec-1"));
+        // Not bound to a Secret, another shape, or not a JWT at all.
+        let unbound = serde_json::json!({"kubernetes.io": {"serviceaccount": {"uid": "sa-1"}}});
+        assert!(!token_bound_to(&token(unbound), "sa-1", "sec-1"));
+        assert!(!token_bound_to(&token(serde_json::json!({"sub": "x"})), "sa-1", "sec-1"));
+        assert!(!token_bound_to("planted-by-someone", "sa-1", "sec-1"));
+        assert!(!token_bound_to("a.!!!.c", "sa-1", "sec-1"));
+        assert!(!token_bound_to("", "", ""));
+        assert!(!token_bound_to(&token(claims("", "")), "", ""));
     }
 }
