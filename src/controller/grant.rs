@@ -259,13 +259,19 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         }
 
         Step::Revoke { phase, reason, message } => {
-            let sa_deleted = ctx.issuer.revoke(grant).await?;
-            let revoked_at = Timestamp::now();
-            if reason == "Expired"
-                && let (Some(deleted), Some(expires_at)) = (sa_deleted, status.expires_at.as_ref())
-            {
-                ctx.metrics.revocation_lag.observe(deleted.duration_since(expires_at.0).as_secs_f64().max(0.0));
+            // First only the call that ends the credential, then the rest in a reconcile of its
+            // own: when many grants end in the same second, every credential dies before any
+            // grant's clean-up takes a worker.
+            if let Some(deleted) = ctx.issuer.end_credential(grant).await? {
+                if reason == "Expired"
+                    && let Some(expires_at) = status.expires_at.as_ref()
+                {
+                    ctx.metrics.revocation_lag.observe(deleted.duration_since(expires_at.0).as_secs_f64().max(0.0));
+                }
+                return Ok(Action::requeue(std::time::Duration::ZERO));
             }
+            ctx.issuer.revoke(grant).await?;
+            let revoked_at = Timestamp::now();
             status.phase = Some(phase);
             status.revoked_at = Some(Time(revoked_at));
             let message = format!("credential revoked: {message}");

@@ -126,6 +126,13 @@ pub struct OwnedCaches {
 /// are applied again.
 const BASE_REAPPLY: Duration = Duration::from_secs(60);
 
+/// How many grants, and how many identities, are reconciled at once. Unbounded, a flood of
+/// thousands of new grants opened a connection to the apiserver per request in flight (7,765 at
+/// once in the benchmark) and starved the admission webhook past the apiserver's 10 s timeout;
+/// bounded, the rest wait their turn in order and each finishes sooner.
+const GRANT_WORKERS: u16 = 64;
+const IDENTITY_WORKERS: u16 = 16;
+
 /// Where the leader Lease lives and who this replica is.
 #[derive(Debug, Clone)]
 pub struct LeaderElection {
@@ -477,7 +484,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
 
     let identities: Api<AgentIdentity> = Api::all(client.clone());
-    let grant_controller = Controller::for_shared_stream(grant_events, grant_store.clone());
+    let grant_controller = Controller::for_shared_stream(grant_events, grant_store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(GRANT_WORKERS));
 
     // Admission first: without it no grant records its requester and no Approval is checked.
     crate::admission::server::start(client.clone(), settings.webhook.clone()).await?;
@@ -548,7 +556,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .default_backoff()
         .reflect(identity_writer)
         .applied_objects();
-    let identity_controller = Controller::for_stream(identity_stream, identity_store.clone());
+    let identity_controller = Controller::for_stream(identity_stream, identity_store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(IDENTITY_WORKERS));
     // A binding made or changed anywhere may give an identity standing privilege: look again at
     // every identity its subjects reach.
     let reached = move |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
