@@ -140,6 +140,16 @@ impl Operator {
     }
 }
 
+/// A run that fails part-way must not leave the operator running (it would load the next run).
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[derive(Default, Clone, serde::Serialize)]
 struct Stats {
     n: usize,

@@ -560,7 +560,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .with_config(kube::runtime::controller::Config::default().concurrency(IDENTITY_WORKERS));
     // A binding made or changed anywhere may give an identity standing privilege: look again at
     // every identity its subjects reach.
-    let reached = move |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+    let reached = move |meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                        subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        // One of agentid's own (a grant's, or an identity's requester binding): drift ignores
+        // them, only their identity's exposure or base objects can change. Without this, each
+        // grant's RoleBinding woke every identity of its namespace.
+        let labels = meta.labels.unwrap_or_default();
+        if let Some((ns, identity)) = crate::policy::names::labelled_identity(&labels, meta.namespace.as_deref()) {
+            return vec![ObjectRef::new(identity).within(ns)];
+        }
         let subjects = subjects.unwrap_or_default();
         identity_store
             .state()
@@ -581,8 +589,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .watches_shared_stream(grant_changes, |grant: Arc<AccessGrant>| {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })
-        .watches_stream(binding_changes.role_bindings, move |b: RoleBinding| reached(b.subjects))
-        .watches_stream(binding_changes.cluster_role_bindings, move |b: ClusterRoleBinding| reached_too(b.subjects))
+        .watches_stream(binding_changes.role_bindings, move |b: RoleBinding| reached(b.metadata, b.subjects))
+        .watches_stream(binding_changes.cluster_role_bindings, move |b: ClusterRoleBinding| {
+            reached_too(b.metadata, b.subjects)
+        })
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
