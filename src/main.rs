@@ -82,6 +82,10 @@ struct RunArgs {
     #[arg(long, env = "AGENTID_MAX_ACTIVE_GRANTS_PER_IDENTITY", default_value_t = agentid::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS as u16,
           value_parser = clap::value_parser!(u16).range(1..=agentid::policy::capacity::MAX_ACTIVE_GRANTS_LIMIT as i64))]
     max_active_grants_per_identity: u16,
+    /// How many grants are reconciled at once. Each holds a few apiserver requests in flight; an
+    /// unbounded flood of new grants opened thousands of connections and starved the webhook.
+    #[arg(long, env = "AGENTID_GRANT_WORKERS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    grant_workers: u16,
     /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
@@ -195,6 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = agentid::controller::Settings {
         leader_election,
         max_active_grants: usize::from(args.max_active_grants_per_identity),
+        grant_workers: args.grant_workers,
         installation: installation.clone(),
         metrics_addr: args.metrics_addr,
         access: agentid::policy::desired::ClusterAccess { server, ca_pem },

@@ -111,6 +111,8 @@ pub struct Settings {
     pub leader_election: Option<LeaderElection>,
     /// The most grants one identity may hold at once (its credentials Secret holds them all).
     pub max_active_grants: usize,
+    /// How many grants are reconciled at once.
+    pub grant_workers: u16,
 }
 
 /// Caches of the objects agentid makes for each identity (labelled `component=base`).
@@ -126,11 +128,10 @@ pub struct OwnedCaches {
 /// are applied again.
 const BASE_REAPPLY: Duration = Duration::from_secs(60);
 
-/// How many grants, and how many identities, are reconciled at once. Unbounded, a flood of
-/// thousands of new grants opened a connection to the apiserver per request in flight (7,765 at
-/// once in the benchmark) and starved the admission webhook past the apiserver's 10 s timeout;
-/// bounded, the rest wait their turn in order and each finishes sooner.
-const GRANT_WORKERS: u16 = 64;
+/// How many identities are reconciled at once (grants: `Settings::grant_workers`). Unbounded, a
+/// flood of thousands of new grants opened a connection to the apiserver per request in flight
+/// (7,765 at once in the benchmark) and starved the admission webhook past the apiserver's 10 s
+/// timeout.
 const IDENTITY_WORKERS: u16 = 16;
 
 /// Where the leader Lease lives and who this replica is.
@@ -485,7 +486,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     let identities: Api<AgentIdentity> = Api::all(client.clone());
     let grant_controller = Controller::for_shared_stream(grant_events, grant_store.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(GRANT_WORKERS));
+        .with_config(kube::runtime::controller::Config::default().concurrency(settings.grant_workers));
 
     // Admission first: without it no grant records its requester and no Approval is checked.
     crate::admission::server::start(client.clone(), settings.webhook.clone()).await?;
