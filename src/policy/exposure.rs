@@ -10,7 +10,7 @@
 //! case.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -38,28 +38,25 @@ pub struct Principal {
     pub via: String,
 }
 
-impl Principal {
-    /// Whether `subject` of a binding in `binding_ns` (None: a ClusterRoleBinding) names this
-    /// ServiceAccount. A RoleBinding's ServiceAccount subject without a namespace means the
-    /// binding's own namespace.
-    fn reached_by(&self, subject: &Subject, binding_ns: Option<&str>) -> bool {
-        match subject.kind.as_str() {
-            "ServiceAccount" => {
-                subject.name == self.name
-                    && subject.namespace.as_deref().or(binding_ns) == Some(self.namespace.as_str())
-            }
-            "User" => {
-                subject.name.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'))
-                    == Some((self.namespace.as_str(), self.name.as_str()))
-            }
-            "Group" => {
-                subject.name == "system:serviceaccounts"
-                    || subject.name == "system:authenticated"
-                    || subject.name.strip_prefix("system:serviceaccounts:") == Some(self.namespace.as_str())
-            }
-            _ => false,
+/// The ServiceAccount (namespace, name) a subject of a binding in `binding_ns` (None: a
+/// ClusterRoleBinding) names, as a ServiceAccount (without a namespace: the binding's) or as the
+/// user `system:serviceaccount:NS:NAME`; None for groups and other users.
+fn named_service_account<'s>(subject: &'s Subject, binding_ns: Option<&'s str>) -> Option<(&'s str, &'s str)> {
+    match subject.kind.as_str() {
+        "ServiceAccount" => {
+            Some((subject.namespace.as_deref().or(binding_ns).unwrap_or_default(), subject.name.as_str()))
         }
+        "User" => subject.name.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')),
+        _ => None,
     }
+}
+
+/// Whether a group subject takes in the ServiceAccounts of namespace `ns`.
+fn group_reaches(subject: &Subject, ns: &str) -> bool {
+    subject.kind == "Group"
+        && (subject.name == "system:serviceaccounts"
+            || subject.name == "system:authenticated"
+            || subject.name.strip_prefix("system:serviceaccounts:") == Some(ns))
 }
 
 /// The ServiceAccounts an identity acts as: its base ServiceAccount and the ServiceAccount of
@@ -119,34 +116,57 @@ impl Scope {
 }
 
 impl<'a> Rbac<'a> {
-    /// Every rule that applies to `p`, with where it applies.
-    fn rules_of(&self, p: &Principal) -> Vec<(Scope, &'a PolicyRule)> {
-        let cluster_role = |name: &str| self.cluster_roles.iter().find(|r| r.name_any() == name);
-        let mut out = Vec::new();
-        for b in
-            self.cluster_role_bindings.iter().filter(|b| b.subjects.iter().flatten().any(|s| p.reached_by(s, None)))
-        {
-            if b.role_ref.kind == "ClusterRole"
-                && let Some(role) = cluster_role(&b.role_ref.name)
-            {
-                out.extend(role.rules.iter().flatten().map(|r| (Scope::Cluster, r)));
+    /// For each of `principals`, every rule that applies to it, with where it applies. One pass
+    /// over the bindings for all principals (an identity with a hundred grants has a hundred and
+    /// one), and roles found by name, not searched for.
+    fn rules_of_all(&self, principals: &[Principal]) -> Vec<Vec<(Scope, &'a PolicyRule)>> {
+        let key = |meta: &'a ObjectMeta| {
+            (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+        };
+        let cluster_roles: HashMap<&str, &'a ClusterRole> =
+            self.cluster_roles.iter().map(|r| (key(&r.metadata).1, r.as_ref())).collect();
+        let roles: HashMap<(&str, &str), &'a Role> =
+            self.roles.iter().map(|r| (key(&r.metadata), r.as_ref())).collect();
+        let by_name: HashMap<(&str, &str), usize> =
+            principals.iter().enumerate().map(|(i, p)| ((p.namespace.as_str(), p.name.as_str()), i)).collect();
+        let mut out = vec![Vec::new(); principals.len()];
+        let mut reached = BTreeSet::new();
+        let mut reach = |subjects: &Option<Vec<Subject>>, binding_ns: Option<&str>| {
+            reached.clear();
+            for s in subjects.iter().flatten() {
+                match named_service_account(s, binding_ns) {
+                    Some(sa) => reached.extend(by_name.get(&sa)),
+                    None => reached.extend(
+                        principals.iter().enumerate().filter(|(_, p)| group_reaches(s, &p.namespace)).map(|(i, _)| i),
+                    ),
+                }
+            }
+            reached.iter().copied().collect::<Vec<_>>()
+        };
+        for b in self.cluster_role_bindings.iter() {
+            let who = reach(&b.subjects, None);
+            if who.is_empty() || b.role_ref.kind != "ClusterRole" {
+                continue;
+            }
+            let Some(role) = cluster_roles.get(b.role_ref.name.as_str()) else { continue };
+            for i in who {
+                out[i].extend(role.rules.iter().flatten().map(|r| (Scope::Cluster, r)));
             }
         }
         for b in self.role_bindings.iter() {
-            let ns = b.namespace().unwrap_or_default();
-            if !b.subjects.iter().flatten().any(|s| p.reached_by(s, Some(&ns))) {
+            let ns = b.metadata.namespace.as_deref().unwrap_or_default();
+            let who = reach(&b.subjects, Some(ns));
+            if who.is_empty() {
                 continue;
             }
             let rules = match b.role_ref.kind.as_str() {
-                "ClusterRole" => cluster_role(&b.role_ref.name).and_then(|r| r.rules.as_ref()),
-                "Role" => self
-                    .roles
-                    .iter()
-                    .find(|r| r.namespace().as_deref() == Some(ns.as_str()) && r.name_any() == b.role_ref.name)
-                    .and_then(|r| r.rules.as_ref()),
+                "ClusterRole" => cluster_roles.get(b.role_ref.name.as_str()).and_then(|r| r.rules.as_ref()),
+                "Role" => roles.get(&(ns, b.role_ref.name.as_str())).and_then(|r| r.rules.as_ref()),
                 _ => None,
             };
-            out.extend(rules.into_iter().flatten().map(|r| (Scope::Namespace(ns.clone()), r)));
+            for i in who {
+                out[i].extend(rules.into_iter().flatten().map(|r| (Scope::Namespace(ns.to_string()), r)));
+            }
         }
         out
     }
@@ -333,8 +353,8 @@ pub fn exposure(
     // or enter pods.
     let mut powerful: Option<BTreeMap<String, BTreeSet<String>>> = None;
     let mut out = BTreeSet::new();
-    for p in principals {
-        let rules = rbac.rules_of(p);
+    let rules_of = rbac.rules_of_all(principals);
+    for (p, rules) in principals.iter().zip(rules_of) {
         let finding = |kind, namespace: String, target: String, detail: String| Exposed {
             kind,
             namespace,
@@ -345,16 +365,18 @@ pub fn exposure(
 
         let read = reach(&rules, &["get", "list", "watch"], "", "secrets");
         for meta in secrets.iter().filter(|_| !read.is_empty()) {
-            let (secret_ns, name) = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
-            if own_secret(meta, ns, identity) || !allowed_in(&read, &secret_ns, &name) {
+            let (secret_ns, name) =
+                (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+            if own_secret(meta, ns, identity) || !allowed_in(&read, secret_ns, name) {
                 continue;
             }
-            let annotations = meta.annotations.clone().unwrap_or_default();
-            let labels = meta.labels.clone().unwrap_or_default();
-            let (kind, detail) = if let Some(sa) = annotations.get(LEGACY_TOKEN_ANNOTATION) {
+            let (secret_ns, name) = (secret_ns.to_string(), name.to_string());
+            let annotation = |k: &str| meta.annotations.as_ref().and_then(|a| a.get(k));
+            let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
+            let (kind, detail) = if let Some(sa) = annotation(LEGACY_TOKEN_ANNOTATION) {
                 (Kind::LegacyToken, format!("long-lived token of ServiceAccount {secret_ns}/{sa}"))
-            } else if labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY) {
-                let whose = labels.get(names::IDENTITY_LABEL).cloned().unwrap_or_default();
+            } else if label(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY) {
+                let whose = label(names::IDENTITY_LABEL).cloned().unwrap_or_default();
                 (Kind::AgentCredentials, format!("agentid credentials of identity {secret_ns}/{whose}"))
             } else {
                 (Kind::Secret, "readable Secret".to_string())
@@ -506,6 +528,62 @@ mod tests {
         assert_eq!(found[0].detail, "long-lived token of ServiceAccount prod/db-admin");
         let c = counts(&found);
         assert_eq!((c.legacy_tokens, c.secrets, c.token_minting, c.pods, c.impersonation), (1, 3, 0, 0, 0));
+    }
+
+    #[test]
+    fn each_subject_form_reaches_exactly_its_principals_among_many() {
+        let grant_sa = |i: usize| format!("agentid-grant-g{i}-1234abcd");
+        let principals: Vec<Principal> = std::iter::once(base())
+            .chain((0..50).map(|i| Principal {
+                namespace: "agents".into(),
+                name: grant_sa(i),
+                via: format!("grant g{i}"),
+            }))
+            .collect();
+        let read = json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]);
+        let mint = json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]);
+        let roles =
+            shared(&[role("a", "read", read.clone()), role("b", "read", read), role("c", "mint", mint.clone())]);
+        let cluster_roles = shared(&[cluster_role("mint", mint)]);
+        let bindings = shared(&[
+            // By ServiceAccount, and by ServiceAccount without a namespace in the agents' own.
+            binding("a", "one", "Role", "read", json!([sa("agents", &grant_sa(7))])),
+            binding("agents", "local", "ClusterRole", "mint", json!([{"kind": "ServiceAccount", "name": grant_sa(9)}])),
+            // As the user name of a ServiceAccount.
+            binding(
+                "b",
+                "user",
+                "Role",
+                "read",
+                json!([{"kind": "User", "name": format!("system:serviceaccount:agents:{}", grant_sa(3))}]),
+            ),
+            // A group: every principal of the namespace.
+            binding("c", "all", "Role", "mint", json!([{"kind": "Group", "name": "system:serviceaccounts:agents"}])),
+            // Reaches nobody here: another namespace's ServiceAccount, another group.
+            binding(
+                "a",
+                "other",
+                "Role",
+                "read",
+                json!([sa("elsewhere", &grant_sa(7)), {"kind": "Group", "name": "system:serviceaccounts:x"}]),
+            ),
+        ]);
+        let rbac =
+            Rbac { roles: &roles, cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
+        let secrets = [secret("a", "s-a", json!({}), json!({})), secret("b", "s-b", json!({}), json!({}))];
+        let found = exposure("agents", "fixer", &principals, &rbac, &secrets.iter().collect::<Vec<_>>());
+        let of = |kind: Kind| {
+            let mut via: Vec<(String, String)> =
+                found.iter().filter(|f| f.kind == kind).map(|f| (f.via.clone(), f.namespace.clone())).collect();
+            via.sort();
+            via
+        };
+        let at = |via: &str, ns: &str| (via.to_string(), ns.to_string());
+        assert_eq!(of(Kind::Secret), vec![at("grant g3", "b"), at("grant g7", "a")]);
+        let minting = of(Kind::TokenRequest);
+        assert_eq!(minting.len(), principals.len() + 1, "the group reaches all 51 in c, and g9 in agents");
+        assert!(minting.contains(&at("grant g9", "agents")));
+        assert!(minting.contains(&at("base ServiceAccount", "c")));
     }
 
     #[test]
