@@ -10,7 +10,7 @@ use kube::{
 };
 use tracing::{info, instrument};
 
-use super::{Context, Error, apply_status, kube_err, reconcile_with_finalizer, requeue_at};
+use super::{Context, Error, kube_err, reconcile_with_finalizer, requeue_at};
 use crate::{
     api::{AccessGrant, AccessGrantStatus, AgentIdentity, Approval, GrantPhase},
     policy::{
@@ -102,7 +102,11 @@ fn audit(grant: &AccessGrant, status: &AccessGrantStatus, transition: &str, reas
 /// Runs a grant's decision outside its controller: the start-up sweep revokes overdue grants
 /// this way, and a deleted identity revokes its grants.
 pub async fn reevaluate(grant: &AccessGrant, ctx: &Context) -> Result<(), Error> {
-    apply(grant, ctx).await.map(|_| ())
+    // A revocation ends the credential first and asks to be run again for the rest.
+    if apply(grant, ctx).await? == Action::requeue(std::time::Duration::ZERO) {
+        apply(grant, ctx).await?;
+    }
+    Ok(())
 }
 
 async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
@@ -198,7 +202,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 now,
             );
             if status != old {
-                apply_status(&ctx.client, grant, &status).await?;
+                ctx.write_grant_status(grant, &status).await?;
             }
             if old.phase != status.phase {
                 audit(grant, &status, "awaiting-approval", "AwaitingApproval");
@@ -233,7 +237,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                     generation,
                     now,
                 );
-                apply_status(&ctx.client, grant, &status).await?;
+                ctx.write_grant_status(grant, &status).await?;
                 crate::failpoint::hit("issue:after-intent");
             }
             ctx.issuer.issue(grant, expires_at, now).await?;
@@ -249,7 +253,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 namespaces.join(", ")
             );
             set_summary(&mut status.conditions, Summary::Ready, "Issued", message.clone(), generation, issued_at);
-            apply_status(&ctx.client, grant, &status).await?;
+            ctx.write_grant_status(grant, &status).await?;
             if let Some(created) = grant.metadata.creation_timestamp.as_ref() {
                 ctx.metrics.issuance_latency.observe(issued_at.duration_since(created.0).as_secs_f64().max(0.0));
             }
@@ -276,7 +280,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             status.revoked_at = Some(Time(revoked_at));
             let message = format!("credential revoked: {message}");
             set_summary(&mut status.conditions, Summary::Done, reason, message.clone(), generation, revoked_at);
-            apply_status(&ctx.client, grant, &status).await?;
+            ctx.write_grant_status(grant, &status).await?;
             let transition = match phase {
                 GrantPhase::Expired => "expired",
                 GrantPhase::Denied => "denied",
@@ -302,7 +306,7 @@ async fn reject(
     let message = format!("rejected: {violation}");
     let generation = grant.metadata.generation;
     set_summary(&mut status.conditions, Summary::Stalled, violation.reason(), message.clone(), generation, now);
-    apply_status(&ctx.client, grant, &status).await?;
+    ctx.write_grant_status(grant, &status).await?;
     audit(grant, &status, "rejected", violation.reason());
     ctx.event(grant, EventType::Warning, "Rejected", message).await;
     Ok(Action::await_change())

@@ -6,6 +6,7 @@ mod grant;
 mod grant_index;
 mod identity;
 mod startup;
+mod triggers;
 
 use std::{
     collections::HashMap,
@@ -183,6 +184,8 @@ pub struct Context {
     pub(crate) grants: Option<Store<AccessGrant>>,
     /// The grant cache's names per identity (filled only when `grants` is set).
     grant_index: Arc<grant_index::GrantIndex>,
+    /// Grant status writes of this process, whose watch events need no reconcile.
+    own_writes: triggers::OwnWrites,
     /// The most grants one identity may hold at once.
     pub(crate) max_active_grants: usize,
     /// Per identity (`namespace/name`), grants this process has begun issuing that the grant
@@ -218,6 +221,7 @@ impl Context {
             view: None,
             grants: None,
             grant_index: Arc::default(),
+            own_writes: Default::default(),
             max_active_grants: crate::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS,
             issuing: Mutex::default(),
             owned: None,
@@ -238,6 +242,19 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish event");
         }
+    }
+
+    /// Writes a grant's status and remembers the version written (its watch event then
+    /// triggers no second reconcile).
+    pub(crate) async fn write_grant_status(
+        &self,
+        grant: &AccessGrant,
+        status: &crate::api::AccessGrantStatus,
+    ) -> Result<(), Error> {
+        if let (Some(rv), Some(uid)) = (apply_status(&self.client, grant, status).await?, grant.uid()) {
+            self.own_writes.record(uid, rv);
+        }
+        Ok(())
     }
 
     /// The grants of identity `identity` in `ns`, read from the apiserver.
@@ -400,7 +417,8 @@ pub(crate) fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
 }
 
 /// Writes `status` to `obj`'s status subresource by server-side apply.
-pub(crate) async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<(), Error>
+/// Writes `obj`'s status (server-side apply); returns the resourceVersion written.
+pub(crate) async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<Option<String>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -410,10 +428,11 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
     let name = obj.name_any();
     let patch = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
-    api.patch_status(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
+    let written = api
+        .patch_status(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map_err(kube_err(format!("writing status of {} {name}", K::kind(&()))))?;
-    Ok(())
+    Ok(written.meta().resource_version.clone())
 }
 
 fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -485,6 +504,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
 
     let identities: Api<AgentIdentity> = Api::all(client.clone());
+    let own = ctx.clone();
+    let grant_events = grant_events.filter(move |g| futures::future::ready(!own.own_writes.is_own(g)));
     let grant_controller = Controller::for_shared_stream(grant_events, grant_store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.grant_workers));
 
@@ -582,12 +603,16 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     };
     let reached_too = reached.clone();
+    // An identity counts and analyses its grants that hold a credential: it is woken when one
+    // starts or stops holding, not by every status write.
+    let holding = triggers::Holding::default();
+    let holding_changes = grant_changes.filter(move |g| futures::future::ready(holding.changed(g)));
     let mut identity_controller = identity_controller.owns_stream(sa_changes);
     for changes in secret_changes {
         identity_controller = identity_controller.owns_stream(changes);
     }
     let identity_run = identity_controller
-        .watches_shared_stream(grant_changes, |grant: Arc<AccessGrant>| {
+        .watches_shared_stream(holding_changes, |grant: Arc<AccessGrant>| {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })
         .watches_stream(binding_changes.role_bindings, move |b: RoleBinding| reached(b.metadata, b.subjects))

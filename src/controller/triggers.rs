@@ -1,0 +1,95 @@
+//! Which AccessGrant changes are worth a reconcile. Under a flood of grants most changes are the
+//! operator's own status writes; each used to cost a grant reconcile (three live reads) and an
+//! identity reconcile (a status write and an exposure analysis).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
+
+use kube::ResourceExt;
+
+use crate::api::{AccessGrant, GrantPhase};
+
+/// Grant status writes this operator made (uid → the resourceVersion written). The watch event
+/// each one causes shows the grant as the reconcile that wrote it left it, and that reconcile
+/// has already scheduled what comes next, so it is not a reason to reconcile again. Any other
+/// change (a new resourceVersion) is.
+#[derive(Default)]
+pub(crate) struct OwnWrites(Mutex<HashMap<String, String>>);
+
+impl OwnWrites {
+    /// Records that this operator wrote `uid` at `resource_version`.
+    pub(crate) fn record(&self, uid: String, resource_version: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, resource_version);
+    }
+
+    /// Whether `grant`, as the watch shows it, is exactly what this operator last wrote (the
+    /// record is used up).
+    pub(crate) fn is_own(&self, grant: &AccessGrant) -> bool {
+        let (Some(uid), Some(rv)) = (grant.uid(), grant.resource_version()) else { return false };
+        let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if writes.get(&uid) == Some(&rv) {
+            writes.remove(&uid);
+            return true;
+        }
+        false
+    }
+}
+
+/// The grants holding a credential (Active, not being deleted), as last seen: an identity's
+/// status and exposure change only when one of its grants starts or stops holding one.
+#[derive(Default)]
+pub(crate) struct Holding(Mutex<HashSet<String>>);
+
+impl Holding {
+    /// Whether `grant` started or stopped holding since it was last seen.
+    pub(crate) fn changed(&self, grant: &AccessGrant) -> bool {
+        let holds = grant.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active)
+            && grant.metadata.deletion_timestamp.is_none();
+        let uid = grant.uid().unwrap_or_default();
+        let mut holding = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if holds { holding.insert(uid) } else { holding.remove(&uid) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn grant(rv: &str, phase: Option<GrantPhase>) -> AccessGrant {
+        let mut g = crate::policy::testing::grant("g", "bot", "1h", vec![]);
+        g.metadata.resource_version = Some(rv.into());
+        g.status = Some(crate::api::AccessGrantStatus { phase, ..Default::default() });
+        g
+    }
+
+    #[test]
+    fn only_the_exact_version_written_is_skipped_and_only_once() {
+        let own = OwnWrites::default();
+        own.record("uid-g".into(), "5".into());
+        assert!(!own.is_own(&grant("4", None)), "an earlier version is someone else's change");
+        assert!(own.is_own(&grant("5", None)));
+        assert!(!own.is_own(&grant("5", None)), "seen again (a re-list): reconcile");
+        own.record("uid-g".into(), "7".into());
+        assert!(!own.is_own(&grant("8", None)), "changed by someone after our write");
+        let mut no_uid = grant("7", None);
+        no_uid.metadata.uid = None;
+        assert!(!own.is_own(&no_uid), "no uid: never skipped");
+    }
+
+    #[test]
+    fn an_identity_hears_when_a_grant_starts_and_stops_holding() {
+        let holding = Holding::default();
+        assert!(!holding.changed(&grant("1", None)), "a new grant holds nothing");
+        assert!(!holding.changed(&grant("2", Some(GrantPhase::Pending))));
+        assert!(holding.changed(&grant("3", Some(GrantPhase::Active))));
+        assert!(!holding.changed(&grant("4", Some(GrantPhase::Active))), "still Active");
+        let mut deleting = grant("5", Some(GrantPhase::Active));
+        deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert!(holding.changed(&deleting));
+        assert!(!holding.changed(&grant("6", Some(GrantPhase::Expired))));
+        assert!(holding.0.lock().unwrap().is_empty(), "nothing kept for grants that hold nothing");
+    }
+}
