@@ -416,8 +416,8 @@ pub(crate) fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
     }
 }
 
-/// Writes `status` to `obj`'s status subresource by server-side apply.
-/// Writes `obj`'s status (server-side apply); returns the resourceVersion written.
+/// Writes `status` to `obj`'s status subresource by server-side apply; returns the
+/// resourceVersion written.
 pub(crate) async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<Option<String>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
