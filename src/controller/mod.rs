@@ -443,6 +443,21 @@ fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: 
     Action::requeue(delay)
 }
 
+/// Deletions of grants' ServiceAccounts (metadata only).
+fn grant_service_account_deletions(
+    client: &Client,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<ServiceAccount>, watcher::Error>> + Send + 'static {
+    let config = watcher::Config::default().labels(&names::all_grants_selector());
+    watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), config).default_backoff().try_filter_map(
+        |event| {
+            futures::future::ready(Ok(match event {
+                watcher::Event::Delete(sa) => Some(sa),
+                _ => None,
+            }))
+        },
+    )
+}
+
 /// One Api per namespace of `namespaces`, or one for the whole cluster when it is empty: a
 /// confined installation may read Secrets only in its own namespaces.
 pub(crate) fn secret_apis<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
@@ -564,6 +579,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             let (ns, name) = (identity.namespace().unwrap_or_default(), identity.name_any());
             let grants = mapper_index.grants_of(&mapper_store, &ns, &name);
             grants.into_iter().map(|g| ObjectRef::from_obj(g.as_ref())).collect::<Vec<_>>()
+        })
+        // A grant's ServiceAccount deleted by anyone but a revocation: the grant is looked at
+        // again at once (an Active grant without it is revoked, CredentialGone).
+        .watches_stream(grant_service_account_deletions(&client), |sa: PartialObjectMeta<ServiceAccount>| {
+            let labels = sa.labels();
+            let grant = labels.get(names::GRANT_LABEL)?;
+            Some(ObjectRef::new(grant).within(labels.get(names::GRANT_NAMESPACE_LABEL)?))
         })
         .watches(Api::<Approval>::all(client.clone()), watcher::Config::default(), |approval: Approval| {
             Some(ObjectRef::new(&approval.spec.grant).within(&approval.namespace().unwrap_or_default()))

@@ -172,6 +172,14 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
             return Step::Revoke { phase: GrantPhase::Revoked, reason, message: violation.to_string() };
         }
         return match phase {
+            // Its ServiceAccount is gone (deleted by hand, or the first step of a revocation
+            // whose cause has since passed): the credential no longer works, and status must not
+            // say it does.
+            Some(GrantPhase::Active) if facts.service_account_created.is_none() => Step::Revoke {
+                phase: GrantPhase::Revoked,
+                reason: "CredentialGone",
+                message: "the grant's ServiceAccount no longer exists, so its credential no longer works".into(),
+            },
             Some(GrantPhase::Active) => {
                 Step::Wait { recheck_at: earliest(Some(expires_at), retire_at(Some(identity))) }
             }
@@ -262,10 +270,15 @@ mod tests {
                 verdict: &WAITING,
                 protected: &[],
                 installation: &ANYWHERE,
-                service_account_created: None,
+                service_account_created: issued_sa(g, now),
                 now,
             },
         )
+    }
+
+    /// An issued grant's ServiceAccount, made `now` (a grant with no issuance has none).
+    fn issued_sa(g: &AccessGrant, now: Timestamp) -> Option<Timestamp> {
+        g.status.as_ref().and_then(|s| s.expires_at.as_ref()).map(|_| now)
     }
 
     fn now() -> Timestamp {
@@ -398,10 +411,31 @@ mod tests {
                 verdict,
                 protected: &[],
                 installation: &ANYWHERE,
-                service_account_created: None,
+                service_account_created: issued_sa(g, now),
                 now,
             },
         )
+    }
+
+    #[test]
+    fn an_active_grant_whose_service_account_is_gone_is_revoked_not_left_active() {
+        let id = identity("fixer", &["staging"]);
+        let g = read_grant(GrantPhase::Active, 600);
+        let gone = Facts {
+            identity: Some(&id),
+            verdict: &WAITING,
+            protected: &[],
+            installation: &ANYWHERE,
+            service_account_created: None,
+            now: now(),
+        };
+        assert!(matches!(decide(&g, gone), Step::Revoke { phase: GrantPhase::Revoked, reason: "CredentialGone", .. }));
+        // With it there, the grant simply waits for its end.
+        assert!(matches!(decide_at(&g, Some(&id), now()), Step::Wait { .. }));
+        // An interrupted issuance (Pending) without it is finished, not revoked.
+        let pending = read_grant(GrantPhase::Pending, 600);
+        let gone = Facts { service_account_created: None, ..gone };
+        assert!(matches!(decide(&pending, gone), Step::Issue { .. }));
     }
 
     fn approved() -> Verdict {

@@ -309,6 +309,33 @@ async fn deleting_a_grant_revokes_it_at_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn an_active_grant_whose_service_account_is_deleted_is_revoked_and_cleaned_up() -> anyhow::Result<()> {
+    let s = Setup::new("sagone", "fixer").await?;
+    let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
+    create(&s.admin, t, &config_map("settings")).await?;
+    let g = s.grant(&grant("lost", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
+    config_maps.get("settings").await?;
+
+    // Someone deletes the grant's ServiceAccount by hand: the credential dies with it, and the
+    // grant must not go on saying Active.
+    let sa = g.status.as_ref().and_then(|st| st.service_account_name.clone()).expect("serviceAccountName");
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(s.admin.clone(), a)
+        .delete(&sa, &DeleteParams::default())
+        .await?;
+    let revoked = wait_phase(&s.admin, a, "lost", GrantPhase::Revoked).await?;
+    assert_eq!(ready_reason(&revoked).0, "CredentialGone");
+    wait_rejected("the credential of the deleted ServiceAccount", Duration::from_secs(10), || {
+        config_maps.get("settings")
+    })
+    .await?;
+    // Nothing is re-made and nothing is left.
+    assert_eq!(grant_objects(&s.admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
+    assert!(identity_secret_keys(&s.admin, a, "fixer").await?.is_empty());
+    s.cleanup().await
+}
+
+#[tokio::test]
 async fn suspending_the_identity_revokes_every_grant_and_issues_none() -> anyhow::Result<()> {
     let s = Setup::new("suspend", "fixer").await?;
     let (a, t, o) = (s.agents.name.as_str(), s.target.name.as_str(), s.other.name.as_str());
