@@ -316,6 +316,7 @@ async fn reject(
 async fn cleanup(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     let held = grant.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active);
     ctx.issuer.revoke(grant).await?;
+    ctx.forget_grant(grant);
     if held {
         audit(grant, &grant.status.clone().unwrap_or_default(), "revoked", "GrantDeleted");
         ctx.event(grant, EventType::Normal, "Revoked", "credential revoked: the grant was deleted".into()).await;

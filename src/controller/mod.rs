@@ -245,16 +245,26 @@ impl Context {
     }
 
     /// Writes a grant's status and remembers the version written (its watch event then
-    /// triggers no second reconcile).
+    /// triggers no second reconcile). Not for a grant being deleted: its finalizer still has to
+    /// be run by a reconcile, and a write made outside the controller (the start-up sweep) has
+    /// scheduled none — skipping its event left such a grant undeleted.
     pub(crate) async fn write_grant_status(
         &self,
         grant: &AccessGrant,
         status: &crate::api::AccessGrantStatus,
     ) -> Result<(), Error> {
-        if let (Some(rv), Some(uid)) = (apply_status(&self.client, grant, status).await?, grant.uid()) {
+        let written = apply_status(&self.client, grant, status).await?;
+        if let (Some(rv), Some(uid), None) = (written, grant.uid(), grant.metadata.deletion_timestamp.as_ref()) {
             self.own_writes.record(uid, rv);
         }
         Ok(())
+    }
+
+    /// Drops what this process remembers of a grant that is going away.
+    pub(crate) fn forget_grant(&self, grant: &AccessGrant) {
+        if let Some(uid) = grant.uid() {
+            self.own_writes.forget(&uid);
+        }
     }
 
     /// The grants of identity `identity` in `ns`, read from the apiserver.

@@ -24,6 +24,11 @@ impl OwnWrites {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, resource_version);
     }
 
+    /// Forgets `uid` (its grant is going away; a record whose event came first would stay).
+    pub(crate) fn forget(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+
     /// Whether `grant`, as the watch shows it, is exactly what this operator last wrote (the
     /// record is used up).
     pub(crate) fn is_own(&self, grant: &AccessGrant) -> bool {
@@ -77,6 +82,9 @@ mod tests {
         let mut no_uid = grant("7", None);
         no_uid.metadata.uid = None;
         assert!(!own.is_own(&no_uid), "no uid: never skipped");
+        own.record("uid-g".into(), "9".into());
+        own.forget("uid-g");
+        assert!(!own.is_own(&grant("9", None)), "forgotten");
     }
 
     #[test]
