@@ -46,29 +46,15 @@ pub fn reaches(subject: &Subject, ns: &str, identity: &str) -> bool {
 /// ServiceAccount subject without a namespace is in the binding's namespace, and the user name
 /// `system:serviceaccount:NS:NAME` is that ServiceAccount too.
 pub fn reaches_in(subject: &Subject, binding_ns: Option<&str>, ns: &str, identity: &str) -> bool {
-    if subject.kind == "User"
-        && let Some(rest) = subject.name.strip_prefix("system:serviceaccount:")
-        && let Some((sa_ns, sa)) = rest.split_once(':')
-    {
-        let as_sa =
-            Subject { kind: "ServiceAccount".into(), name: sa.into(), namespace: Some(sa_ns.into()), api_group: None };
-        return reaches_in(&as_sa, None, ns, identity);
+    if let Some((sa_ns, sa)) = super::exposure::named_service_account(subject, binding_ns) {
+        // The base ServiceAccount, or any of this identity's grant ServiceAccounts (they carry
+        // the grant's name, not the identity's, so every grant SA of the namespace counts: a
+        // standing binding to any of them is drift).
+        return sa_ns == ns && (sa == names::identity_service_account(identity) || sa.starts_with("agentid-grant-"));
     }
-    match subject.kind.as_str() {
-        "ServiceAccount" => {
-            let sa_ns = subject.namespace.as_deref().or(binding_ns).unwrap_or_default();
-            // The base ServiceAccount, or any of this identity's grant ServiceAccounts (they carry
-            // the grant's name, not the identity's, so every grant SA of the namespace counts: a
-            // standing binding to any of them is drift).
-            sa_ns == ns
-                && (subject.name == names::identity_service_account(identity)
-                    || subject.name.starts_with("agentid-grant-"))
-        }
-        "Group" => {
-            subject.name == "system:serviceaccounts" || subject.name.strip_prefix("system:serviceaccounts:") == Some(ns)
-        }
-        _ => false,
-    }
+    subject.kind == "Group"
+        && (subject.name == "system:serviceaccounts"
+            || subject.name.strip_prefix("system:serviceaccounts:") == Some(ns))
 }
 
 fn role(r: &RoleRef) -> String {

@@ -41,7 +41,10 @@ pub struct Principal {
 /// The ServiceAccount (namespace, name) a subject of a binding in `binding_ns` (None: a
 /// ClusterRoleBinding) names, as a ServiceAccount (without a namespace: the binding's) or as the
 /// user `system:serviceaccount:NS:NAME`; None for groups and other users.
-fn named_service_account<'s>(subject: &'s Subject, binding_ns: Option<&'s str>) -> Option<(&'s str, &'s str)> {
+pub(crate) fn named_service_account<'s>(
+    subject: &'s Subject,
+    binding_ns: Option<&'s str>,
+) -> Option<(&'s str, &'s str)> {
     match subject.kind.as_str() {
         "ServiceAccount" => {
             Some((subject.namespace.as_deref().or(binding_ns).unwrap_or_default(), subject.name.as_str()))
