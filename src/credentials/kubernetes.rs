@@ -297,12 +297,11 @@ impl KubernetesIssuer {
     }
 
     /// Takes the credential away: ServiceAccount first, then bindings, roles, Secrets and the
-    /// entries in the identity's Secret. Safe to repeat; returns when the ServiceAccount was
-    /// deleted (None if it was already gone).
-    pub async fn revoke(&self, grant: &AccessGrant) -> Result<Option<Timestamp>, Error> {
+    /// entries in the identity's Secret. Safe to repeat.
+    pub async fn revoke(&self, grant: &AccessGrant) -> Result<(), Error> {
         let objects = GrantObjects::new(grant);
         let ns = &objects.namespace;
-        let sa_deleted = self.end_credential(grant).await?;
+        self.end_credential(grant).await?;
         failpoint::hit("revoke:after-service-account");
 
         for namespace in GrantObjects::target_namespaces(rules_of(grant)) {
@@ -321,7 +320,7 @@ impl KubernetesIssuer {
             .collect();
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
         self.write_identity(ns, &identity_secret, removal).await?;
-        Ok(sa_deleted)
+        Ok(())
     }
 }
 
