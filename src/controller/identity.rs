@@ -38,9 +38,7 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
 async fn active_grants(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<Arc<AccessGrant>>, Error> {
     let (ns, name) = (identity.namespace().unwrap_or_default(), identity.name_any());
     let mut grants = ctx.grants_of(&ns, &name).await?;
-    grants.retain(|g| {
-        g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active) && g.metadata.deletion_timestamp.is_none()
-    });
+    grants.retain(|g| super::triggers::holds_credential(g));
     Ok(grants)
 }
 

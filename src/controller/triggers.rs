@@ -42,7 +42,13 @@ impl OwnWrites {
     }
 }
 
-/// The grants holding a credential (Active, not being deleted), as last seen: an identity's
+/// Whether a grant holds a credential: Active and not being deleted.
+pub(crate) fn holds_credential(grant: &AccessGrant) -> bool {
+    grant.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active)
+        && grant.metadata.deletion_timestamp.is_none()
+}
+
+/// The grants holding a credential (see [`holds_credential`]), as last seen: an identity's
 /// status and exposure change only when one of its grants starts or stops holding one.
 #[derive(Default)]
 pub(crate) struct Holding(Mutex<HashSet<String>>);
@@ -50,8 +56,7 @@ pub(crate) struct Holding(Mutex<HashSet<String>>);
 impl Holding {
     /// Whether `grant` started or stopped holding since it was last seen.
     pub(crate) fn changed(&self, grant: &AccessGrant) -> bool {
-        let holds = grant.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active)
-            && grant.metadata.deletion_timestamp.is_none();
+        let holds = holds_credential(grant);
         let uid = grant.uid().unwrap_or_default();
         let mut holding = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if holds { holding.insert(uid) } else { holding.remove(&uid) }
