@@ -82,7 +82,18 @@ impl Operator {
     fn start(dir: &Path) -> anyhow::Result<Self> {
         let (metrics, webhook) = (free_port(), free_port());
         let log = std::fs::File::create(dir.join("operator.log"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_agentid"))
+        // AGENTID_BENCH_WRAP runs the operator under a profiler, e.g. "heaptrack -o target/heap".
+        let wrap = std::env::var("AGENTID_BENCH_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let mut command = match wrap.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(wrap).arg(env!("CARGO_BIN_EXE_agentid"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_agentid")),
+        };
+        let child = command
             .args(["run", "--metrics-addr", &format!("127.0.0.1:{metrics}")])
             .args(["--webhook-addr", &format!("127.0.0.1:{webhook}")])
             .args(["--webhook-url", &format!("https://127.0.0.1:{webhook}")])
@@ -135,6 +146,8 @@ impl Operator {
     }
 
     fn stop(&mut self) {
+        // Under AGENTID_BENCH_WRAP the operator is the wrapper's child.
+        let _ = Command::new("pkill").args(["-TERM", "-P", &self.child.id().to_string()]).status();
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
     }
