@@ -1,8 +1,8 @@
 //! The Kubernetes issuer: per grant a ServiceAccount, Roles + RoleBindings carrying exactly the
 //! grant's rules, a Secret, and a TokenRequest token bound to that Secret.
 //!
-//! Issuance is idempotent (server-side apply with deterministic names), so a repeat after a
-//! crash makes no second set of objects. Revocation deletes the ServiceAccount first — every
+//! Issuance is idempotent (deterministic names; what already exists is server-side applied), so
+//! a repeat after a crash makes no second set of objects. Revocation deletes the ServiceAccount first — every
 //! token issued for it stops authenticating at once — then the rest, and tolerates what is
 //! already gone.
 
@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::debug;
 
-use super::{Doing, Error, server_side_apply};
+use super::{Doing, Error, create_or_apply};
 use crate::{
     api::{AccessGrant, KubernetesRule},
     failpoint,
@@ -107,51 +107,54 @@ impl KubernetesIssuer {
         let ns = &objects.namespace;
         let rules = rules_of(grant);
 
-        // The identity's credentials Secret must exist before anything is made, so that a grant
-        // never holds a credential its pods cannot see.
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        match secrets.get_metadata_opt(&identity_secret).await.doing(|| format!("reading Secret {identity_secret}"))? {
-            None => {
-                return Err(Error::NotReady(format!(
-                    "the identity's credentials Secret {identity_secret} does not exist yet"
-                )));
-            }
-            // Never write a token into a Secret agentid did not make for this identity.
-            Some(m) if !names::owned_by(&m.metadata, "AgentIdentity", &grant.spec.identity) => {
-                return Err(Error::NotReady(format!(
-                    "Secret {identity_secret} was not made by agentid for this identity"
-                )));
-            }
-            Some(_) => {}
-        }
-
         // The objects do not depend on one another (a RoleBinding may name a ServiceAccount that
         // is not there yet, and nobody holds a token for it before the TokenRequest below), so
         // they are made together: one round trip instead of four.
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
         let (roles, bindings) = (objects.roles(rules), objects.role_bindings(rules));
         let service_account = async {
-            let sa = server_side_apply(&self.client, &objects.service_account()).await?;
+            let sa = create_or_apply(&self.client, &objects.service_account()).await?;
             failpoint::hit("issue:after-service-account");
             Ok::<_, Error>(sa)
         };
         let roles = async {
-            futures::future::try_join_all(roles.iter().map(|r| server_side_apply(&self.client, r))).await?;
+            futures::future::try_join_all(roles.iter().map(|r| create_or_apply(&self.client, r))).await?;
             failpoint::hit("issue:after-roles");
             Ok(())
         };
         let bindings = async {
-            futures::future::try_join_all(bindings.iter().map(|b| server_side_apply(&self.client, b))).await?;
+            futures::future::try_join_all(bindings.iter().map(|b| create_or_apply(&self.client, b))).await?;
             failpoint::hit("issue:after-role-bindings");
             Ok(())
         };
         let secret = async {
-            let secret = server_side_apply(&self.client, &objects.secret()).await?;
+            let secret = create_or_apply(&self.client, &objects.secret()).await?;
             failpoint::hit("issue:after-secret");
             Ok(secret)
         };
-        let (sa, (), (), secret) = tokio::try_join!(service_account, roles, bindings, secret)?;
+        // The identity's credentials Secret must be there (and agentid's, made for this identity)
+        // before any token is minted, so that a grant never holds a credential its pods cannot
+        // see. It is read alongside the objects: they carry no credential until the TokenRequest.
+        let identity_secret_ready = async {
+            match secrets
+                .get_metadata_opt(&identity_secret)
+                .await
+                .doing(|| format!("reading Secret {identity_secret}"))?
+            {
+                None => Err(Error::NotReady(format!(
+                    "the identity's credentials Secret {identity_secret} does not exist yet"
+                ))),
+                // Never write a token into a Secret agentid did not make for this identity.
+                Some(m) if !names::owned_by(&m.metadata, "AgentIdentity", &grant.spec.identity) => {
+                    Err(Error::NotReady(format!("Secret {identity_secret} was not made by agentid for this identity")))
+                }
+                Some(_) => Ok(()),
+            }
+        };
+        let (sa, (), (), secret, ()) =
+            tokio::try_join!(service_account, roles, bindings, secret, identity_secret_ready)?;
         let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
         let sa_uid = sa.uid().ok_or_else(|| Error::Malformed(format!("ServiceAccount {} has no uid", objects.name)))?;
         // Resumed (a crash, or a reconcile that ran on a cache not yet showing Active): the token

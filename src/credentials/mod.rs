@@ -54,6 +54,27 @@ where
     api.patch(&name, &params, &kube::api::Patch::Apply(obj)).await.doing(|| format!("applying {} {name}", K::kind(&())))
 }
 
+/// Creates `obj` under agentid's field manager, or server-side applies it when it already exists
+/// (a resumed issuance): a fresh object costs the apiserver a plain create rather than an apply's
+/// field-set merge, and what exists ends up as agentid wants it either way.
+pub(crate) async fn create_or_apply<K>(client: &kube::Client, obj: &K) -> Result<K, Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    use kube::ResourceExt as _;
+    let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    let params =
+        kube::api::PostParams { field_manager: Some(crate::policy::names::FIELD_MANAGER.into()), ..Default::default() };
+    match api.create(&params, obj).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => server_side_apply(client, obj).await,
+        created => created.doing(|| format!("creating {} {}", K::kind(&()), obj.name_any())),
+    }
+}
+
 /// Adds what agentid was doing to a kube error.
 pub(crate) trait Doing<T> {
     fn doing(self, action: impl FnOnce() -> String) -> Result<T, Error>;
