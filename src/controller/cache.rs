@@ -20,7 +20,10 @@ use kube::{
 };
 use tracing::warn;
 
-use crate::policy::install::Installation;
+use crate::{
+    api::{AccessGrant, AccessGrantStatus},
+    policy::{decide, install::Installation},
+};
 
 /// Read-only views of the cached objects.
 #[derive(Clone)]
@@ -55,6 +58,31 @@ pub fn slim<K: Resource>(obj: &mut K) {
     meta.managed_fields = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// [`slim`] for AccessGrants, and a settled grant (see [`decide::settled`]) keeps only what its
+/// deletion and the counts by phase read: metadata without annotations, its spec (the
+/// namespaces to clean up), and of its status the phase and times. Nothing reconciles such a
+/// grant into a status write, so the dropped parts are never written back; at scale most grants
+/// are settled, and their conditions and messages were most of the cache.
+pub fn slim_grant(grant: &mut AccessGrant) {
+    slim(grant);
+    if !decide::settled(grant) {
+        return;
+    }
+    grant.metadata.annotations = None;
+    grant.spec.reason = String::new();
+    if let Some(status) = grant.status.as_mut() {
+        *status = AccessGrantStatus {
+            phase: status.phase,
+            requires_approval: status.requires_approval,
+            issued_at: status.issued_at.take(),
+            expires_at: status.expires_at.take(),
+            revoked_at: status.revoked_at.take(),
+            observed_generation: status.observed_generation,
+            ..Default::default()
+        };
     }
 }
 
@@ -129,4 +157,65 @@ fn spawn<K>(
         }
         futures::future::ready(())
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    use super::*;
+    use crate::{
+        api::GrantPhase,
+        policy::testing::{grant, rule},
+    };
+
+    fn with(phase: GrantPhase, revoked: bool) -> AccessGrant {
+        let mut g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        g.metadata.annotations = Some([("agentid.dev/requested-by".to_string(), "bob".to_string())].into());
+        let t = Time(jiff::Timestamp::now());
+        g.status = Some(AccessGrantStatus {
+            phase: Some(phase),
+            requested_by: Some("bob".into()),
+            expires_at: Some(t.clone()),
+            revoked_at: revoked.then(|| t.clone()),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "Expired".into(),
+                message: "credential revoked: the grant ran its course".into(),
+                last_transition_time: t,
+                observed_generation: Some(1),
+            }],
+            ..Default::default()
+        });
+        g
+    }
+
+    #[test]
+    fn a_settled_grant_keeps_only_what_its_deletion_and_counts_read() {
+        let mut g = with(GrantPhase::Expired, true);
+        slim_grant(&mut g);
+        let status = g.status.as_ref().expect("status kept");
+        assert_eq!(status.phase, Some(GrantPhase::Expired));
+        assert!(status.expires_at.is_some() && status.revoked_at.is_some());
+        assert!(status.conditions.is_empty() && status.requested_by.is_none());
+        assert!(g.metadata.annotations.is_none() && g.spec.reason.is_empty());
+        assert_eq!(g.spec.identity, "fixer");
+        assert_eq!(
+            crate::policy::desired::GrantObjects::target_namespaces(&g.spec.kubernetes.as_ref().expect("rules").rules),
+            ["staging"]
+        );
+        assert!(decide::settled(&g), "still settled once slimmed");
+    }
+
+    #[test]
+    fn a_grant_that_may_still_change_is_kept_whole() {
+        // Active, and an Expired grant whose revocation was interrupted (no revokedAt).
+        for phase in [GrantPhase::Active, GrantPhase::Expired, GrantPhase::Pending] {
+            let whole = with(phase, false);
+            let mut g = whole.clone();
+            slim_grant(&mut g);
+            assert_eq!(g, whole, "{phase:?}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ use crate::{
         approval::{self, Candidate, Verdict},
         ceiling::Violation,
         conditions::{Summary, set_summary},
-        decide::{Facts, Step, decide},
+        decide::{self, Facts, Step, decide},
         desired::GrantObjects,
         names,
     },
@@ -110,6 +110,11 @@ pub async fn reevaluate(grant: &AccessGrant, ctx: &Context) -> Result<(), Error>
 }
 
 async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
+    // Done for good (the decision would be to wait, whatever the look-ups said): every grant is
+    // reconciled once when the operator starts, and most are long over.
+    if decide::settled(grant) {
+        return Ok(Action::await_change());
+    }
     let now = Timestamp::now();
     let ns = grant.namespace().unwrap_or_default();
     let terminal = grant.status.as_ref().and_then(|s| s.phase).is_some_and(GrantPhase::is_terminal);

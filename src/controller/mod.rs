@@ -196,7 +196,8 @@ pub struct Context {
     /// Per identity (`namespace/name`): the uid and generation whose base objects were last
     /// applied, and when.
     base_applied: Mutex<HashMap<String, (String, i64, std::time::Instant)>>,
-    recorder: Recorder,
+    /// Events to publish, in the background (see [`Context::event`]).
+    events: tokio::sync::mpsc::Sender<(Event, k8s_openapi::api::core::v1::ObjectReference)>,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -210,9 +211,10 @@ impl Context {
         metrics: Arc<Metrics>,
     ) -> Self {
         let reporter = Reporter { controller: "agentid".into(), instance: std::env::var("POD_NAME").ok() };
+        let events = publish_events(Recorder::new(client.clone(), reporter));
         Self {
             issuer: KubernetesIssuer::new(client.clone(), access),
-            recorder: Recorder::new(client.clone(), reporter),
+            events,
             client,
             metrics,
             protected,
@@ -230,7 +232,9 @@ impl Context {
         }
     }
 
-    /// Publishes an Event about `obj`. Events are best effort: a failure is logged, not fatal.
+    /// Publishes an Event about `obj` in the background: a reconcile does not wait for it (under
+    /// a flood of grants that wait held a worker per grant). Events are best effort: a failure is
+    /// logged, not fatal. Waits only while the queue is full.
     pub(crate) async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -239,8 +243,8 @@ impl Context {
         note: String,
     ) {
         let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            warn!(error = %e, reason, "could not publish event");
+        if self.events.send((event, obj.object_ref(&()))).await.is_err() {
+            warn!(reason, "could not publish event: the publisher has stopped");
         }
     }
 
@@ -426,6 +430,31 @@ pub(crate) fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
     }
 }
 
+/// Events queued for publishing (beyond this a reconcile waits for room).
+const EVENT_QUEUE: usize = 1024;
+/// Events published at once (each is a request, and a connection, to the apiserver).
+const EVENT_PUBLISHERS: usize = 8;
+
+/// Starts the task that publishes queued Events, a few at a time; returns its queue.
+fn publish_events(
+    recorder: Recorder,
+) -> tokio::sync::mpsc::Sender<(Event, k8s_openapi::api::core::v1::ObjectReference)> {
+    let (queue, mut events) =
+        tokio::sync::mpsc::channel::<(Event, k8s_openapi::api::core::v1::ObjectReference)>(EVENT_QUEUE);
+    tokio::spawn(futures::stream::poll_fn(move |cx| events.poll_recv(cx)).for_each_concurrent(
+        EVENT_PUBLISHERS,
+        move |(event, about)| {
+            let recorder = recorder.clone();
+            async move {
+                if let Err(e) = recorder.publish(&event, &about).await {
+                    warn!(error = %e, reason = event.reason, "could not publish event");
+                }
+            }
+        },
+    ));
+    queue
+}
+
 /// Writes `status` to `obj`'s status subresource by server-side apply; returns the
 /// resourceVersion written.
 pub(crate) async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<Option<String>, Error>
@@ -511,7 +540,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let grant_events = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
     let grant_changes = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
     let grant_watch = watcher(Api::<AccessGrant>::all(client.clone()), watcher::Config::default())
-        .modify(cache::slim::<AccessGrant>)
+        .modify(cache::slim_grant)
         .default_backoff()
         .inspect_ok({
             let index = context.grant_index.clone();
@@ -524,6 +553,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
             futures::future::ready(())
         });
+    // Filling from now on (also while a replica waits for the Lease): the start-up sweep reads it.
+    let grant_watch = tokio::spawn(grant_watch);
     context.grants = Some(grant_store.clone());
     let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
@@ -569,7 +600,16 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         })
     });
 
-    // Overdue revocations and orphans first: nothing is issued before they are done.
+    // Overdue revocations and orphans first: nothing is issued before they are done. The sweep,
+    // and then both controllers, read the grant cache, so it is filled first (without that, each
+    // identity reconciled at start-up listed every grant of its namespace).
+    tokio::select! {
+        filled = grant_store.wait_until_ready() => filled.context("filling the AccessGrant cache")?,
+        _ = shutdown_signal() => {
+            info!("stopped before the AccessGrant cache was filled");
+            return Ok(());
+        }
+    }
     startup::sweep(&ctx).await?;
 
     let (mapper_store, mapper_index) = (grant_store.clone(), ctx.grant_index.clone());

@@ -1,7 +1,7 @@
 //! Start-up: before anything is issued, finish every revocation that fell due while the
 //! operator was down, and remove objects of grants that no longer exist.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
@@ -21,25 +21,25 @@ use crate::{
     policy::names,
 };
 
-/// Grants listed per request.
+/// Objects listed per request.
 const LIST_PAGE: u32 = 500;
 /// Grants re-evaluated at once by the start-up sweep.
 const SWEEP_CONCURRENCY: usize = 32;
 
-/// Runs the start-up sweep.
-pub async fn sweep(ctx: &Context) -> Result<(), Error> {
-    // In pages: one answer holding every grant of a large cluster took tens of MiB at once.
-    let api = Api::<AccessGrant>::all(ctx.client.clone());
-    let mut grants = Vec::new();
-    let mut page = ListParams::default().limit(LIST_PAGE);
-    loop {
-        let list = api.list(&page).await.map_err(kube_err("listing AccessGrants"))?;
-        grants.extend(list.items);
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => page = page.continue_token(&token),
-            None => break,
-        }
+/// Every AccessGrant, from the grant cache. The sweep runs once the cache holds its first full
+/// list: a LIST of its own held every grant of a large cluster (with managed fields) at once.
+fn cached_grants(ctx: &Context) -> Result<Vec<Arc<AccessGrant>>, Error> {
+    match ctx.grants.as_ref().filter(|s| super::cache::ready(s)) {
+        Some(store) => Ok(store.state()),
+        None => Err(Error::Credentials(crate::credentials::Error::NotReady(
+            "the AccessGrant cache has not been filled yet".into(),
+        ))),
     }
+}
+
+/// Runs the start-up sweep (the grant cache must be filled).
+pub async fn sweep(ctx: &Context) -> Result<(), Error> {
+    let grants = cached_grants(ctx)?;
     let mut recheck = Vec::new();
     for g in &grants {
         let status = g.status.as_ref();
@@ -58,7 +58,7 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
     }
     // Together, not one after another: 9,000 active grants took 68 s in turn.
     let rechecked = recheck.len();
-    futures::stream::iter(recheck.into_iter().map(|g| grant::reevaluate(g, ctx)))
+    futures::stream::iter(recheck.into_iter().map(|g| grant::reevaluate(g.as_ref(), ctx)))
         .buffer_unordered(SWEEP_CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
@@ -69,8 +69,9 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
 }
 
 /// Deletes objects labelled for a grant UID that no longer exists (e.g. a finalizer removed by
-/// hand), ServiceAccounts first. Safe while controllers run: objects are listed before grants, so a
-/// grant made in between cannot have its fresh objects taken for orphans.
+/// hand), ServiceAccounts first. Safe while controllers run: objects are listed before the grants
+/// are read from the cache, and a grant's objects are only made by a reconcile of it, which the
+/// cache held before that reconcile began.
 pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {
     let service_accounts = list_grant_objects(Api::<ServiceAccount>::all(ctx.client.clone())).await?;
     let bindings = list_grant_objects(Api::<RoleBinding>::all(ctx.client.clone())).await?;
@@ -79,36 +80,47 @@ pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {
     for api in super::secret_apis::<Secret>(&ctx.client, &ctx.installation.agent_namespaces) {
         secrets.extend(list_grant_objects(api).await?);
     }
-    let grants = Api::<AccessGrant>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(kube_err("listing AccessGrants"))?;
-    let live: HashSet<String> = grants.items.iter().filter_map(|g| g.uid()).collect();
-    Ok(delete_orphans(ctx, service_accounts, &live).await?
-        + delete_orphans(ctx, bindings, &live).await?
-        + delete_orphans(ctx, roles, &live).await?
-        + delete_orphans(ctx, secrets, &live).await?)
+    let live: HashSet<String> = cached_grants(ctx)?.iter().filter_map(|g| g.uid()).collect();
+    Ok(delete_orphans::<ServiceAccount>(ctx, service_accounts, &live).await?
+        + delete_orphans::<RoleBinding>(ctx, bindings, &live).await?
+        + delete_orphans::<Role>(ctx, roles, &live).await?
+        + delete_orphans::<Secret>(ctx, secrets, &live).await?)
 }
 
-async fn list_grant_objects<K>(api: Api<K>) -> Result<Vec<PartialObjectMeta<K>>, Error>
+/// An object made for a grant: its namespace, name and the grant's UID (from its label).
+struct GrantObject {
+    namespace: String,
+    name: String,
+    grant_uid: String,
+}
+
+async fn list_grant_objects<K>(api: Api<K>) -> Result<Vec<GrantObject>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    // Metadata only: listing Secrets this way never brings their data into the operator.
-    api.list_metadata(&ListParams::default().labels(&names::all_grants_selector()))
-        .await
-        .map(|l| l.items)
-        .map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))
+    // Metadata only (listing Secrets this way never brings their data into the operator), in
+    // pages, keeping three strings of each.
+    let mut objects = Vec::new();
+    let mut page = ListParams::default().labels(&names::all_grants_selector()).limit(LIST_PAGE);
+    loop {
+        let list: kube::core::ObjectList<PartialObjectMeta<K>> =
+            api.list_metadata(&page).await.map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))?;
+        objects.extend(list.items.into_iter().map(|mut obj| GrantObject {
+            grant_uid: obj.labels_mut().remove(names::GRANT_UID_LABEL).unwrap_or_default(),
+            namespace: obj.metadata.namespace.take().unwrap_or_default(),
+            name: obj.metadata.name.take().unwrap_or_default(),
+        }));
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => page = page.continue_token(&token),
+            None => return Ok(objects),
+        }
+    }
 }
 
-async fn delete_orphans<K>(
-    ctx: &Context,
-    listed: Vec<PartialObjectMeta<K>>,
-    live: &HashSet<String>,
-) -> Result<usize, Error>
+async fn delete_orphans<K>(ctx: &Context, listed: Vec<GrantObject>, live: &HashSet<String>) -> Result<usize, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -117,15 +129,14 @@ where
 {
     let mut deleted = 0;
     for obj in listed {
-        let uid = obj.labels().get(names::GRANT_UID_LABEL).cloned().unwrap_or_default();
-        if live.contains(&uid) {
+        if live.contains(&obj.grant_uid) {
             continue;
         }
-        let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-        match api.delete(&obj.name_any(), &DeleteParams::background()).await {
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace);
+        match api.delete(&obj.name, &DeleteParams::background()).await {
             Ok(_) => deleted += 1,
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(kube_err(format!("deleting orphaned {} {}", K::kind(&()), obj.name_any()))(e)),
+            Err(e) => return Err(kube_err(format!("deleting orphaned {} {}", K::kind(&()), obj.name))(e)),
         }
     }
     Ok(deleted)

@@ -93,6 +93,20 @@ fn denied(by: &str, reason: &str) -> Step {
     Step::Revoke { phase: GrantPhase::Denied, reason: "Denied", message: format!("denied by {by}: {reason}") }
 }
 
+/// Whether the grant is done for good: it ended, and if it ever held a credential its revocation
+/// finished (revokedAt is set). Nothing but its deletion can happen to it any more, and
+/// [`decide`] answers [`Step::Wait`] for it whatever the facts, so a reconcile of it needs to
+/// read nothing.
+pub fn settled(grant: &AccessGrant) -> bool {
+    let Some(phase) = phase_of(grant).filter(|p| p.is_terminal()) else { return false };
+    // An interrupted revocation (no revokedAt yet) is not settled: it is finished first.
+    let revoked = grant.status.as_ref().is_some_and(|s| s.revoked_at.is_some());
+    let interrupted = matches!(phase, GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied)
+        && !revoked
+        && expires_at_of(grant).is_some();
+    !interrupted
+}
+
 /// Decides the next step for `grant`.
 pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
     let Facts { identity, verdict, now, .. } = facts;
@@ -102,19 +116,14 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
     if let Some(phase) = phase
         && phase.is_terminal()
     {
-        // An interrupted revocation (no revokedAt yet) is finished before anything else.
-        let revoked = grant.status.as_ref().is_some_and(|s| s.revoked_at.is_some());
-        if matches!(phase, GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied)
-            && !revoked
-            && issued_until.is_some()
-        {
-            return Step::Revoke {
-                phase,
-                reason: "RevocationResumed",
-                message: "finishing an interrupted revocation".into(),
-            };
+        if settled(grant) {
+            return Step::Wait { recheck_at: None };
         }
-        return Step::Wait { recheck_at: None };
+        return Step::Revoke {
+            phase,
+            reason: "RevocationResumed",
+            message: "finishing an interrupted revocation".into(),
+        };
     }
 
     let identity_name = &grant.spec.identity;
@@ -393,6 +402,53 @@ mod tests {
         assert_eq!(decide_at(&done, Some(&id), now()), Step::Wait { recheck_at: None });
         let rejected = with_status(base, GrantPhase::Rejected, None);
         assert_eq!(decide_at(&rejected, Some(&id), now()), Step::Wait { recheck_at: None });
+    }
+
+    #[test]
+    fn settled_is_exactly_where_decide_waits_whatever_the_facts() {
+        let id = identity("fixer", &["staging"]);
+        let base = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        let phases = [
+            GrantPhase::Pending,
+            GrantPhase::AwaitingApproval,
+            GrantPhase::Active,
+            GrantPhase::Expired,
+            GrantPhase::Revoked,
+            GrantPhase::Denied,
+            GrantPhase::Rejected,
+        ];
+        for phase in phases {
+            for expires_at in [None, Some(plus(-5)), Some(plus(600))] {
+                for revoked_at in [None, Some(Time(now()))] {
+                    let mut g = with_status(base.clone(), phase, expires_at);
+                    if let Some(s) = g.status.as_mut() {
+                        s.revoked_at = revoked_at.clone();
+                    }
+                    if !settled(&g) {
+                        continue;
+                    }
+                    assert!(phase.is_terminal(), "{phase:?} is never settled");
+                    // Whatever the look-ups would have said: no identity, a denial, no ServiceAccount.
+                    for identity in [Some(&id), None] {
+                        assert_eq!(decide_at(&g, identity, now()), Step::Wait { recheck_at: None }, "{phase:?}");
+                    }
+                    let deny = Verdict::Denied { by: "alice".into(), reason: "no".into() };
+                    let facts = Facts {
+                        identity: None,
+                        verdict: &deny,
+                        protected: &[],
+                        installation: &ANYWHERE,
+                        service_account_created: Some(now()),
+                        now: plus(10_000),
+                    };
+                    assert_eq!(decide(&g, facts), Step::Wait { recheck_at: None }, "{phase:?}");
+                }
+            }
+        }
+        let interrupted = with_status(base.clone(), GrantPhase::Revoked, Some(plus(-5)));
+        assert!(!settled(&interrupted), "a revocation without revokedAt is still to be finished");
+        assert!(settled(&with_status(base.clone(), GrantPhase::Rejected, None)));
+        assert!(settled(&with_status(base, GrantPhase::Expired, None)), "timed out waiting: never issued");
     }
 
     #[test]
