@@ -136,10 +136,19 @@ impl Operator {
     }
 
     fn rss_mib(&self) -> f64 {
+        self.status_mib("VmRSS:")
+    }
+
+    /// The most the process has held resident since it started.
+    fn peak_rss_mib(&self) -> f64 {
+        self.status_mib("VmHWM:")
+    }
+
+    fn status_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             .map(|kb| kb / 1024.0)
             .unwrap_or(0.0)
@@ -639,7 +648,7 @@ async fn main() -> anyhow::Result<()> {
     if identities > 0 {
         let settle = populate(&admin, identities, scale_grants).await?;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let rss_scale = op.rss_mib();
+        let (rss_scale, peak_scale) = (op.rss_mib(), op.peak_rss_mib());
         op.stop();
         let mut op2 = Operator::start(&dir)?;
         let t = Instant::now();
@@ -649,15 +658,15 @@ async fn main() -> anyhow::Result<()> {
         }
         let first_reconcile = t.elapsed();
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let rss_restart = op2.rss_mib();
+        let (rss_restart, peak_restart) = (op2.rss_mib(), op2.peak_rss_mib());
         eprintln!(
-            "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB (after restart {rss_restart:.1}); restart → ready {:.2}s, first reconcile {:.2}s",
+            "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB, peak {peak_scale:.1} (after restart {rss_restart:.1}, peak {peak_restart:.1}); restart → ready {:.2}s, first reconcile {:.2}s",
             ready.as_secs_f64(),
             first_reconcile.as_secs_f64()
         );
         report["scale"] = json!({
             "identities": identities, "grants": scale_grants, "settleSeconds": settle, "rssMiB": rss_scale,
-            "rssAfterRestartMiB": rss_restart, "restartReadySeconds": ready.as_secs_f64(),
+            "rssAfterRestartMiB": rss_restart, "peakRssMiB": peak_scale, "peakRssAfterRestartMiB": peak_restart, "restartReadySeconds": ready.as_secs_f64(),
             "restartFirstReconcileSeconds": first_reconcile.as_secs_f64(),
         });
         op2.stop();
