@@ -25,13 +25,17 @@ use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
     rbac::v1::{ClusterRoleBinding, RoleBinding},
 };
+use k8s_openapi::{
+    api::{core::v1::ObjectReference, events::v1::Event as K8sEvent},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{PartialObjectMeta, Patch, PatchParams},
+    api::{PartialObjectMeta, Patch, PatchParams, PostParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::EventType,
         finalizer::{Event as FinalizerEvent, finalizer},
         reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
@@ -197,7 +201,7 @@ pub struct Context {
     /// applied, and when.
     base_applied: Mutex<HashMap<String, (String, i64, std::time::Instant)>>,
     /// Events to publish, in the background (see [`Context::event`]).
-    events: tokio::sync::mpsc::Sender<(Event, k8s_openapi::api::core::v1::ObjectReference)>,
+    events: tokio::sync::mpsc::Sender<K8sEvent>,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -210,8 +214,7 @@ impl Context {
         protected: Vec<ProtectedResource>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter { controller: "agentid".into(), instance: std::env::var("POD_NAME").ok() };
-        let events = publish_events(Recorder::new(client.clone(), reporter));
+        let events = publish_events(client.clone());
         Self {
             issuer: KubernetesIssuer::new(client.clone(), access),
             events,
@@ -242,8 +245,8 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-        if self.events.send((event, obj.object_ref(&()))).await.is_err() {
+        let event = k8s_event(obj.object_ref(&()), type_, reason, note, Timestamp::now());
+        if self.events.send(event).await.is_err() {
             warn!(reason, "could not publish event: the publisher has stopped");
         }
     }
@@ -435,18 +438,43 @@ const EVENT_QUEUE: usize = 1024;
 /// Events published at once (each is a request, and a connection, to the apiserver).
 const EVENT_PUBLISHERS: usize = 8;
 
+/// The Event agentid reports about `regarding`. Each transition is reported once, so there is
+/// no series to keep: kube's `Recorder` kept every Event it sent for six minutes to count
+/// repeats, which under a flood of grants was tens of MiB holding nothing useful.
+fn k8s_event(regarding: ObjectReference, type_: EventType, reason: &str, note: String, now: Timestamp) -> K8sEvent {
+    let controller = "agentid".to_string();
+    let instance = std::env::var("POD_NAME").unwrap_or_else(|_| controller.clone());
+    K8sEvent {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or("agentid"), now.as_nanosecond())),
+            namespace: Some(regarding.namespace.clone().unwrap_or_else(|| "default".into())),
+            ..Default::default()
+        },
+        action: Some(reason.into()),
+        reason: Some(reason.into()),
+        note: Some(note),
+        type_: Some(match type_ {
+            EventType::Normal => "Normal".into(),
+            EventType::Warning => "Warning".into(),
+        }),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(regarding),
+        reporting_controller: Some(controller),
+        reporting_instance: Some(instance),
+        ..Default::default()
+    }
+}
+
 /// Starts the task that publishes queued Events, a few at a time; returns its queue.
-fn publish_events(
-    recorder: Recorder,
-) -> tokio::sync::mpsc::Sender<(Event, k8s_openapi::api::core::v1::ObjectReference)> {
-    let (queue, mut events) =
-        tokio::sync::mpsc::channel::<(Event, k8s_openapi::api::core::v1::ObjectReference)>(EVENT_QUEUE);
+fn publish_events(client: Client) -> tokio::sync::mpsc::Sender<K8sEvent> {
+    let (queue, mut events) = tokio::sync::mpsc::channel::<K8sEvent>(EVENT_QUEUE);
     tokio::spawn(futures::stream::poll_fn(move |cx| events.poll_recv(cx)).for_each_concurrent(
         EVENT_PUBLISHERS,
-        move |(event, about)| {
-            let recorder = recorder.clone();
+        move |event| {
+            let client = client.clone();
             async move {
-                if let Err(e) = recorder.publish(&event, &about).await {
+                let ns = event.metadata.namespace.clone().unwrap_or_default();
+                if let Err(e) = Api::<K8sEvent>::namespaced(client, &ns).create(&PostParams::default(), &event).await {
                     warn!(error = %e, reason = event.reason, "could not publish event");
                 }
             }
@@ -724,4 +752,28 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     }
     info!("agentid stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_names_its_object_reason_and_reporter_and_lives_beside_it() {
+        let grant = crate::policy::testing::grant("read", "fixer", "15m", vec![]);
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().expect("valid timestamp");
+        let event = k8s_event(grant.object_ref(&()), EventType::Warning, "Rejected", "rejected: x".into(), now);
+        assert_eq!(event.metadata.namespace.as_deref(), Some("agents"));
+        let name = event.metadata.name.expect("named");
+        assert!(name.starts_with("read."), "{name}");
+        assert_eq!(event.regarding.as_ref().and_then(|r| r.kind.as_deref()), Some("AccessGrant"));
+        assert_eq!((event.type_.as_deref(), event.reason.as_deref()), (Some("Warning"), Some("Rejected")));
+        assert_eq!(event.reporting_controller.as_deref(), Some("agentid"));
+        assert_eq!(event.event_time, Some(MicroTime(now)));
+        assert!(event.series.is_none());
+        // Another moment, another Event: no two transitions overwrite each other.
+        let later = now.checked_add(jiff::SignedDuration::from_millis(1)).expect("in range");
+        let other = k8s_event(grant.object_ref(&()), EventType::Normal, "Issued", String::new(), later);
+        assert_ne!(other.metadata.name.as_deref(), Some(name.as_str()));
+    }
 }

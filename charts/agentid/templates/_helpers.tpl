@@ -46,10 +46,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [agentid.dev]
   resources: [accessgrants/status]
   verbs: [get]
-# An Event per transition.
+# An Event per transition (each created once, never edited).
 - apiGroups: [events.k8s.io]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end -}}
 
 {{/* The operator's rules in a target namespace (where grants act). */}}
