@@ -446,7 +446,7 @@ fn k8s_event(regarding: ObjectReference, type_: EventType, reason: &str, note: S
     let instance = std::env::var("POD_NAME").unwrap_or_else(|_| controller.clone());
     K8sEvent {
         metadata: ObjectMeta {
-            name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or("agentid"), now.as_nanosecond())),
+            name: Some(event_name(regarding.name.as_deref().unwrap_or("agentid"), now)),
             namespace: Some(regarding.namespace.clone().unwrap_or_else(|| "default".into())),
             ..Default::default()
         },
@@ -463,6 +463,14 @@ fn k8s_event(regarding: ObjectReference, type_: EventType, reason: &str, note: S
         reporting_instance: Some(instance),
         ..Default::default()
     }
+}
+
+/// `<object>.<nanoseconds in hex>`, the object's name cut so that the whole stays a valid name
+/// (at most 253 characters).
+fn event_name(object: &str, now: Timestamp) -> String {
+    let suffix = format!(".{:x}", now.as_nanosecond());
+    let keep = object.char_indices().nth(253 - suffix.len()).map_or(object.len(), |(i, _)| i);
+    format!("{}{suffix}", object[..keep].trim_end_matches(['.', '-']))
 }
 
 /// Starts the task that publishes queued Events, a few at a time; returns its queue.
@@ -581,8 +589,6 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
             futures::future::ready(())
         });
-    // Filling from now on (also while a replica waits for the Lease): the start-up sweep reads it.
-    let grant_watch = tokio::spawn(grant_watch);
     context.grants = Some(grant_store.clone());
     let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
@@ -631,6 +637,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // Overdue revocations and orphans first: nothing is issued before they are done. The sweep,
     // and then both controllers, read the grant cache, so it is filled first (without that, each
     // identity reconciled at start-up listed every grant of its namespace).
+    //
+    // Only the leader watches: the cache feeds the controllers' queues, and on a replica whose
+    // controllers do not run those queues would fill and stop the watch, leaving a stale cache
+    // for the sweep to trust once it leads.
+    let grant_watch = tokio::spawn(grant_watch);
     tokio::select! {
         filled = grant_store.wait_until_ready() => filled.context("filling the AccessGrant cache")?,
         _ = shutdown_signal() => {
@@ -775,5 +786,9 @@ mod tests {
         let later = now.checked_add(jiff::SignedDuration::from_millis(1)).expect("in range");
         let other = k8s_event(grant.object_ref(&()), EventType::Normal, "Issued", String::new(), later);
         assert_ne!(other.metadata.name.as_deref(), Some(name.as_str()));
+        // A grant name of the longest kind still gives a valid Event name.
+        let long = event_name(&"g".repeat(253), now);
+        assert_eq!(long.len(), 253, "{long}");
+        assert!(long.ends_with(&format!(".{:x}", now.as_nanosecond())));
     }
 }

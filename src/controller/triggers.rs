@@ -11,17 +11,30 @@ use kube::ResourceExt;
 
 use crate::api::{AccessGrant, GrantPhase};
 
-/// Grant status writes this operator made (uid → the resourceVersion written). The watch event
-/// each one causes shows the grant as the reconcile that wrote it left it, and that reconcile
-/// has already scheduled what comes next, so it is not a reason to reconcile again. Any other
-/// change (a new resourceVersion) is.
+/// Grant status writes this operator made (uid → the resourceVersions written, oldest first).
+/// The watch event each one causes shows the grant as the reconcile that wrote it left it, and
+/// that reconcile has already scheduled what comes next, so it is not a reason to reconcile
+/// again. Any other change (a version this operator did not write) is.
+///
+/// Every version written is remembered, not only the last: an issuance writes twice (the
+/// intent, then Active), and when the intent's event arrived after the reconcile had finished,
+/// a second reconcile ran on that stale, Pending copy — it issued again (a second `issued`
+/// audit line) and re-wrote status from the stale copy, undoing any change made in between.
 #[derive(Default)]
-pub(crate) struct OwnWrites(Mutex<HashMap<String, String>>);
+pub(crate) struct OwnWrites(Mutex<HashMap<String, Vec<String>>>);
+
+/// Versions remembered per grant (a reconcile writes at most two; a few reconciles' worth).
+const OWN_WRITES_KEPT: usize = 8;
 
 impl OwnWrites {
     /// Records that this operator wrote `uid` at `resource_version`.
     pub(crate) fn record(&self, uid: String, resource_version: String) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, resource_version);
+        let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let versions = writes.entry(uid).or_default();
+        versions.push(resource_version);
+        if versions.len() > OWN_WRITES_KEPT {
+            versions.remove(0);
+        }
     }
 
     /// Forgets `uid` (its grant is going away; a record whose event came first would stay).
@@ -29,16 +42,18 @@ impl OwnWrites {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
     }
 
-    /// Whether `grant`, as the watch shows it, is exactly what this operator last wrote (the
-    /// record is used up).
+    /// Whether `grant`, as the watch shows it, is a version this operator wrote. That version
+    /// and every one written before it are used up: their events are past.
     pub(crate) fn is_own(&self, grant: &AccessGrant) -> bool {
         let (Some(uid), Some(rv)) = (grant.uid(), grant.resource_version()) else { return false };
         let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if writes.get(&uid) == Some(&rv) {
+        let Some(versions) = writes.get_mut(&uid) else { return false };
+        let Some(at) = versions.iter().position(|v| *v == rv) else { return false };
+        versions.drain(..=at);
+        if versions.is_empty() {
             writes.remove(&uid);
-            return true;
         }
-        false
+        true
     }
 }
 
@@ -90,6 +105,24 @@ mod tests {
         own.record("uid-g".into(), "9".into());
         own.forget("uid-g");
         assert!(!own.is_own(&grant("9", None)), "forgotten");
+        assert!(own.0.lock().unwrap().is_empty(), "nothing kept once used up or forgotten");
+    }
+
+    #[test]
+    fn an_earlier_write_whose_event_comes_late_is_still_ours() {
+        // An issuance writes the intent (10), then Active (11); 10's event may come after both.
+        let own = OwnWrites::default();
+        own.record("uid-g".into(), "10".into());
+        own.record("uid-g".into(), "11".into());
+        assert!(own.is_own(&grant("10", Some(GrantPhase::Pending))), "the stale Pending copy is not reconciled");
+        assert!(own.is_own(&grant("11", Some(GrantPhase::Active))));
+        assert!(!own.is_own(&grant("12", Some(GrantPhase::Active))), "someone else's change");
+        // Seeing 11 first (the cache already had it) uses up 10 as well.
+        own.record("uid-g".into(), "20".into());
+        own.record("uid-g".into(), "21".into());
+        assert!(own.is_own(&grant("21", None)));
+        assert!(!own.is_own(&grant("20", None)), "older than a version already seen");
+        assert!(own.0.lock().unwrap().is_empty());
     }
 
     #[test]
