@@ -2,9 +2,9 @@
 //! grant's rules, a Secret, and a TokenRequest token bound to that Secret.
 //!
 //! Issuance is idempotent (deterministic names; what already exists is server-side applied), so
-//! a repeat after a crash makes no second set of objects. Revocation deletes the ServiceAccount first — every
-//! token issued for it stops authenticating at once — then the rest, and tolerates what is
-//! already gone.
+//! a repeat after a crash makes no second set of objects. Revocation deletes the ServiceAccount
+//! first — every token issued for it stops authenticating at once — then the rest, and
+//! tolerates what is already gone.
 
 use std::{collections::BTreeMap, sync::Arc};
 
