@@ -200,8 +200,6 @@ pub struct Context {
     /// Per identity (`namespace/name`): the uid and generation whose base objects were last
     /// applied, and when.
     base_applied: Mutex<HashMap<String, (String, i64, std::time::Instant)>>,
-    /// Events to publish, in the background (see [`Context::event`]).
-    events: tokio::sync::mpsc::Sender<K8sEvent>,
     /// Consecutive failures per object, for per-object exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -214,10 +212,8 @@ impl Context {
         protected: Vec<ProtectedResource>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let events = publish_events(client.clone());
         Self {
             issuer: KubernetesIssuer::new(client.clone(), access),
-            events,
             client,
             metrics,
             protected,
@@ -235,9 +231,7 @@ impl Context {
         }
     }
 
-    /// Publishes an Event about `obj` in the background: a reconcile does not wait for it (under
-    /// a flood of grants that wait held a worker per grant). Events are best effort: a failure is
-    /// logged, not fatal. Waits only while the queue is full.
+    /// Publishes an Event about `obj`. Events are best effort: a failure is logged, not fatal.
     pub(crate) async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -246,8 +240,11 @@ impl Context {
         note: String,
     ) {
         let event = k8s_event(obj.object_ref(&()), type_, reason, note, Timestamp::now());
-        if self.events.send(event).await.is_err() {
-            warn!(reason, "could not publish event: the publisher has stopped");
+        let ns = event.metadata.namespace.clone().unwrap_or_default();
+        if let Err(e) =
+            Api::<K8sEvent>::namespaced(self.client.clone(), &ns).create(&PostParams::default(), &event).await
+        {
+            warn!(error = %e, reason, "could not publish event");
         }
     }
 
@@ -433,11 +430,6 @@ pub(crate) fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
     }
 }
 
-/// Events queued for publishing (beyond this a reconcile waits for room).
-const EVENT_QUEUE: usize = 1024;
-/// Events published at once (each is a request, and a connection, to the apiserver).
-const EVENT_PUBLISHERS: usize = 8;
-
 /// The Event agentid reports about `regarding`. Each transition is reported once, so there is
 /// no series to keep: kube's `Recorder` kept every Event it sent for six minutes to count
 /// repeats, which under a flood of grants was tens of MiB holding nothing useful.
@@ -471,24 +463,6 @@ fn event_name(object: &str, now: Timestamp) -> String {
     let suffix = format!(".{:x}", now.as_nanosecond());
     let keep = object.char_indices().nth(253 - suffix.len()).map_or(object.len(), |(i, _)| i);
     format!("{}{suffix}", object[..keep].trim_end_matches(['.', '-']))
-}
-
-/// Starts the task that publishes queued Events, a few at a time; returns its queue.
-fn publish_events(client: Client) -> tokio::sync::mpsc::Sender<K8sEvent> {
-    let (queue, mut events) = tokio::sync::mpsc::channel::<K8sEvent>(EVENT_QUEUE);
-    tokio::spawn(futures::stream::poll_fn(move |cx| events.poll_recv(cx)).for_each_concurrent(
-        EVENT_PUBLISHERS,
-        move |event| {
-            let client = client.clone();
-            async move {
-                let ns = event.metadata.namespace.clone().unwrap_or_default();
-                if let Err(e) = Api::<K8sEvent>::namespaced(client, &ns).create(&PostParams::default(), &event).await {
-                    warn!(error = %e, reason = event.reason, "could not publish event");
-                }
-            }
-        },
-    ));
-    queue
 }
 
 /// Writes `status` to `obj`'s status subresource by server-side apply; returns the
