@@ -139,15 +139,7 @@ impl Metrics {
     }
 
     fn count_grants(&self, grants: &Store<AccessGrant>) {
-        let phases = [
-            GrantPhase::Pending,
-            GrantPhase::AwaitingApproval,
-            GrantPhase::Active,
-            GrantPhase::Expired,
-            GrantPhase::Revoked,
-            GrantPhase::Denied,
-            GrantPhase::Rejected,
-        ];
+        let phases = GrantPhase::ALL;
         let mut counts = [0i64; 8];
         for grant in grants.state() {
             let phase = grant.status.as_ref().and_then(|s| s.phase);

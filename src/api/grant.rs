@@ -138,6 +138,17 @@ pub enum GrantPhase {
 }
 
 impl GrantPhase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [GrantPhase; 7] = [
+        Self::Pending,
+        Self::AwaitingApproval,
+        Self::Active,
+        Self::Expired,
+        Self::Revoked,
+        Self::Denied,
+        Self::Rejected,
+    ];
+
     /// Terminal phases never change again and hold no credential.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Expired | Self::Revoked | Self::Denied | Self::Rejected)

@@ -408,16 +408,7 @@ mod tests {
     fn settled_is_exactly_where_decide_waits_whatever_the_facts() {
         let id = identity("fixer", &["staging"]);
         let base = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
-        let phases = [
-            GrantPhase::Pending,
-            GrantPhase::AwaitingApproval,
-            GrantPhase::Active,
-            GrantPhase::Expired,
-            GrantPhase::Revoked,
-            GrantPhase::Denied,
-            GrantPhase::Rejected,
-        ];
-        for phase in phases {
+        for phase in GrantPhase::ALL {
             for expires_at in [None, Some(plus(-5)), Some(plus(600))] {
                 for revoked_at in [None, Some(Time(now()))] {
                     let mut g = with_status(base.clone(), phase, expires_at);
