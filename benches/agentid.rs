@@ -315,13 +315,97 @@ where
     Ok((results.into_iter().collect::<anyhow::Result<Vec<_>>>()?, total))
 }
 
+/// The apiserver's own request counters, by "VERB resource[/subresource]": (requests, seconds
+/// spent answering them, bytes answered). Watches are left out (their time is their lifetime).
+async fn apiserver_requests(admin: &Client) -> anyhow::Result<HashMap<String, [f64; 3]>> {
+    let text = admin.request_text(http::Request::get("/metrics").body(Vec::new())?).await?;
+    let label = |labels: &str, key: &str| {
+        labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=\"")))
+            .map(|v| v.trim_end_matches('"').to_string())
+    };
+    let mut calls: HashMap<String, [f64; 3]> = HashMap::new();
+    for line in text.lines() {
+        let slot = [
+            ("apiserver_request_total{", 0),
+            ("apiserver_request_duration_seconds_sum{", 1),
+            ("apiserver_response_sizes_sum{", 2),
+        ]
+        .into_iter()
+        .find(|(prefix, _)| line.starts_with(prefix));
+        let (Some((prefix, slot)), Some((labels, value))) = (slot, line.rsplit_once("} ")) else { continue };
+        let labels = &labels[prefix.len()..];
+        let (Some(verb), Some(resource)) = (label(labels, "verb"), label(labels, "resource")) else { continue };
+        if verb == "WATCH" || verb == "CONNECT" {
+            continue;
+        }
+        let sub = label(labels, "subresource").filter(|s| !s.is_empty()).map(|s| format!("/{s}")).unwrap_or_default();
+        calls.entry(format!("{verb} {resource}{sub}")).or_default()[slot] += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(calls)
+}
+
+/// Runs `work`, and returns its result with the apiserver requests made meanwhile, per grant
+/// (`n`), busiest first: [{"call", "perGrant", "msPerGrant", "kbPerGrant"}].
+async fn counting_calls<T>(
+    admin: &Client,
+    n: usize,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Vec<serde_json::Value>)> {
+    let before = apiserver_requests(admin).await?;
+    let out = work.await?;
+    // What the work set going (the operator's Events, say) ends soon after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = apiserver_requests(admin).await?;
+    let per = n.max(1) as f64;
+    let mut rows: Vec<(String, [f64; 3])> = after
+        .into_iter()
+        .map(|(k, a)| {
+            let b = before.get(&k).copied().unwrap_or_default();
+            (k, [(a[0] - b[0]) / per, (a[1] - b[1]) * 1000.0 / per, (a[2] - b[2]) / 1024.0 / per])
+        })
+        .filter(|(_, d)| d[0] > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.1[1].total_cmp(&a.1[1]));
+    let rows = rows
+        .into_iter()
+        .map(|(call, d)| json!({"call": call, "perGrant": d[0], "msPerGrant": d[1], "kbPerGrant": d[2]}))
+        .collect();
+    Ok((out, rows))
+}
+
+/// Prints the apiserver requests per grant (`calls` from `counting_calls`), the busiest first.
+fn print_calls(who: &str, calls: &[serde_json::Value]) {
+    let total = |k: &str| calls.iter().filter_map(|c| c[k].as_f64()).sum::<f64>();
+    eprintln!(
+        "  {who}: {:.1} requests, {:.1} ms of apiserver time, {:.0} KiB answered per grant",
+        total("perGrant"),
+        total("msPerGrant"),
+        total("kbPerGrant")
+    );
+    for c in calls.iter().take(12) {
+        eprintln!(
+            "    {:<40} {:>6.2}/grant {:>8.2} ms {:>8.1} KiB",
+            c["call"].as_str().unwrap_or_default(),
+            c["perGrant"].as_f64().unwrap_or_default(),
+            c["msPerGrant"].as_f64().unwrap_or_default(),
+            c["kbPerGrant"].as_f64().unwrap_or_default()
+        );
+    }
+}
+
+/// Per grant, ms from creation to the token's first 200; seconds until the last; the apiserver
+/// requests made meanwhile (see `counting_calls`).
+type Issued = ((Vec<f64>, f64), Vec<serde_json::Value>);
+
 /// Creates `n` grants at once; per grant, creation → token's first 200. Returns (latencies,
 /// seconds from the first creation to the last 200).
-async fn operator_issuance(admin: &Client, base: &Config, n: usize, run: &str) -> anyhow::Result<(Vec<f64>, f64)> {
+async fn operator_issuance(admin: &Client, base: &Config, n: usize, run: &str) -> anyhow::Result<Issued> {
     let (ns, target) = (format!("op-{run}"), format!("op-{run}-t"));
     let seen = stage(admin, &ns, &target, n).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    all_at_once(n, |i| {
+    let issue = all_at_once(n, |i| {
         let (admin, base, ns, target, seen) = (admin.clone(), base.clone(), ns.clone(), target.clone(), seen.clone());
         async move {
             let name = format!("g{i}");
@@ -337,60 +421,64 @@ async fn operator_issuance(admin: &Client, base: &Config, n: usize, run: &str) -
             first_ok(&base, std::str::from_utf8(&token.0)?, &target).await?;
             Ok(t0.elapsed().as_secs_f64() * 1000.0)
         }
-    })
-    .await
+    });
+    counting_calls(admin, n, issue).await
 }
 
 /// The floor: the same objects made by a bare client, then the token's first 200.
-async fn floor_issuance(admin: &Client, base: &Config, n: usize, run: &str) -> anyhow::Result<(Vec<f64>, f64)> {
+async fn floor_issuance(admin: &Client, base: &Config, n: usize, run: &str) -> anyhow::Result<Issued> {
     let ns = format!("floor-{run}");
     namespace(admin, &ns).await?;
-    all_at_once(n, |i| {
-            let (admin, base, ns) = (admin.clone(), base.clone(), ns.clone());
-            async move {
-                let name = format!("floor-{i}");
-                let t0 = Instant::now();
-                let pp = PostParams::default();
-                let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-                Api::<ServiceAccount>::namespaced(admin.clone(), &ns).create(&pp, &sa).await?;
-                let role: Role = serde_json::from_value(json!({"metadata": {"name": name},
+    let issue = all_at_once(n, |i| {
+        let (admin, base, ns) = (admin.clone(), base.clone(), ns.clone());
+        async move {
+            let name = format!("floor-{i}");
+            let t0 = Instant::now();
+            let pp = PostParams::default();
+            let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+            Api::<ServiceAccount>::namespaced(admin.clone(), &ns).create(&pp, &sa).await?;
+            let role: Role = serde_json::from_value(json!({"metadata": {"name": name},
                     "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": ["probe"]}]}))?;
-                Api::<Role>::namespaced(admin.clone(), &ns).create(&pp, &role).await?;
-                let rb: RoleBinding = serde_json::from_value(json!({"metadata": {"name": name},
+            Api::<Role>::namespaced(admin.clone(), &ns).create(&pp, &role).await?;
+            let rb: RoleBinding = serde_json::from_value(json!({"metadata": {"name": name},
                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
                     "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}))?;
-                Api::<RoleBinding>::namespaced(admin.clone(), &ns).create(&pp, &rb).await?;
-                let secret: Secret = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-                let secret = Api::<Secret>::namespaced(admin.clone(), &ns).create(&pp, &secret).await?;
-                let request = TokenRequest {
-                    spec: Some(TokenRequestSpec {
-                        audiences: None,
-                        expiration_seconds: Some(1800),
-                        bound_object_ref: Some(BoundObjectReference {
-                            api_version: Some("v1".into()),
-                            kind: Some("Secret".into()),
-                            name: Some(name.clone()),
-                            uid: secret.uid(),
-                        }),
+            Api::<RoleBinding>::namespaced(admin.clone(), &ns).create(&pp, &rb).await?;
+            let secret: Secret = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+            let secret = Api::<Secret>::namespaced(admin.clone(), &ns).create(&pp, &secret).await?;
+            let request = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: None,
+                    expiration_seconds: Some(1800),
+                    bound_object_ref: Some(BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Secret".into()),
+                        name: Some(name.clone()),
+                        uid: secret.uid(),
                     }),
-                    ..Default::default()
-                };
-                let token = Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
-                    .create_token_request(&name, &pp, &request)
-                    .await?
-                    .status
-                    .context("token")?
-                    .token
-                    .context("token")?;
-                // The status write: one more patch, as the operator's status update.
-                Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"issued": "yes"}}})))
-                    .await?;
-                first_ok(&base, &token, &ns).await?;
-                Ok(t0.elapsed().as_secs_f64() * 1000.0)
-            }
-    })
-    .await
+                }),
+                ..Default::default()
+            };
+            let token = Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+                .create_token_request(&name, &pp, &request)
+                .await?
+                .status
+                .context("token")?
+                .token
+                .context("token")?;
+            // The status write: one more patch, as the operator's status update.
+            Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {"issued": "yes"}}})),
+                )
+                .await?;
+            first_ok(&base, &token, &ns).await?;
+            Ok(t0.elapsed().as_secs_f64() * 1000.0)
+        }
+    });
+    counting_calls(admin, n, issue).await
 }
 
 /// `active` grants active; `burst` of them made to expire in the same second (their
@@ -610,8 +698,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     for &n in &sizes {
-        let (op_lat, op_total) = operator_issuance(&admin, &base, n, &format!("n{n}")).await?;
-        let (floor_lat, floor_total) = floor_issuance(&admin, &base, n, &format!("n{n}")).await?;
+        let run = format!("n{n}");
+        let ((op_lat, op_total), op_calls) = operator_issuance(&admin, &base, n, &run).await?;
+        let ((floor_lat, floor_total), floor_calls) = floor_issuance(&admin, &base, n, &run).await?;
         let (o, f) = (stats(op_lat), stats(floor_lat));
         eprintln!(
             "issuance n={n}: operator p50 {:.0} p99 {:.0} max {:.0} ms ({:.1}/s); floor p50 {:.0} p99 {:.0} max {:.0} ms ({:.1}/s)",
@@ -624,10 +713,13 @@ async fn main() -> anyhow::Result<()> {
             f.max_ms,
             n as f64 / floor_total
         );
+        print_calls("operator", &op_calls);
+        print_calls("floor", &floor_calls);
         rows.push(json!({
             "concurrency": n, "operator": o, "floor": f,
             "ratioP50": o.p50_ms / f.p50_ms.max(0.001), "ratioP99": o.p99_ms / f.p99_ms.max(0.001),
             "operatorPerSecond": n as f64 / op_total, "floorPerSecond": n as f64 / floor_total,
+            "apiserverCalls": {"operator": op_calls, "floor": floor_calls},
         }));
     }
     report["issuance"] = json!(rows);
