@@ -202,7 +202,7 @@ impl KubernetesIssuer {
         // (what the pods mount) are written together.
         let own = async {
             secrets
-                .patch(&objects.name, &PatchParams::default(), &Patch::Merge(json!({"data": data})))
+                .patch_metadata(&objects.name, &PatchParams::default(), &Patch::Merge(json!({"data": data})))
                 .await
                 .doing(|| format!("writing Secret {}", objects.name))?;
             failpoint::hit("issue:after-grant-secret");
@@ -264,11 +264,13 @@ impl KubernetesIssuer {
         }
     }
 
-    /// One merge patch of an identity's credentials Secret.
+    /// One merge patch of an identity's credentials Secret. The answer is its metadata only:
+    /// the Secret holds every active grant's kubeconfig (hundreds of KB), and answering each
+    /// write with all of it cost the apiserver and the operator more than the write.
     async fn patch_identity(&self, ns: &str, identity_secret: &str, entries: Entries) -> Result<(), String> {
         let removal_only = entries.values().all(Option::is_none);
         match Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch(identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": entries})))
+            .patch_metadata(identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": entries})))
             .await
         {
             Ok(_) => Ok(()),

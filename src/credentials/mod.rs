@@ -38,8 +38,17 @@ impl Error {
     }
 }
 
-/// Server-side applies `obj` in its namespace under agentid's field manager.
-pub(crate) async fn server_side_apply<K>(client: &kube::Client, obj: &K) -> Result<K, Error>
+/// agentid's server-side apply: its field manager, taking over fields others set.
+fn apply_params() -> kube::api::PatchParams {
+    kube::api::PatchParams::apply(crate::policy::names::FIELD_MANAGER).force()
+}
+
+/// Server-side applies `obj`; the answer is its metadata only (an identity's credentials Secret
+/// holds every active grant's kubeconfig, and nobody needs it back).
+pub(crate) async fn server_side_apply<K>(
+    client: &kube::Client,
+    obj: &K,
+) -> Result<kube::core::PartialObjectMeta<K>, Error>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -50,8 +59,9 @@ where
     use kube::ResourceExt as _;
     let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
     let name = obj.name_any();
-    let params = kube::api::PatchParams::apply(crate::policy::names::FIELD_MANAGER).force();
-    api.patch(&name, &params, &kube::api::Patch::Apply(obj)).await.doing(|| format!("applying {} {name}", K::kind(&())))
+    api.patch_metadata(&name, &apply_params(), &kube::api::Patch::Apply(obj))
+        .await
+        .doing(|| format!("applying {} {name}", K::kind(&())))
 }
 
 /// Creates `obj` under agentid's field manager, or server-side applies it when it already exists
@@ -67,11 +77,15 @@ where
 {
     use kube::ResourceExt as _;
     let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    let name = obj.name_any();
     let params =
         kube::api::PostParams { field_manager: Some(crate::policy::names::FIELD_MANAGER.into()), ..Default::default() };
     match api.create(&params, obj).await {
-        Err(kube::Error::Api(s)) if s.code == 409 => server_side_apply(client, obj).await,
-        created => created.doing(|| format!("creating {} {}", K::kind(&()), obj.name_any())),
+        Err(kube::Error::Api(s)) if s.code == 409 => api
+            .patch(&name, &apply_params(), &kube::api::Patch::Apply(obj))
+            .await
+            .doing(|| format!("applying {} {name}", K::kind(&()))),
+        created => created.doing(|| format!("creating {} {name}", K::kind(&()))),
     }
 }
 
