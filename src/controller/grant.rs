@@ -35,7 +35,7 @@ async fn may_approve(ctx: &Context, user: &str, groups: &[String], ns: &str, gra
         .map_err(kube_err("asking the authorizer whether an approver may approve"))
 }
 
-/// The Approvals that name the grant.
+/// The Approvals that name the grant, read from the apiserver.
 async fn approvals_of(grant: &AccessGrant, ctx: &Context) -> Result<Vec<Approval>, Error> {
     let name = grant.name_any();
     let approvals = Api::<Approval>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
@@ -43,6 +43,23 @@ async fn approvals_of(grant: &AccessGrant, ctx: &Context) -> Result<Vec<Approval
         .await
         .map_err(kube_err("listing Approvals"))?;
     Ok(approvals.items.into_iter().filter(|a| a.spec.grant == name).collect())
+}
+
+/// The Approvals that name a grant needing no approval, for which only a Deny counts: from the
+/// Approval cache, which has each one before the watch event that triggers the grant's
+/// reconcile (a consistent list cost every reconcile tens of milliseconds). Read from the
+/// apiserver while the cache is still filling.
+async fn denials_of(grant: &AccessGrant, ctx: &Context) -> Result<Vec<Approval>, Error> {
+    let Some(store) = ctx.approvals.as_ref().filter(|s| super::cache::ready(s)) else {
+        return approvals_of(grant, ctx).await;
+    };
+    let (ns, name) = (grant.namespace().unwrap_or_default(), grant.name_any());
+    Ok(store
+        .state()
+        .iter()
+        .filter(|a| a.spec.grant == name && a.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .map(|a| a.as_ref().clone())
+        .collect())
 }
 
 /// What the grant's Approvals add up to, each approver re-checked against RBAC now.
@@ -74,6 +91,7 @@ async fn verdict(
 #[instrument(skip_all, fields(kind = "AccessGrant", namespace = grant.namespace().unwrap_or_default(), name = grant.name_any()))]
 pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AccessGrant");
+    tracing::debug!(phase = ?grant.status.as_ref().and_then(|s| s.phase), "reconciling");
     reconcile_with_finalizer(grant, &ctx, names::GRANT_FINALIZER, apply, cleanup).await
 }
 
@@ -124,16 +142,19 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         // Past its end nothing else matters: revoke without waiting on any look-up that could fail.
         (None, no_verdict, None)
     } else {
-        // Live reads, not a cache: a grant must never be issued against a stale ceiling. The three
-        // are independent, so they go out together (one round trip, not three).
+        // Live reads, not a cache: a grant must never be issued against a stale ceiling, nor on an
+        // Approval withdrawn a moment ago. They are independent, so they go out together (one
+        // round trip, not three); a grant's Approvals are read live only when it needs approval,
+        // known before its identity is read when its own rules say so.
         let identity = async {
             Api::<AgentIdentity>::namespaced(ctx.client.clone(), &ns)
                 .get_opt(&grant.spec.identity)
                 .await
                 .map_err(kube_err(format!("reading AgentIdentity {}", grant.spec.identity)))
         };
+        let surely_held = decide::needs_approval_by_itself(grant, &ctx.protected);
         let approvals = async {
-            if terminal {
+            if terminal || !surely_held {
                 return Ok(None);
             }
             approvals_of(grant, ctx).await.map(Some)
@@ -147,6 +168,18 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         };
         let (identity, approvals, sa_created) = tokio::try_join!(identity, approvals, sa_created)?;
         let identity = identity.filter(|i| i.metadata.deletion_timestamp.is_none());
+        let approvals = match approvals {
+            Some(approvals) => Some(approvals),
+            None if terminal => None,
+            // Held by what its identity protects: read live after all.
+            None if identity
+                .as_ref()
+                .is_some_and(|i| !decide::approval_reasons(grant, i, &ctx.protected).is_empty()) =>
+            {
+                Some(approvals_of(grant, ctx).await?)
+            }
+            None => Some(denials_of(grant, ctx).await?),
+        };
         let verdict = match approvals {
             Some(approvals) => verdict(grant, identity.as_ref(), approvals, ctx, now).await?,
             None => no_verdict,

@@ -186,6 +186,9 @@ pub struct Context {
     pub(crate) view: Option<cache::ClusterView>,
     /// Every AccessGrant, as the grant controller sees them (None: read from the apiserver).
     pub(crate) grants: Option<Store<AccessGrant>>,
+    /// Every Approval, as watched (None: read from the apiserver). Only a grant that needs no
+    /// approval is decided from it, and for such a grant only a Deny counts.
+    pub(crate) approvals: Option<Store<Approval>>,
     /// The grant cache's names per identity (filled only when `grants` is set).
     grant_index: Arc<grant_index::GrantIndex>,
     /// Grant status writes of this process, whose watch events need no reconcile.
@@ -221,6 +224,7 @@ impl Context {
             admission_registered: true,
             view: None,
             grants: None,
+            approvals: None,
             grant_index: Arc::default(),
             own_writes: Default::default(),
             max_active_grants: crate::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS,
@@ -564,6 +568,14 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             futures::future::ready(())
         });
     context.grants = Some(grant_store.clone());
+    // Approvals, cached before they trigger their grant's reconcile (a deleted one too: a
+    // withdrawn approval revokes what it released).
+    let (approval_store, approval_writer) = reflector::store();
+    let approval_changes = watcher(Api::<Approval>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(approval_writer)
+        .touched_objects();
+    context.approvals = Some(approval_store);
     let ctx = Arc::new(context);
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -626,17 +638,12 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     startup::sweep(&ctx).await?;
 
     let (mapper_store, mapper_index) = (grant_store.clone(), ctx.grant_index.clone());
-    // A grant depends on its identity's spec (ceiling, kill switch, retirement) and on its
-    // deletion, never on its status: identity status changes with every grant, and re-checking
-    // every grant of the identity each time made issuing n grants cost n² reconciles.
-    let identity_changes =
-        watcher(identities.clone(), watcher::Config::default()).default_backoff().applied_objects().predicate_filter(
-            |id: &AgentIdentity| {
-                let deleting = u64::from(id.metadata.deletion_timestamp.is_some());
-                id.metadata.generation.map(|g| (g as u64) << 1 | deleting)
-            },
-            Default::default(),
-        );
+    let identity_changes = {
+        let mut changes = triggers::IdentityChanges::default();
+        watcher(identities.clone(), watcher::Config::default())
+            .default_backoff()
+            .try_filter_map(move |event| futures::future::ready(Ok(changes.pass(event))))
+    };
     let grant_run = grant_controller
         .watches_stream(identity_changes, move |identity: AgentIdentity| {
             let (ns, name) = (identity.namespace().unwrap_or_default(), identity.name_any());
@@ -650,7 +657,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             let grant = labels.get(names::GRANT_LABEL)?;
             Some(ObjectRef::new(grant).within(labels.get(names::GRANT_NAMESPACE_LABEL)?))
         })
-        .watches(Api::<Approval>::all(client.clone()), watcher::Config::default(), |approval: Approval| {
+        .watches_stream(approval_changes, |approval: Approval| {
             Some(ObjectRef::new(&approval.spec.grant).within(&approval.namespace().unwrap_or_default()))
         })
         .shutdown_on_signal()

@@ -9,7 +9,9 @@ use std::{
 
 use kube::ResourceExt;
 
-use crate::api::{AccessGrant, GrantPhase};
+use kube::runtime::watcher::Event;
+
+use crate::api::{AccessGrant, AgentIdentity, GrantPhase};
 
 /// Grant status writes this operator made (uid → the resourceVersions written, oldest first).
 /// The watch event each one causes shows the grant as the reconcile that wrote it left it, and
@@ -78,6 +80,41 @@ impl Holding {
     }
 }
 
+/// Which identity watch events are worth re-checking the identity's grants: a grant depends on
+/// its identity's spec (ceiling, kill switch, retirement) and on its deletion, never on its
+/// status, which changes with every grant (re-checking every grant each time made issuing n
+/// grants cost n² reconciles). The first listing only records what is there: every grant is
+/// reconciled when the operator starts anyway, and passing it on reconciled each one twice.
+/// A later re-listing (the watch fell behind) passes on what changed meanwhile.
+#[derive(Default)]
+pub(crate) struct IdentityChanges {
+    /// uid → generation and whether it is being deleted, as last seen.
+    seen: HashMap<String, (Option<i64>, bool)>,
+    listed: bool,
+}
+
+impl IdentityChanges {
+    /// The identity to pass on for `event`, if any.
+    pub(crate) fn pass(&mut self, event: Event<AgentIdentity>) -> Option<AgentIdentity> {
+        match event {
+            Event::Init => None,
+            Event::InitDone => {
+                self.listed = true;
+                None
+            }
+            Event::Delete(identity) => {
+                self.seen.remove(&identity.uid().unwrap_or_default());
+                None
+            }
+            Event::Apply(identity) | Event::InitApply(identity) => {
+                let now = (identity.metadata.generation, identity.metadata.deletion_timestamp.is_some());
+                let before = self.seen.insert(identity.uid().unwrap_or_default(), now);
+                (self.listed && before != Some(now)).then_some(identity)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +160,40 @@ mod tests {
         assert!(own.is_own(&grant("21", None)));
         assert!(!own.is_own(&grant("20", None)), "older than a version already seen");
         assert!(own.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn grants_hear_of_an_identity_only_when_its_spec_or_deletion_changes_after_the_first_listing() {
+        let identity = |uid: &str, generation: i64, deleting: bool| {
+            let mut id = AgentIdentity::new(
+                uid,
+                serde_json::from_value(serde_json::json!({
+                    "owner": "o", "purpose": "p", "allowedNamespaces": ["t"]
+                }))
+                .unwrap(),
+            );
+            id.metadata.uid = Some(uid.into());
+            id.metadata.generation = Some(generation);
+            id.metadata.deletion_timestamp = deleting.then(|| Time(jiff::Timestamp::now()));
+            id
+        };
+        let mut changes = IdentityChanges::default();
+        let passed = |c: &mut IdentityChanges, e| c.pass(e).map(|i| i.uid().unwrap_or_default());
+        assert_eq!(passed(&mut changes, Event::Init), None);
+        assert_eq!(passed(&mut changes, Event::InitApply(identity("a", 1, false))), None, "first listing");
+        assert_eq!(passed(&mut changes, Event::InitApply(identity("b", 1, false))), None, "first listing");
+        assert_eq!(passed(&mut changes, Event::InitDone), None);
+        assert_eq!(passed(&mut changes, Event::Apply(identity("a", 1, false))), None, "a status change");
+        assert_eq!(passed(&mut changes, Event::Apply(identity("a", 2, false))).as_deref(), Some("a"), "spec");
+        assert_eq!(passed(&mut changes, Event::Apply(identity("a", 2, true))).as_deref(), Some("a"), "deleting");
+        assert_eq!(passed(&mut changes, Event::Apply(identity("c", 1, false))).as_deref(), Some("c"), "new");
+        // The watch fell behind and lists again: what changed meanwhile is passed on.
+        assert_eq!(passed(&mut changes, Event::Init), None);
+        assert_eq!(passed(&mut changes, Event::InitApply(identity("b", 1, false))), None, "unchanged");
+        assert_eq!(passed(&mut changes, Event::InitApply(identity("c", 3, false))).as_deref(), Some("c"));
+        assert_eq!(passed(&mut changes, Event::InitDone), None);
+        assert_eq!(passed(&mut changes, Event::Delete(identity("c", 3, false))), None);
+        assert!(!changes.seen.contains_key("c"), "nothing kept for a deleted identity");
     }
 
     #[test]

@@ -84,9 +84,19 @@ fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
 pub fn approval_reasons(grant: &AccessGrant, identity: &AgentIdentity, protected: &[ProtectedResource]) -> Vec<String> {
     let mut all = identity.spec.approval.protected_resources.clone();
     all.extend_from_slice(protected);
+    reasons(grant, &all)
+}
+
+/// Whether the grant needs approval whatever its identity says (by its own rules and the
+/// cluster's protected resources): true means [`approval_reasons`] is not empty for any identity.
+pub fn needs_approval_by_itself(grant: &AccessGrant, protected: &[ProtectedResource]) -> bool {
+    !reasons(grant, protected).is_empty()
+}
+
+fn reasons(grant: &AccessGrant, protected: &[ProtectedResource]) -> Vec<String> {
     let rules = grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
     let home = grant.metadata.namespace.as_deref().unwrap_or_default();
-    classify::classify(rules, &all, home).iter().map(ToString::to_string).collect()
+    classify::classify(rules, protected, home).iter().map(ToString::to_string).collect()
 }
 
 fn denied(by: &str, reason: &str) -> Step {
@@ -559,6 +569,11 @@ mod tests {
             },
         );
         assert!(matches!(step, Step::AwaitApproval { .. }));
+        // Known before the identity is read only where the grant or the cluster says so.
+        assert!(!needs_approval_by_itself(&g, &[]), "only the identity protects these");
+        assert!(needs_approval_by_itself(&g, &cluster));
+        let rm = grant("rm", "fixer", "15m", vec![rule("staging", "", "persistentvolumeclaims", "delete")]);
+        assert!(needs_approval_by_itself(&rm, &[]));
     }
 
     #[test]

@@ -288,6 +288,28 @@ async fn one_deny_is_final() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_deny_ends_an_active_grant_that_needed_no_approval() -> anyhow::Result<()> {
+    let st = stage("deny-active", 1).await?;
+    let a = st.agents.name.clone();
+    let alice = cluster().user("alice", &["sre-leads"]).await?;
+    let read = grant(
+        "peek",
+        "staging-fixer",
+        "15m",
+        vec![rule(&st.staging.name, "", &["persistentvolumeclaims"], &["get"], &["db-volume"])],
+    );
+    let asked = Api::<AccessGrant>::namespaced(st.agent.clone(), &a).create(&PostParams::default(), &read).await?;
+    let active = wait_phase(&st.admin, &a, "peek", GrantPhase::Active).await?;
+    assert!(!st.objects(&active).await?.is_empty());
+    // A listed approver stops it: one Deny ends any grant, not only one that waits.
+    st.decide(&alice, "alice-stop", &asked, "alice", Decision::Deny).await?;
+    let denied = wait_phase(&st.admin, &a, "peek", GrantPhase::Denied).await?;
+    assert!(ready_reason(&denied).1.contains("denied by alice"), "{:?}", ready_reason(&denied));
+    assert_eq!(st.objects(&denied).await?, Vec::<String>::new(), "nothing of the credential is left");
+    st.cleanup().await
+}
+
+#[tokio::test]
 async fn a_recreated_grant_starts_from_zero() -> anyhow::Result<()> {
     let st = stage("recreate", 1).await?;
     let a = st.agents.name.clone();
