@@ -334,6 +334,21 @@ async fn apiserver_requests(admin: &Client) -> anyhow::Result<HashMap<String, [f
         ]
         .into_iter()
         .find(|(prefix, _)| line.starts_with(prefix));
+        // The apiserver's wait for each admission webhook, as "WEBHOOK type name".
+        let webhook = [
+            ("apiserver_admission_webhook_admission_duration_seconds_count{", 0),
+            ("apiserver_admission_webhook_admission_duration_seconds_sum{", 1),
+        ]
+        .into_iter()
+        .find(|(prefix, _)| line.starts_with(prefix));
+        if let (Some((prefix, slot)), Some((labels, value))) = (webhook, line.rsplit_once("} ")) {
+            let labels = &labels[prefix.len()..];
+            if let (Some(kind), Some(name)) = (label(labels, "type"), label(labels, "name")) {
+                calls.entry(format!("WEBHOOK {kind} {name}")).or_default()[slot] +=
+                    value.trim().parse::<f64>().unwrap_or(0.0);
+            }
+            continue;
+        }
         let (Some((prefix, slot)), Some((labels, value))) = (slot, line.rsplit_once("} ")) else { continue };
         let labels = &labels[prefix.len()..];
         let (Some(verb), Some(resource)) = (label(labels, "verb"), label(labels, "resource")) else { continue };
@@ -377,14 +392,16 @@ async fn counting_calls<T>(
 
 /// Prints the apiserver requests per grant (`calls` from `counting_calls`), the busiest first.
 fn print_calls(who: &str, calls: &[serde_json::Value]) {
-    let total = |k: &str| calls.iter().filter_map(|c| c[k].as_f64()).sum::<f64>();
+    // Webhook rows are time within the requests they admit: not added again.
+    let requests = || calls.iter().filter(|c| !c["call"].as_str().unwrap_or_default().starts_with("WEBHOOK"));
+    let total = |k: &str| requests().filter_map(|c| c[k].as_f64()).sum::<f64>();
     eprintln!(
         "  {who}: {:.1} requests, {:.1} ms of apiserver time, {:.0} KiB answered per grant",
         total("perGrant"),
         total("msPerGrant"),
         total("kbPerGrant")
     );
-    for c in calls.iter().take(12) {
+    for c in calls.iter().take(14) {
         eprintln!(
             "    {:<40} {:>6.2}/grant {:>8.2} ms {:>8.1} KiB",
             c["call"].as_str().unwrap_or_default(),

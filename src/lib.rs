@@ -9,6 +9,7 @@ pub mod admission;
 pub mod api;
 pub mod authz;
 pub mod cli;
+pub mod client;
 pub mod controller;
 pub mod credentials;
 pub mod failpoint;

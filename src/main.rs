@@ -86,6 +86,10 @@ struct RunArgs {
     /// unbounded flood of new grants opened thousands of connections and starved the webhook.
     #[arg(long, env = "AGENTID_GRANT_WORKERS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     grant_workers: u16,
+    /// Talk to the apiserver over HTTP/2 when it offers it (all requests and watches on one
+    /// connection); `false`: HTTP/1.1, a connection per request in flight.
+    #[arg(long, env = "AGENTID_API_HTTP2", default_value_t = true, action = clap::ArgAction::Set)]
+    api_http2: bool,
     /// Exit when standard input closes: lets a test harness tie the operator to its lifetime.
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
@@ -175,7 +179,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         !ca_pem.is_empty(),
         "no CA for issued kubeconfigs: the current config trusts system roots; pass --api-server-ca-file"
     );
-    let client = kube::Client::try_from(config)?;
+    let client = agentid::client::build(config, args.api_http2)?;
     let clean = |list: Vec<String>| -> Vec<String> {
         list.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()
     };
