@@ -351,6 +351,12 @@ impl Context {
             && view.role_bindings.get(&ObjectRef::new(&requester).within(&ns)).is_some()
     }
 
+    /// The metadata of identity `identity`'s credentials Secret in `ns`, as the cache shows it.
+    pub(crate) fn identity_secret(&self, ns: &str, identity: &str) -> Option<ObjectMeta> {
+        let secret = ObjectRef::new(&names::identity_credentials_secret(identity)).within(ns);
+        self.owned.as_ref()?.secrets.iter().find_map(|s| s.get(&secret)).map(|m| m.metadata.clone())
+    }
+
     /// Records that the identity's base objects were applied now.
     pub(crate) fn base_objects_applied(&self, identity: &AgentIdentity) {
         let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());

@@ -16,6 +16,7 @@ use k8s_openapi::{
         core::v1::{Secret, ServiceAccount},
         rbac::v1::{Role, RoleBinding},
     },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -60,8 +61,14 @@ pub const MIN_TOKEN_SECONDS: i64 = 600;
 /// Keys of an identity's credentials Secret to set (Some) or remove (None).
 type Entries = BTreeMap<String, Option<ByteString>>;
 
-/// One queued write and where its outcome goes.
-type Queued = (Entries, tokio::sync::oneshot::Sender<Result<(), String>>);
+/// One queued write into an identity's credentials Secret.
+struct Queued {
+    entries: Entries,
+    /// The uid of the Secret checked to be agentid's for the identity: the entries go into that
+    /// object only, never into one made since under its name. None (removals): whatever is there.
+    into: Option<String>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
 
 /// The queue of writes into one identity's credentials Secret.
 #[derive(Default)]
@@ -101,8 +108,15 @@ impl KubernetesIssuer {
     }
 
     /// Makes (or completes) the grant's credential, valid until `expires_at`. The token is
-    /// written only into Secrets; it is never returned, logged or put in status.
-    pub async fn issue(&self, grant: &AccessGrant, expires_at: Timestamp, now: Timestamp) -> Result<(), Error> {
+    /// written only into Secrets; it is never returned, logged or put in status. `cached`: the
+    /// identity's credentials Secret's metadata as a cache shows it (read live when None).
+    pub async fn issue(
+        &self,
+        grant: &AccessGrant,
+        expires_at: Timestamp,
+        now: Timestamp,
+        cached: Option<ObjectMeta>,
+    ) -> Result<(), Error> {
         let objects = GrantObjects::new(grant);
         let ns = &objects.namespace;
         let rules = rules_of(grant);
@@ -136,25 +150,32 @@ impl KubernetesIssuer {
         };
         // The identity's credentials Secret must be there (and agentid's, made for this identity)
         // before any token is minted, so that a grant never holds a credential its pods cannot
-        // see. It is read alongside the objects: they carry no credential until the TokenRequest.
-        let identity_secret_ready = async {
-            match secrets
-                .get_metadata_opt(&identity_secret)
-                .await
-                .doing(|| format!("reading Secret {identity_secret}"))?
-            {
+        // see. Its uid is what the token is later written into (a Secret made since under that
+        // name gets nothing). From the cache when it shows agentid's, else read alongside the
+        // objects: they carry no credential until the TokenRequest.
+        let identity = &grant.spec.identity;
+        let identity_secret_uid = async {
+            let meta = match cached.filter(|m| names::owned_by(m, "AgentIdentity", identity)) {
+                Some(meta) => Some(meta),
+                None => secrets
+                    .get_metadata_opt(&identity_secret)
+                    .await
+                    .doing(|| format!("reading Secret {identity_secret}"))?
+                    .map(|m| m.metadata),
+            };
+            match meta {
                 None => Err(Error::NotReady(format!(
                     "the identity's credentials Secret {identity_secret} does not exist yet"
                 ))),
                 // Never write a token into a Secret agentid did not make for this identity.
-                Some(m) if !names::owned_by(&m.metadata, "AgentIdentity", &grant.spec.identity) => {
+                Some(m) if !names::owned_by(&m, "AgentIdentity", identity) => {
                     Err(Error::NotReady(format!("Secret {identity_secret} was not made by agentid for this identity")))
                 }
-                Some(_) => Ok(()),
+                Some(m) => m.uid.ok_or_else(|| Error::Malformed(format!("Secret {identity_secret} has no uid"))),
             }
         };
-        let (sa, (), (), secret, ()) =
-            tokio::try_join!(service_account, roles, bindings, secret, identity_secret_ready)?;
+        let (sa, (), (), secret, identity_secret_uid) =
+            tokio::try_join!(service_account, roles, bindings, secret, identity_secret_uid)?;
         let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
         let sa_uid = sa.uid().ok_or_else(|| Error::Malformed(format!("ServiceAccount {} has no uid", objects.name)))?;
         // Resumed (a crash, or a reconcile that ran on a cache not yet showing Active): the token
@@ -168,7 +189,7 @@ impl KubernetesIssuer {
             && token_bound_to(&token, &sa_uid, &secret_uid)
         {
             let data = credential_data(grant, &self.access, &token, expires_at);
-            return self.write_identity_entries(ns, &identity_secret, grant, &data).await;
+            return self.write_identity_entries(ns, &identity_secret, &identity_secret_uid, grant, &data).await;
         }
 
         let seconds = (expires_at.as_second() - now.as_second()).max(MIN_TOKEN_SECONDS);
@@ -208,43 +229,57 @@ impl KubernetesIssuer {
             failpoint::hit("issue:after-grant-secret");
             Ok(())
         };
-        tokio::try_join!(own, self.write_identity_entries(ns, &identity_secret, grant, &data))?;
+        tokio::try_join!(own, self.write_identity_entries(ns, &identity_secret, &identity_secret_uid, grant, &data))?;
         debug!(grant = %grant_name, secret = %objects.name, "credential written");
         Ok(())
     }
 
-    /// Writes `entries` (None: remove the key) into an identity's credentials Secret. All of an
-    /// identity's grants write into that one Secret; concurrent patches of one object contend in
-    /// the apiserver (100 at once had some wait past its 60 s timeout), and each patch rewrites
-    /// the whole Secret. So writes queue per Secret, and whoever holds the turn writes everything
-    /// queued so far in one patch.
-    async fn write_identity(&self, ns: &str, identity_secret: &str, entries: Entries) -> Result<(), Error> {
+    /// Writes `entries` (None: remove the key) into an identity's credentials Secret — into the
+    /// object with uid `into` only, when given. All of an identity's grants write into that one
+    /// Secret; concurrent patches of one object contend in the apiserver (100 at once had some
+    /// wait past its 60 s timeout), and each patch rewrites the whole Secret. So writes queue per
+    /// Secret, and whoever holds the turn writes everything queued so far in one patch.
+    async fn write_identity(
+        &self,
+        ns: &str,
+        identity_secret: &str,
+        entries: Entries,
+        into: Option<String>,
+    ) -> Result<(), Error> {
         let writer = {
             let mut writers = self.identity_writers.lock().unwrap_or_else(|e| e.into_inner());
             writers.entry(format!("{ns}/{identity_secret}")).or_default().clone()
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
-        writer.queue.lock().unwrap_or_else(|e| e.into_inner()).push((entries, done));
+        writer.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Queued { entries, into, done });
         {
             let _turn = writer.turn.lock().await;
             let batch: Vec<Queued> = std::mem::take(&mut *writer.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            // One patch goes into one object: writes checked against another uid (the Secret was
+            // replaced between their checks) fail and are tried again after a fresh check.
+            let uid = batch.iter().find_map(|q| q.into.clone());
+            let (batch, replaced): (Vec<Queued>, Vec<Queued>) =
+                batch.into_iter().partition(|q| q.into.is_none() || q.into == uid);
+            for queued in replaced {
+                let _ = queued.done.send(Err(format!("Secret {identity_secret} was replaced while being written")));
+            }
             if !batch.is_empty() {
                 let merged = |writes: &[&Queued]| {
                     let mut merged = Entries::new();
-                    for (entries, _) in writes {
-                        merged.extend(entries.clone());
+                    for queued in writes {
+                        merged.extend(queued.entries.clone());
                     }
                     merged
                 };
-                let removing = |queued: &&Queued| queued.0.values().all(Option::is_none);
+                let removing = |queued: &&Queued| queued.entries.values().all(Option::is_none);
                 let all: Vec<&Queued> = batch.iter().collect();
-                let result = self.patch_identity(ns, identity_secret, merged(&all)).await;
+                let result = self.patch_identity(ns, identity_secret, merged(&all), uid.as_deref()).await;
                 // A failed write must not hold up a revocation queued with it (say, new entries
                 // the Secret has no room for): the removals go again on their own.
                 let removals: Vec<&Queued> = all.iter().copied().filter(removing).collect();
                 let removals_result = match result {
                     Err(_) if !removals.is_empty() && removals.len() < all.len() => {
-                        Some(self.patch_identity(ns, identity_secret, merged(&removals)).await)
+                        Some(self.patch_identity(ns, identity_secret, merged(&removals), None).await)
                     }
                     _ => None,
                 };
@@ -253,7 +288,7 @@ impl KubernetesIssuer {
                         Some(r) if removing(&&queued) => r.clone(),
                         _ => result.clone(),
                     };
-                    let _ = queued.1.send(outcome);
+                    let _ = queued.done.send(outcome);
                 }
             }
         }
@@ -264,18 +299,33 @@ impl KubernetesIssuer {
         }
     }
 
-    /// One merge patch of an identity's credentials Secret. The answer is its metadata only:
-    /// the Secret holds every active grant's kubeconfig (hundreds of KB), and answering each
-    /// write with all of it cost the apiserver and the operator more than the write.
-    async fn patch_identity(&self, ns: &str, identity_secret: &str, entries: Entries) -> Result<(), String> {
+    /// One merge patch of an identity's credentials Secret (of the object with uid `into` only,
+    /// when given: a patch naming another uid is refused). The answer is its metadata only: the
+    /// Secret holds every active grant's kubeconfig (hundreds of KB), and answering each write
+    /// with all of it cost the apiserver and the operator more than the write.
+    async fn patch_identity(
+        &self,
+        ns: &str,
+        identity_secret: &str,
+        entries: Entries,
+        into: Option<&str>,
+    ) -> Result<(), String> {
         let removal_only = entries.values().all(Option::is_none);
+        let patch = match into {
+            Some(uid) => json!({"metadata": {"uid": uid}, "data": entries}),
+            None => json!({"data": entries}),
+        };
         match Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch_metadata(identity_secret, &PatchParams::default(), &Patch::Merge(json!({"data": entries})))
+            .patch_metadata(identity_secret, &PatchParams::default(), &Patch::Merge(patch))
             .await
         {
             Ok(_) => Ok(()),
             // Gone with its identity: nothing left to write into or remove from.
             Err(kube::Error::Api(s)) if s.code == 404 && removal_only => Ok(()),
+            // Another object under its name (the uid is immutable, so the patch is invalid).
+            Err(kube::Error::Api(s)) if s.code == 422 && into.is_some() => {
+                Err(format!("Secret {identity_secret} was replaced since agentid checked it; not writing into it"))
+            }
             Err(e) => Err(format!("writing Secret {identity_secret}: {e}")),
         }
     }
@@ -284,13 +334,14 @@ impl KubernetesIssuer {
         &self,
         ns: &str,
         identity_secret: &str,
+        uid: &str,
         grant: &AccessGrant,
         data: &BTreeMap<String, ByteString>,
     ) -> Result<(), Error> {
         let grant_name = grant.name_any();
         let entries: Entries =
             data.iter().map(|(k, v)| (names::identity_secret_key(&grant_name, k), Some(v.clone()))).collect();
-        self.write_identity(ns, identity_secret, entries).await
+        self.write_identity(ns, identity_secret, entries, Some(uid.to_string())).await
     }
 
     /// Ends the credential in one call: deletes the grant's ServiceAccount, without which no
@@ -324,7 +375,7 @@ impl KubernetesIssuer {
             .map(|k| (names::identity_secret_key(&grant_name, k), None))
             .collect();
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
-        self.write_identity(ns, &identity_secret, removal).await?;
+        self.write_identity(ns, &identity_secret, removal, None).await?;
         Ok(())
     }
 }

@@ -587,3 +587,47 @@ async fn an_existing_service_account_of_the_identitys_name_is_never_adopted() ->
     assert!(sa.labels().get("agentid.dev/identity").is_none());
     agents.delete().await
 }
+
+#[tokio::test]
+async fn a_credentials_secret_replaced_by_someone_else_never_receives_a_token() -> anyhow::Result<()> {
+    operator().await?;
+    let admin = cluster().admin().await?;
+    let agents = TestNamespace::new(&admin, "swap-a").await?;
+    let target = TestNamespace::new(&admin, "swap-t").await?;
+    create(&admin, &agents.name, &identity("swapped", &[&target.name])).await?;
+    wait_identity_ready(&admin, &agents.name, "swapped").await?;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &agents.name);
+    let name = "agentid-swapped-credentials";
+    let checked = secrets.get(name).await?.uid().unwrap_or_default();
+
+    // Someone deletes agentid's Secret and makes their own under its name, to collect tokens.
+    secrets.delete(name, &DeleteParams::default()).await?;
+    let planted: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"planted": "x"}}))?;
+    create(&admin, &agents.name, &planted).await?;
+
+    // What agentid's writes rely on: a write naming the uid it checked never lands in another object.
+    let r = secrets
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"uid": checked}, "data": {"probe": "eA=="}})),
+        )
+        .await;
+    assert_eq!(status_code(&r), Some(422), "a patch naming a replaced object's uid must be refused: {r:?}");
+
+    // A grant asked for now is not issued into the planted Secret.
+    let grants: Api<AccessGrant> = Api::namespaced(admin.clone(), &agents.name);
+    grants
+        .create(
+            &PostParams::default(),
+            &grant("after-swap", "swapped", "10m", vec![rule(&target.name, "", &["configmaps"], &["get"], &[])]),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let keys = identity_secret_keys(&admin, &agents.name, "swapped").await?;
+    assert_eq!(keys, vec!["planted".to_string()], "the planted Secret received credentials");
+    let g = grants.get("after-swap").await?;
+    assert_ne!(g.status.and_then(|s| s.phase), Some(GrantPhase::Active), "issued without a Secret of agentid's");
+    agents.delete().await?;
+    target.delete().await
+}
