@@ -4,7 +4,9 @@
 //! `kubernetes.io/service-account.name` annotation, never by its content. Every cached object is
 //! slimmed first (see [`slim`]).
 
-use futures::{FutureExt, StreamExt, stream::BoxStream};
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt, TryStreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::Secret,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
@@ -20,6 +22,7 @@ use kube::{
 };
 use tracing::warn;
 
+use super::binding_index::{BindingIndex, Indexed};
 use crate::{
     api::{AccessGrant, AccessGrantStatus},
     policy::{decide, install::Installation},
@@ -92,15 +95,28 @@ pub fn cached<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxStream<'
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
+    cached_observed(api, config, |_| {})
+}
+
+/// [`cached`], with `observe` called on each watch event just before the cache applies it.
+fn cached_observed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    observe: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
     let (store, writer) = reflector::store();
-    let stream = watcher(api, config).modify(slim::<K>).default_backoff().reflect(writer).touched_objects();
+    let stream =
+        watcher(api, config).modify(slim::<K>).default_backoff().inspect_ok(observe).reflect(writer).touched_objects();
     (store, stream.boxed())
 }
 
 impl ClusterView {
     /// Starts watching; the Role, ClusterRole and Secret stores fill in the background, the
     /// binding stores as their changes are polled.
-    pub fn start(client: &Client, installation: &Installation) -> (Self, BindingChanges) {
+    pub fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, BindingChanges) {
         let (roles, writer) = reflector::store();
         spawn("Roles", watcher(Api::<Role>::all(client.clone()), watcher::Config::default()), writer);
         let (cluster_roles, writer) = reflector::store();
@@ -117,10 +133,16 @@ impl ClusterView {
                 store
             })
             .collect();
-        let (role_bindings, role_binding_changes) =
-            cached(Api::<RoleBinding>::all(client.clone()), watcher::Config::default());
-        let (cluster_role_bindings, cluster_role_binding_changes) =
-            cached(Api::<ClusterRoleBinding>::all(client.clone()), watcher::Config::default());
+        let (role_bindings, role_binding_changes) = cached_observed(
+            Api::<RoleBinding>::all(client.clone()),
+            watcher::Config::default(),
+            observer::<RoleBinding>(index.clone()),
+        );
+        let (cluster_role_bindings, cluster_role_binding_changes) = cached_observed(
+            Api::<ClusterRoleBinding>::all(client.clone()),
+            watcher::Config::default(),
+            observer::<ClusterRoleBinding>(index),
+        );
         let view = Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings };
         let changes =
             BindingChanges { role_bindings: role_binding_changes, cluster_role_bindings: cluster_role_binding_changes };
@@ -141,6 +163,11 @@ impl ClusterView {
 /// Whether a store has its first full list.
 pub fn ready<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> bool {
     store.wait_until_ready().now_or_never().is_some()
+}
+
+/// Feeds a binding watch's events to `index`.
+fn observer<K: Indexed>(index: Arc<BindingIndex>) -> impl Fn(&watcher::Event<K>) + Send + 'static {
+    move |event| index.observe(event)
 }
 
 fn spawn<K>(

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, ResourceExt,
     api::ListParams,
-    runtime::{controller::Action, events::EventType},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use tracing::{info, instrument, warn};
 
@@ -97,7 +97,8 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
 
     let name = identity.name_any();
     let active = active_grants(identity, ctx).await?;
-    let bindings = Bindings::current(ctx).await?;
+    let principals = exposure::principals(&home, &name, active.iter().map(|g| g.as_ref()));
+    let bindings = Bindings::current(ctx, &principals).await?;
 
     let old = identity.status.clone().unwrap_or_default();
     let mut status = AgentIdentityStatus {
@@ -129,7 +130,7 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
         let text: Vec<String> = findings.iter().map(ToString::to_string).collect();
         ctx.event(identity, EventType::Warning, STANDING_PRIVILEGE, text.join("; ")).await;
     }
-    let exposed = credential_exposure(identity, ctx, &active, &bindings);
+    let exposed = credential_exposure(identity, ctx, &principals, &bindings);
     if let Some(exposed) = &exposed {
         let c = exposure::counts(exposed);
         status.exposure = Some(ExposureSummary {
@@ -209,20 +210,21 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// Every RoleBinding and ClusterRoleBinding: from the caches, which hold a binding before the
-/// reconcile it triggers runs; read from the apiserver while they are still filling.
+/// The RoleBindings and ClusterRoleBindings that may reach an identity's ServiceAccounts: from
+/// the caches (which hold a binding before the reconcile it triggers runs) through the binding
+/// index, or every binding, read from the apiserver, while the caches are still filling.
 struct Bindings {
     role_bindings: Vec<Arc<RoleBinding>>,
     cluster_role_bindings: Vec<Arc<ClusterRoleBinding>>,
 }
 
 impl Bindings {
-    async fn current(ctx: &Context) -> Result<Self, Error> {
+    async fn current(ctx: &Context, principals: &[exposure::Principal]) -> Result<Self, Error> {
         if let Some(view) = ctx.view.as_ref().filter(|v| v.bindings_ready()) {
-            return Ok(Self {
-                role_bindings: view.role_bindings.state(),
-                cluster_role_bindings: view.cluster_role_bindings.state(),
-            });
+            let accounts: Vec<(&str, &str)> =
+                principals.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
+            let found = ctx.binding_index.candidates(&view.role_bindings, &view.cluster_role_bindings, &accounts);
+            return Ok(Self { role_bindings: found.role_bindings, cluster_role_bindings: found.cluster_role_bindings });
         }
         let lp = ListParams::default();
         let role_bindings = Api::<RoleBinding>::all(ctx.client.clone())
@@ -245,19 +247,30 @@ impl Bindings {
 /// The condition that reports credential exposure.
 pub const EXPOSURE: &str = "CredentialExposureDetected";
 
-/// What the identity's base ServiceAccount and active grants can reach that yields credentials;
-/// None while the caches are still filling.
+/// What the identity's base ServiceAccount and active grants (`principals`) can reach that yields
+/// credentials; None while the caches are still filling.
 fn credential_exposure(
     identity: &AgentIdentity,
     ctx: &Context,
-    active: &[Arc<AccessGrant>],
+    principals: &[exposure::Principal],
     bindings: &Bindings,
 ) -> Option<Vec<exposure::Exposed>> {
     let view = ctx.view.as_ref().filter(|v| v.ready())?;
     let ns = identity.namespace().unwrap_or_default();
     let name = identity.name_any();
-    let principals = exposure::principals(&ns, &name, active.iter().map(|g| g.as_ref()));
-    let (roles, cluster_roles) = (view.roles.state(), view.cluster_roles.state());
+    // Only the roles the bindings name: hashing every Role in the cluster per reconcile was most
+    // of an identity reconcile at scale.
+    let (mut roles, mut cluster_roles) = (Vec::new(), Vec::new());
+    for b in &bindings.role_bindings {
+        let name = &b.role_ref.name;
+        match b.role_ref.kind.as_str() {
+            "Role" => roles.extend(view.roles.get(&ObjectRef::new(name).within(&b.namespace().unwrap_or_default()))),
+            _ => cluster_roles.extend(view.cluster_roles.get(&ObjectRef::new(name))),
+        }
+    }
+    cluster_roles.extend(
+        bindings.cluster_role_bindings.iter().filter_map(|b| view.cluster_roles.get(&ObjectRef::new(&b.role_ref.name))),
+    );
     let secrets: Vec<_> = view.secrets.iter().flat_map(|store| store.state()).collect();
     let secrets: Vec<&ObjectMeta> = secrets.iter().map(|s| &s.metadata).collect();
     let rbac = exposure::Rbac {
@@ -266,7 +279,7 @@ fn credential_exposure(
         role_bindings: &bindings.role_bindings,
         cluster_role_bindings: &bindings.cluster_role_bindings,
     };
-    Some(exposure::exposure(&ns, &name, &principals, &rbac, &secrets))
+    Some(exposure::exposure(&ns, &name, principals, &rbac, &secrets))
 }
 
 fn exposure_condition(found: &[exposure::Exposed], identity: &str) -> Desired<'static> {

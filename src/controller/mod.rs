@@ -1,6 +1,7 @@
 //! The operator: one reconciler per kind. Each observes, asks `policy` what to do, applies it
 //! with server-side apply under one field manager, and writes status conditions.
 
+mod binding_index;
 mod cache;
 mod grant;
 mod grant_index;
@@ -189,6 +190,9 @@ pub struct Context {
     /// Every Approval, as watched (None: read from the apiserver). Only a grant that needs no
     /// approval is decided from it, and for such a grant only a Deny counts.
     pub(crate) approvals: Option<Store<Approval>>,
+    /// The binding caches' bindings by the ServiceAccounts they reach (filled only when `view`
+    /// is set).
+    binding_index: Arc<binding_index::BindingIndex>,
     /// The grant cache's names per identity (filled only when `grants` is set).
     grant_index: Arc<grant_index::GrantIndex>,
     /// Grant status writes of this process, whose watch events need no reconcile.
@@ -226,6 +230,7 @@ impl Context {
             grants: None,
             approvals: None,
             grant_index: Arc::default(),
+            binding_index: Arc::default(),
             own_writes: Default::default(),
             max_active_grants: crate::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS,
             issuing: Mutex::default(),
@@ -535,7 +540,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut context = Context::new(client.clone(), settings.access, settings.protected, metrics.clone());
     context.admission_registered = settings.webhook.endpoint.is_some();
-    let (view, binding_changes) = cache::ClusterView::start(&client, &settings.installation);
+    let (view, binding_changes) =
+        cache::ClusterView::start(&client, &settings.installation, context.binding_index.clone());
     context.view = Some(view);
     context.installation = settings.installation.clone();
     context.max_active_grants = settings.max_active_grants;

@@ -1,0 +1,391 @@
+//! Which bindings an identity's drift and exposure analysis must look at, kept beside the binding
+//! caches so that each identity reconcile reads those instead of every binding in the cluster
+//! (at 10,000 identities, each reconcile scanned some 20,000 bindings and hashed every Role).
+//!
+//! Most bindings at scale are agentid's own — a grant's RoleBinding names the grant's
+//! ServiceAccount, an identity's requester RoleBinding its base ServiceAccount — and reach only
+//! the ServiceAccounts they name: they are indexed by those. Every other binding (not made by
+//! agentid, or naming a user or group) is in the `scan` set, which every analysis reads whole.
+//! So the candidates for a set of ServiceAccounts are `scan` plus the bindings indexed under
+//! them: a superset of the bindings that reach them, which the analysis then checks as before.
+//!
+//! The index holds references only; objects are read from the caches. It is fed each watch event
+//! just before the cache applies it, so it never lacks a binding the cache holds (a reference
+//! the cache no longer holds is skipped on lookup).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, Subject};
+use kube::{
+    Resource, ResourceExt,
+    runtime::{
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+
+use crate::policy::{exposure::named_service_account, names};
+
+/// A binding: a RoleBinding (namespace, name) or a ClusterRoleBinding (None, name).
+type Binding = (Option<String>, String);
+
+/// A ServiceAccount (namespace, name).
+type ServiceAccount = (String, String);
+
+#[derive(Default, Clone)]
+struct Entries {
+    /// Bindings every analysis reads.
+    scan: BTreeSet<Binding>,
+    /// agentid's bindings naming only ServiceAccounts, by each ServiceAccount named.
+    by_service_account: HashMap<ServiceAccount, BTreeSet<Binding>>,
+    /// Where each binding is filed, to refile it when it changes.
+    filed: HashMap<Binding, Vec<ServiceAccount>>,
+}
+
+impl Entries {
+    fn insert(&mut self, binding: Binding, labels: &std::collections::BTreeMap<String, String>, subjects: &[Subject]) {
+        self.remove(&binding);
+        let ours = labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY);
+        let accounts: Option<Vec<ServiceAccount>> = subjects
+            .iter()
+            .map(|s| named_service_account(s, binding.0.as_deref()).map(|(ns, n)| (ns.to_string(), n.to_string())))
+            .collect();
+        match accounts.filter(|_| ours) {
+            Some(accounts) => {
+                for account in &accounts {
+                    self.by_service_account.entry(account.clone()).or_default().insert(binding.clone());
+                }
+                self.filed.insert(binding, accounts);
+            }
+            None => {
+                self.scan.insert(binding);
+            }
+        }
+    }
+
+    fn remove(&mut self, binding: &Binding) {
+        self.scan.remove(binding);
+        for account in self.filed.remove(binding).unwrap_or_default() {
+            if let Some(set) = self.by_service_account.get_mut(&account) {
+                set.remove(binding);
+                if set.is_empty() {
+                    self.by_service_account.remove(&account);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    current: Entries,
+    /// While a watch re-lists: the bindings of that kind listed so far, filed afresh; at the end
+    /// they replace that kind's part of `current` (and are filed in `current` too meanwhile, so
+    /// lookups never miss them).
+    relisting: [Option<Entries>; 2],
+}
+
+/// The bindings by the ServiceAccounts they reach (see the module documentation).
+#[derive(Default)]
+pub(crate) struct BindingIndex {
+    inner: RwLock<Inner>,
+}
+
+/// The candidates for an analysis, read from the caches.
+#[derive(Default)]
+pub(crate) struct Candidates {
+    pub role_bindings: Vec<Arc<RoleBinding>>,
+    pub cluster_role_bindings: Vec<Arc<ClusterRoleBinding>>,
+}
+
+/// What the index needs of a binding kind.
+pub(crate) trait Indexed: Resource<DynamicType = ()> + Clone {
+    /// 0 for RoleBindings, 1 for ClusterRoleBindings.
+    const SLOT: usize;
+    fn subjects(&self) -> &[Subject];
+}
+
+impl Indexed for RoleBinding {
+    const SLOT: usize = 0;
+    fn subjects(&self) -> &[Subject] {
+        self.subjects.as_deref().unwrap_or_default()
+    }
+}
+
+impl Indexed for ClusterRoleBinding {
+    const SLOT: usize = 1;
+    fn subjects(&self) -> &[Subject] {
+        self.subjects.as_deref().unwrap_or_default()
+    }
+}
+
+fn binding_of<K: Indexed>(b: &K) -> Binding {
+    (b.namespace(), b.name_any())
+}
+
+impl BindingIndex {
+    /// Records one watch event of either binding kind (call before the cache applies it).
+    pub(crate) fn observe<K: Indexed>(&self, event: &watcher::Event<K>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *inner;
+        match event {
+            watcher::Event::Apply(b) => inner.current.insert(binding_of(b), b.labels(), b.subjects()),
+            watcher::Event::Delete(b) => inner.current.remove(&binding_of(b)),
+            watcher::Event::Init => inner.relisting[K::SLOT] = Some(Entries::default()),
+            watcher::Event::InitApply(b) => {
+                inner.current.insert(binding_of(b), b.labels(), b.subjects());
+                if let Some(fresh) = inner.relisting[K::SLOT].as_mut() {
+                    fresh.insert(binding_of(b), b.labels(), b.subjects());
+                }
+            }
+            watcher::Event::InitDone => {
+                let Some(fresh) = inner.relisting[K::SLOT].take() else { return };
+                // This kind's bindings no longer listed are dropped; the other kind's stay.
+                let stale: Vec<Binding> = inner
+                    .current
+                    .scan
+                    .iter()
+                    .chain(inner.current.filed.keys())
+                    .filter(|b| b.0.is_some() == (K::SLOT == 0))
+                    .filter(|b| !fresh.scan.contains(*b) && !fresh.filed.contains_key(*b))
+                    .cloned()
+                    .collect();
+                for b in &stale {
+                    inner.current.remove(b);
+                }
+            }
+        }
+    }
+
+    /// The bindings that may reach any of `accounts` (ServiceAccounts as namespace, name): every
+    /// binding of the scan set, and agentid's naming one of them.
+    pub(crate) fn candidates(
+        &self,
+        role_bindings: &Store<RoleBinding>,
+        cluster_role_bindings: &Store<ClusterRoleBinding>,
+        accounts: &[(&str, &str)],
+    ) -> Candidates {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut wanted: BTreeSet<&Binding> = inner.current.scan.iter().collect();
+        for (ns, name) in accounts {
+            let key = (ns.to_string(), name.to_string());
+            wanted.extend(inner.current.by_service_account.get(&key).into_iter().flatten());
+        }
+        let mut out = Candidates::default();
+        for (ns, name) in wanted {
+            match ns {
+                Some(ns) => out.role_bindings.extend(role_bindings.get(&ObjectRef::new(name).within(ns))),
+                None => out.cluster_role_bindings.extend(cluster_role_bindings.get(&ObjectRef::new(name))),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::{reflector, watcher::Event};
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{drift, exposure, fuzz::Gen};
+
+    fn subject(g: &mut Gen, namespaces: &[&str]) -> serde_json::Value {
+        let ns = g.pick(namespaces);
+        let sa = g.pick(&["agentid-fixer", "agentid-grant-a-1", "agentid-grant-b-2", "agentid-other", "default"]);
+        match g.below(6) {
+            0 => json!({"kind": "ServiceAccount", "name": sa, "namespace": ns}),
+            1 => json!({"kind": "ServiceAccount", "name": sa}),
+            2 => json!({"kind": "User", "name": format!("system:serviceaccount:{ns}:{sa}")}),
+            3 => json!({"kind": "User", "name": g.pick(&["alice", "system:anonymous"])}),
+            _ => json!({"kind": "Group", "name": g.pick(&[
+                "system:serviceaccounts", "system:authenticated", "system:serviceaccounts:agents",
+                "system:serviceaccounts:other", "sre-leads"])}),
+        }
+    }
+
+    fn labels(g: &mut Gen) -> serde_json::Value {
+        match g.below(3) {
+            0 => json!({names::MANAGED_BY_LABEL: names::MANAGED_BY}),
+            1 => json!({"kubernetes.io/bootstrapping": "rbac-defaults"}),
+            _ => json!({}),
+        }
+    }
+
+    fn role_binding(g: &mut Gen, i: usize) -> RoleBinding {
+        let ns = g.pick(&["agents", "other", "target"]);
+        let subjects: Vec<_> = (0..1 + g.below(3)).map(|_| subject(g, &["agents", "other", "target"])).collect();
+        let role = g.pick(&["reader", "secrets", "pods"]);
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("rb{}", i % 40), "namespace": ns, "labels": labels(g)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": g.pick(&["Role", "ClusterRole"]), "name": role},
+            "subjects": subjects
+        }))
+        .expect("RoleBinding")
+    }
+
+    fn cluster_role_binding(g: &mut Gen, i: usize) -> ClusterRoleBinding {
+        let subjects: Vec<_> = (0..1 + g.below(3)).map(|_| subject(g, &["agents", "other"])).collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("crb{}", i % 15), "labels": labels(g)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": g.pick(&["reader", "secrets", "pods"])},
+            "subjects": subjects
+        }))
+        .expect("ClusterRoleBinding")
+    }
+
+    fn roles() -> (Vec<Arc<k8s_openapi::api::rbac::v1::Role>>, Vec<Arc<k8s_openapi::api::rbac::v1::ClusterRole>>) {
+        let rules = |name: &str| match name {
+            "reader" => json!([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]),
+            "secrets" => json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]),
+            _ => json!([{"apiGroups": [""], "resources": ["pods", "serviceaccounts/token"], "verbs": ["create"]}]),
+        };
+        let mut roles = Vec::new();
+        let mut cluster_roles = Vec::new();
+        for name in ["reader", "secrets", "pods"] {
+            for ns in ["agents", "other", "target"] {
+                roles.push(Arc::new(
+                    serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "rules": rules(name)}))
+                        .expect("Role"),
+                ));
+            }
+            cluster_roles.push(Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules(name)})).expect("ClusterRole"),
+            ));
+        }
+        (roles, cluster_roles)
+    }
+
+    fn sorted<K: Resource<DynamicType = ()>>(mut v: Vec<Arc<K>>) -> Vec<String> {
+        let mut names: Vec<String> = v.drain(..).map(|b| format!("{:?}/{}", b.namespace(), b.name_any())).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn drift_and_exposure_from_the_candidates_equal_those_from_every_binding() {
+        let (roles, cluster_roles) = roles();
+        let secret: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+            serde_json::from_value(json!({"name": "db", "namespace": "agents"})).expect("meta");
+        let (mut candidates, mut bindings) = (0, 0);
+        for seed in 1..=300u64 {
+            let mut g = Gen::typed(seed);
+            let index = BindingIndex::default();
+            let (rb_store, mut rb_writer) = reflector::store::<RoleBinding>();
+            let (crb_store, mut crb_writer) = reflector::store::<ClusterRoleBinding>();
+            let mut feed_rb = |e: Event<RoleBinding>| {
+                index.observe(&e);
+                rb_writer.apply_watcher_event(&e);
+            };
+            feed_rb(Event::Init);
+            for i in 0..g.below(30) as usize {
+                feed_rb(Event::InitApply(role_binding(&mut g, i)));
+            }
+            feed_rb(Event::InitDone);
+            // Changes after the listing: new subjects, deletions, and now and then a re-list
+            // that no longer shows some of them.
+            for i in 0..g.below(20) as usize {
+                let b = role_binding(&mut g, i);
+                feed_rb(if g.one_in(4) { Event::Delete(b) } else { Event::Apply(b) });
+                if g.one_in(15) {
+                    let kept: Vec<RoleBinding> =
+                        rb_store.state().iter().filter(|_| g.one_in(2)).map(|b| (**b).clone()).collect();
+                    feed_rb(Event::Init);
+                    for b in kept {
+                        feed_rb(Event::InitApply(b));
+                    }
+                    feed_rb(Event::InitDone);
+                }
+            }
+            let mut feed_crb = |e: Event<ClusterRoleBinding>| {
+                index.observe(&e);
+                crb_writer.apply_watcher_event(&e);
+            };
+            feed_crb(Event::Init);
+            for i in 0..g.below(8) as usize {
+                feed_crb(Event::InitApply(cluster_role_binding(&mut g, i)));
+            }
+            feed_crb(Event::InitDone);
+            for i in 0..g.below(6) as usize {
+                let b = cluster_role_binding(&mut g, i);
+                feed_crb(if g.one_in(4) { Event::Delete(b) } else { Event::Apply(b) });
+            }
+            let (all_rb, all_crb) = (rb_store.state(), crb_store.state());
+            for identity in ["fixer", "other"] {
+                let principals = vec![
+                    exposure::Principal {
+                        namespace: "agents".into(),
+                        name: names::identity_service_account(identity),
+                        via: "base".into(),
+                    },
+                    exposure::Principal {
+                        namespace: "agents".into(),
+                        name: "agentid-grant-a-1".into(),
+                        via: "grant a".into(),
+                    },
+                ];
+                let accounts: Vec<(&str, &str)> =
+                    principals.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
+                let c = index.candidates(&rb_store, &crb_store, &accounts);
+                candidates += c.role_bindings.len() + c.cluster_role_bindings.len();
+                bindings += all_rb.len() + all_crb.len();
+                assert_eq!(
+                    drift::standing_privileges("agents", identity, &all_rb, &all_crb),
+                    drift::standing_privileges("agents", identity, &c.role_bindings, &c.cluster_role_bindings),
+                    "drift, seed {seed}"
+                );
+                let whole = exposure::Rbac {
+                    roles: &roles,
+                    cluster_roles: &cluster_roles,
+                    role_bindings: &all_rb,
+                    cluster_role_bindings: &all_crb,
+                };
+                let narrowed = exposure::Rbac {
+                    roles: &roles,
+                    cluster_roles: &cluster_roles,
+                    role_bindings: &c.role_bindings,
+                    cluster_role_bindings: &c.cluster_role_bindings,
+                };
+                assert_eq!(
+                    exposure::exposure("agents", identity, &principals, &whole, &[&secret]),
+                    exposure::exposure("agents", identity, &principals, &narrowed, &[&secret]),
+                    "exposure, seed {seed}"
+                );
+            }
+        }
+        assert!(candidates < bindings, "the index narrows nothing: {candidates} of {bindings}");
+    }
+
+    #[test]
+    fn agentid_bindings_are_filed_by_account_and_refiled_when_they_change() {
+        let index = BindingIndex::default();
+        let ours = |subject: serde_json::Value| -> RoleBinding {
+            serde_json::from_value(json!({
+                "metadata": {"name": "g", "namespace": "agents", "labels": {names::MANAGED_BY_LABEL: names::MANAGED_BY}},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "g"},
+                "subjects": [subject]
+            }))
+            .expect("RoleBinding")
+        };
+        let (store, mut writer) = reflector::store::<RoleBinding>();
+        let (crbs, _) = reflector::store::<ClusterRoleBinding>();
+        let mut feed = |e: Event<RoleBinding>| {
+            index.observe(&e);
+            writer.apply_watcher_event(&e);
+        };
+        feed(Event::Apply(ours(json!({"kind": "ServiceAccount", "name": "agentid-grant-g"}))));
+        let found = |accounts: &[(&str, &str)]| sorted(index.candidates(&store, &crbs, accounts).role_bindings);
+        assert_eq!(found(&[("agents", "agentid-grant-g")]).len(), 1);
+        assert!(found(&[("agents", "agentid-fixer")]).is_empty(), "not scanned: it names another account");
+        // Changed to name a group: now every analysis reads it.
+        feed(Event::Apply(ours(json!({"kind": "Group", "name": "system:serviceaccounts"}))));
+        assert_eq!(found(&[("agents", "agentid-fixer")]).len(), 1);
+        assert!(index.inner.read().unwrap().current.by_service_account.is_empty(), "refiled, not kept twice");
+        feed(Event::Delete(ours(json!({"kind": "Group", "name": "system:serviceaccounts"}))));
+        let inner = index.inner.read().unwrap();
+        assert!(inner.current.scan.is_empty() && inner.current.filed.is_empty(), "nothing kept once deleted");
+    }
+}
