@@ -90,8 +90,11 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
             server_side_apply::<ServiceAccount>(&ctx.client, &sa),
             server_side_apply::<Secret>(&ctx.client, &secret),
             server_side_apply::<Role>(&ctx.client, &role),
-            server_side_apply::<RoleBinding>(&ctx.client, &binding),
         )?;
+        // After its Role: unless the operator may `bind` it, the apiserver checks a binding
+        // against the Role it names, and one it cannot see yet fails (as a misleading 404 for
+        // the binding, seen with the chart's confined RBAC).
+        server_side_apply::<RoleBinding>(&ctx.client, &binding).await?;
         ctx.base_objects_applied(identity);
     }
 
