@@ -361,18 +361,48 @@ async fn apiserver_requests(admin: &Client) -> anyhow::Result<HashMap<String, [f
     Ok(calls)
 }
 
+/// The processes whose CPU time is counted per grant (name, pid): the operator, kube-apiserver
+/// and etcd (set once all run).
+static PROCESSES: std::sync::Mutex<Vec<(String, u32)>> = std::sync::Mutex::new(Vec::new());
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces): state is the 3rd, utime the 14th.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds so far of each of [`PROCESSES`], as rows keyed "CPU name" (slot 1, in seconds).
+fn cpu_rows() -> HashMap<String, [f64; 3]> {
+    PROCESSES
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(name, pid)| (format!("CPU {name}"), [1.0, cpu_seconds(*pid), 0.0]))
+        .collect()
+}
+
 /// Runs `work`, and returns its result with the apiserver requests made meanwhile, per grant
-/// (`n`), busiest first: [{"call", "perGrant", "msPerGrant", "kbPerGrant"}].
+/// (`n`), busiest first: [{"call", "perGrant", "msPerGrant", "kbPerGrant"}]; rows "CPU name" give
+/// the CPU milliseconds per grant of the operator, kube-apiserver and etcd.
 async fn counting_calls<T>(
     admin: &Client,
     n: usize,
     work: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(T, Vec<serde_json::Value>)> {
-    let before = apiserver_requests(admin).await?;
+    let mut before = apiserver_requests(admin).await?;
+    before.extend(cpu_rows());
     let out = work.await?;
     // What the work set going (the operator's Events, say) ends soon after it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = apiserver_requests(admin).await?;
+    let mut after = apiserver_requests(admin).await?;
+    after.extend(cpu_rows().into_iter().map(|(k, mut v)| {
+        v[0] += 1.0; // counted as present, not as requests
+        (k, v)
+    }));
     let per = n.max(1) as f64;
     let mut rows: Vec<(String, [f64; 3])> = after
         .into_iter()
@@ -392,16 +422,23 @@ async fn counting_calls<T>(
 
 /// Prints the apiserver requests per grant (`calls` from `counting_calls`), the busiest first.
 fn print_calls(who: &str, calls: &[serde_json::Value]) {
-    // Webhook rows are time within the requests they admit: not added again.
-    let requests = || calls.iter().filter(|c| !c["call"].as_str().unwrap_or_default().starts_with("WEBHOOK"));
+    // Webhook rows are time within the requests they admit, CPU rows not requests: not added.
+    let call = |c: &serde_json::Value| c["call"].as_str().unwrap_or_default().to_string();
+    let requests = || calls.iter().filter(|c| !call(c).starts_with("WEBHOOK") && !call(c).starts_with("CPU "));
     let total = |k: &str| requests().filter_map(|c| c[k].as_f64()).sum::<f64>();
+    let cpu: Vec<String> = calls
+        .iter()
+        .filter(|c| call(c).starts_with("CPU "))
+        .map(|c| format!("{} {:.1} ms", &call(c)[4..], c["msPerGrant"].as_f64().unwrap_or_default()))
+        .collect();
+    eprintln!("  {who}: CPU per grant: {}", cpu.join(", "));
     eprintln!(
         "  {who}: {:.1} requests, {:.1} ms of apiserver time, {:.0} KiB answered per grant",
         total("perGrant"),
         total("msPerGrant"),
         total("kbPerGrant")
     );
-    for c in calls.iter().take(14) {
+    for c in requests().take(14) {
         eprintln!(
             "    {:<40} {:>6.2}/grant {:>8.2} ms {:>8.1} KiB",
             c["call"].as_str().unwrap_or_default(),
@@ -708,6 +745,12 @@ async fn main() -> anyhow::Result<()> {
 
     let mut op = Operator::start(&dir)?;
     let ready = op.wait_ready().await?;
+    {
+        let pid_of = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok();
+        let mut processes = PROCESSES.lock().expect("lock");
+        processes.push(("operator".into(), op.child.id()));
+        processes.extend(["kube-apiserver", "etcd"].into_iter().filter_map(|n| Some((n.to_string(), pid_of(n)?))));
+    }
     tokio::time::sleep(Duration::from_secs(10)).await;
     let rss_idle = op.rss_mib();
     eprintln!("operator ready in {:.2}s; RSS idle {rss_idle:.1} MiB", ready.as_secs_f64());
