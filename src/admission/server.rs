@@ -347,17 +347,9 @@ async fn start_external(client: Client, settings: WebhookSettings) -> Result<(),
     Ok(())
 }
 
-/// Threads of the webhook's own runtime.
-const WEBHOOK_THREADS: usize = 2;
-
 /// Binds the webhook's port and serves it in the background. Bound before the webhook is
 /// registered, so the apiserver is never sent to a closed port (which, failing closed, would
 /// refuse requests).
-///
-/// It is served by a runtime of its own: the apiserver waits on the webhook for every grant,
-/// Approval and agent pod, and refuses the request after its timeout. On the operator's runtime
-/// a flood of reconciles queued it behind them (in the benchmark, 1.4 s per admission with 1,000
-/// grants arriving at once).
 fn serve(client: &Client, settings: &WebhookSettings, tls: RustlsConfig) -> Result<(), Error> {
     let listener = std::net::TcpListener::bind(settings.addr).map_err(Error::Serve)?;
     listener.set_nonblocking(true).map_err(Error::Serve)?;
@@ -365,20 +357,11 @@ fn serve(client: &Client, settings: &WebhookSettings, tls: RustlsConfig) -> Resu
     let server = axum_server::from_tcp_rustls(listener, tls).map_err(Error::Serve)?.serve(
         router(client.clone(), settings.own_namespace.clone(), settings.installation.clone()).into_make_service(),
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WEBHOOK_THREADS)
-        .thread_name("agentid-webhook")
-        .enable_all()
-        .build()
-        .map_err(Error::Serve)?;
-    std::thread::Builder::new()
-        .name("agentid-webhook".into())
-        .spawn(move || {
-            if let Err(e) = runtime.block_on(server) {
-                tracing::error!(error = %e, "admission webhook stopped");
-            }
-        })
-        .map_err(Error::Serve)?;
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admission webhook stopped");
+        }
+    });
     Ok(())
 }
 
