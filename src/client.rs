@@ -1,5 +1,5 @@
-//! The operator's connection to the apiserver: kube's client stack (base URL, credentials and
-//! their refresh, impersonation headers, timeouts), but speaking HTTP/2 when the apiserver
+//! The operator's connection to the apiserver: kube's client stack (base URL, retries of 429/5xx,
+//! credentials and their refresh, impersonation headers, timeouts), but speaking HTTP/2 when the apiserver
 //! offers it, as client-go does. Over HTTP/1.1 every request in flight needs a connection of its
 //! own, each costing a TLS handshake on both sides, and every pooled connection keeps the read
 //! buffer its largest answer grew to (a heap profile after a restart at 2,000 identities found
@@ -11,8 +11,11 @@ use hyper_util::{
     client::legacy::{Client as HyperClient, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use kube::{Client, Config, client::ConfigExt};
-use tower::{BoxError, ServiceBuilder};
+use kube::{
+    Client, Config,
+    client::{ConfigExt, retry::RetryPolicy},
+};
+use tower::{BoxError, ServiceBuilder, retry::RetryLayer};
 
 /// How often an idle HTTP/2 connection is checked with a ping, and how long the answer may take:
 /// a connection that died silently (a restarted load balancer) is dropped within a minute
@@ -47,8 +50,11 @@ pub fn build(config: Config, http2: bool) -> anyhow::Result<Client> {
         .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .http2_keep_alive_while_idle(true)
         .build(connector);
+    // As kube's own client: 429, 503 and 504 are retried with backoff (and Retry-After).
+    let retry = config.default_retry.then(|| RetryLayer::new(RetryPolicy::server_retry()));
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(retry)
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(BoxError::from)
