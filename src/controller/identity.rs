@@ -42,30 +42,60 @@ async fn active_grants(identity: &AgentIdentity, ctx: &Context) -> Result<Vec<Ar
     Ok(grants)
 }
 
-/// The first of the identity's object names that an object agentid did not make already holds.
-async fn name_taken(identity: &AgentIdentity, ctx: &Context) -> Result<Option<String>, Error> {
+/// The uids of the identity's base ServiceAccount and credentials Secret where they exist and are
+/// agentid's for it; Err: the first of their names that an object agentid did not make holds.
+async fn base_uids(
+    identity: &AgentIdentity,
+    ctx: &Context,
+) -> Result<Result<(Option<String>, Option<String>), String>, Error> {
     let ns = identity.namespace().unwrap_or_default();
     let name = identity.name_any();
-    let ours = |meta: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>| {
-        meta.is_none_or(|m| names::owned_by(&m, "AgentIdentity", &name))
-    };
     let sa = names::identity_service_account(&name);
-    let found = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
-        .get_metadata_opt(&sa)
-        .await
-        .map_err(kube_err(format!("reading ServiceAccount {sa}")))?;
-    if !ours(found.map(|m| m.metadata)) {
-        return Ok(Some(format!("ServiceAccount {sa}")));
-    }
     let secret = names::identity_credentials_secret(&name);
-    let found = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .get_metadata_opt(&secret)
-        .await
-        .map_err(kube_err(format!("reading Secret {secret}")))?;
-    if !ours(found.map(|m| m.metadata)) {
-        return Ok(Some(format!("Secret {secret}")));
+    let (found_sa, found_secret) = tokio::try_join!(
+        async {
+            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
+                .get_metadata_opt(&sa)
+                .await
+                .map_err(kube_err(format!("reading ServiceAccount {sa}")))
+        },
+        async {
+            Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                .get_metadata_opt(&secret)
+                .await
+                .map_err(kube_err(format!("reading Secret {secret}")))
+        },
+    )?;
+    let uid = |found: Option<ObjectMeta>, what: String| match found {
+        None => Ok(None),
+        Some(m) if names::owned_by(&m, "AgentIdentity", &name) => Ok(m.uid),
+        Some(_) => Err(what),
+    };
+    Ok(uid(found_sa.map(|m| m.metadata), format!("ServiceAccount {sa}"))
+        .and_then(|sa_uid| Ok((sa_uid, uid(found_secret.map(|m| m.metadata), format!("Secret {secret}"))?))))
+}
+
+/// Makes a base object whose name was found free (`found` None) or agentid's (its uid): a free
+/// name is taken with a create, which fails if someone made an object under it meanwhile (an
+/// apply would adopt theirs); an existing one is applied only while it is the object checked.
+async fn make_base<K>(ctx: &Context, mut obj: K, found: Option<String>) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    if found.is_some() {
+        obj.meta_mut().uid = found;
+        return server_side_apply(&ctx.client, &obj).await.map(|_| ()).map_err(Error::from);
     }
-    Ok(None)
+    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let params = kube::api::PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
+    match Api::<K>::namespaced(ctx.client.clone(), &ns).create(&params, &obj).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(kube_err(format!("creating {} {name}", K::kind(&())))(e)),
+    }
 }
 
 async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {
@@ -76,20 +106,23 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
         return stall(identity, ctx, "OutsideInstallation", message, now).await;
     }
     if !ctx.base_objects_current(identity) {
-        if let Some(taken) = name_taken(identity, ctx).await? {
-            let message = format!(
-                "{taken} already exists and was not made by agentid for this identity; agentid will not adopt it (it could hold privileges or be readable by others): remove or rename it"
-            );
-            return stall(identity, ctx, "NameTaken", message, now).await;
-        }
+        let (sa_uid, secret_uid) = match base_uids(identity, ctx).await? {
+            Ok(uids) => uids,
+            Err(taken) => {
+                let message = format!(
+                    "{taken} already exists and was not made by agentid for this identity; agentid will not adopt it (it could hold privileges or be readable by others): remove or rename it"
+                );
+                return stall(identity, ctx, "NameTaken", message, now).await;
+            }
+        };
         let (sa, secret) =
             (desired::identity_service_account(identity), desired::identity_credentials_secret(identity));
         let (role, binding) =
             (desired::identity_requester_role(identity), desired::identity_requester_binding(identity));
         tokio::try_join!(
-            server_side_apply::<ServiceAccount>(&ctx.client, &sa),
-            server_side_apply::<Secret>(&ctx.client, &secret),
-            server_side_apply::<Role>(&ctx.client, &role),
+            make_base::<ServiceAccount>(ctx, sa, sa_uid),
+            make_base::<Secret>(ctx, secret, secret_uid),
+            async { server_side_apply::<Role>(&ctx.client, &role).await.map_err(Error::from) },
         )?;
         // After its Role: unless the operator may `bind` it, the apiserver checks a binding
         // against the Role it names, and one it cannot see yet fails (as a misleading 404 for
