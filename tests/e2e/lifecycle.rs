@@ -589,23 +589,22 @@ async fn an_existing_service_account_of_the_identitys_name_is_never_adopted() ->
 }
 
 #[tokio::test]
-async fn a_credentials_secret_replaced_by_someone_else_never_receives_a_token() -> anyhow::Result<()> {
+async fn a_credentials_secret_made_by_someone_else_never_receives_a_token() -> anyhow::Result<()> {
     operator().await?;
     let admin = cluster().admin().await?;
-    let agents = TestNamespace::new(&admin, "swap-a").await?;
-    let target = TestNamespace::new(&admin, "swap-t").await?;
-    create(&admin, &agents.name, &identity("swapped", &[&target.name])).await?;
-    wait_identity_ready(&admin, &agents.name, "swapped").await?;
+    let agents = TestNamespace::new(&admin, "plant-a").await?;
+    let target = TestNamespace::new(&admin, "plant-t").await?;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &agents.name);
-    let name = "agentid-swapped-credentials";
-    let checked = secrets.get(name).await?.uid().unwrap_or_default();
+    let name = "agentid-planted-credentials";
 
-    // Someone deletes agentid's Secret and makes their own under its name, to collect tokens.
+    // What agentid's credential writes rely on: a write naming the uid agentid checked never
+    // lands in an object made since under that name.
+    let first: Secret = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    let checked = create(&admin, &agents.name, &first).await?.uid().unwrap_or_default();
     secrets.delete(name, &DeleteParams::default()).await?;
+    // Someone makes their own Secret under the identity's credentials name, to collect tokens.
     let planted: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"planted": "x"}}))?;
     create(&admin, &agents.name, &planted).await?;
-
-    // What agentid's writes rely on: a write naming the uid it checked never lands in another object.
     let r = secrets
         .patch(
             name,
@@ -615,18 +614,19 @@ async fn a_credentials_secret_replaced_by_someone_else_never_receives_a_token() 
         .await;
     assert_eq!(status_code(&r), Some(422), "a patch naming a replaced object's uid must be refused: {r:?}");
 
-    // A grant asked for now is not issued into the planted Secret.
+    // The identity refuses to adopt it, and a grant asked for is not issued into it.
+    create(&admin, &agents.name, &identity("planted", &[&target.name])).await?;
     let grants: Api<AccessGrant> = Api::namespaced(admin.clone(), &agents.name);
     grants
         .create(
             &PostParams::default(),
-            &grant("after-swap", "swapped", "10m", vec![rule(&target.name, "", &["configmaps"], &["get"], &[])]),
+            &grant("into-planted", "planted", "10m", vec![rule(&target.name, "", &["configmaps"], &["get"], &[])]),
         )
         .await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let keys = identity_secret_keys(&admin, &agents.name, "swapped").await?;
+    let keys = identity_secret_keys(&admin, &agents.name, "planted").await?;
     assert_eq!(keys, vec!["planted".to_string()], "the planted Secret received credentials");
-    let g = grants.get("after-swap").await?;
+    let g = grants.get("into-planted").await?;
     assert_ne!(g.status.and_then(|s| s.phase), Some(GrantPhase::Active), "issued without a Secret of agentid's");
     agents.delete().await?;
     target.delete().await
