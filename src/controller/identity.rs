@@ -17,7 +17,7 @@ use kube::{
 use tracing::{info, instrument, warn};
 
 use super::{Context, Error, apply_status, grant, kube_err, reconcile_with_finalizer, requeue_at};
-use crate::credentials::server_side_apply;
+use crate::credentials::{Object, create, server_side_apply};
 use crate::{
     api::{AccessGrant, AgentIdentity, AgentIdentityStatus, ExposureSummary, GrantPhase},
     policy::{
@@ -78,24 +78,14 @@ async fn base_uids(
 /// Makes a base object whose name was found free (`found` None) or agentid's (its uid): a free
 /// name is taken with a create, which fails if someone made an object under it meanwhile (an
 /// apply would adopt theirs); an existing one is applied only while it is the object checked.
-async fn make_base<K>(ctx: &Context, mut obj: K, found: Option<String>) -> Result<(), Error>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
+async fn make_base<K: Object>(ctx: &Context, mut obj: K, found: Option<String>) -> Result<(), Error> {
     if found.is_some() {
         obj.meta_mut().uid = found;
-        return server_side_apply(&ctx.client, &obj).await.map(|_| ()).map_err(Error::from);
+        server_side_apply(&ctx.client, &obj).await?;
+    } else {
+        create(&ctx.client, &obj).await?;
     }
-    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
-    let params = kube::api::PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
-    match Api::<K>::namespaced(ctx.client.clone(), &ns).create(&params, &obj).await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(kube_err(format!("creating {} {name}", K::kind(&())))(e)),
-    }
+    Ok(())
 }
 
 async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error> {

@@ -413,11 +413,7 @@ pub(crate) async fn reconcile_with_finalizer<K>(
     cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
 ) -> Result<Action, Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
+    K: crate::credentials::Object,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let result = finalizer(&api, finalizer_name, obj.clone(), |event| async {

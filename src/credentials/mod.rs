@@ -38,54 +38,68 @@ impl Error {
     }
 }
 
+/// A namespaced object agentid makes and reads back (every bound the helpers below need).
+pub(crate) trait Object:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+{
+}
+
+impl<K> Object for K where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+{
+}
+
 /// agentid's server-side apply: its field manager, taking over fields others set.
 fn apply_params() -> kube::api::PatchParams {
     kube::api::PatchParams::apply(crate::policy::names::FIELD_MANAGER).force()
 }
 
+/// The Api for `obj`'s kind in its namespace, and its name.
+fn api_of<K: Object>(client: &kube::Client, obj: &K) -> (kube::Api<K>, String) {
+    use kube::ResourceExt as _;
+    (kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default()), obj.name_any())
+}
+
 /// Server-side applies `obj`; the answer is its metadata only (an identity's credentials Secret
 /// holds every active grant's kubeconfig, and nobody needs it back).
-pub(crate) async fn server_side_apply<K>(
+pub(crate) async fn server_side_apply<K: Object>(
     client: &kube::Client,
     obj: &K,
-) -> Result<kube::core::PartialObjectMeta<K>, Error>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    use kube::ResourceExt as _;
-    let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
-    let name = obj.name_any();
+) -> Result<kube::core::PartialObjectMeta<K>, Error> {
+    let (api, name) = api_of(client, obj);
     api.patch_metadata(&name, &apply_params(), &kube::api::Patch::Apply(obj))
         .await
         .doing(|| format!("applying {} {name}", K::kind(&())))
 }
 
+/// Creates `obj` under agentid's field manager; fails (409) if its name is taken.
+pub(crate) async fn create<K: Object>(client: &kube::Client, obj: &K) -> Result<K, Error> {
+    let (api, name) = api_of(client, obj);
+    let params =
+        kube::api::PostParams { field_manager: Some(crate::policy::names::FIELD_MANAGER.into()), ..Default::default() };
+    api.create(&params, obj).await.doing(|| format!("creating {} {name}", K::kind(&())))
+}
+
 /// Creates `obj` under agentid's field manager, or server-side applies it when it already exists
 /// (a resumed issuance): a fresh object costs the apiserver a plain create rather than an apply's
 /// field-set merge, and what exists ends up as agentid wants it either way.
-pub(crate) async fn create_or_apply<K>(client: &kube::Client, obj: &K) -> Result<K, Error>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    use kube::ResourceExt as _;
-    let api: kube::Api<K> = kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
-    let name = obj.name_any();
-    let params =
-        kube::api::PostParams { field_manager: Some(crate::policy::names::FIELD_MANAGER.into()), ..Default::default() };
-    match api.create(&params, obj).await {
-        Err(kube::Error::Api(s)) if s.code == 409 => api
-            .patch(&name, &apply_params(), &kube::api::Patch::Apply(obj))
-            .await
-            .doing(|| format!("applying {} {name}", K::kind(&()))),
-        created => created.doing(|| format!("creating {} {name}", K::kind(&()))),
+pub(crate) async fn create_or_apply<K: Object>(client: &kube::Client, obj: &K) -> Result<K, Error> {
+    match create(client, obj).await {
+        Err(Error::Kube { source: kube::Error::Api(s), .. }) if s.code == 409 => {
+            let (api, name) = api_of(client, obj);
+            api.patch(&name, &apply_params(), &kube::api::Patch::Apply(obj))
+                .await
+                .doing(|| format!("applying {} {name}", K::kind(&())))
+        }
+        created => created,
     }
 }
 
