@@ -90,7 +90,10 @@ async fn the_leader_hands_over_on_kill_and_on_shutdown_and_nothing_is_issued_twi
     assert_eq!(holder(&admin).await?.as_deref(), Some("replica-a"));
     assert!(b.log().contains("released the leader Lease"), "{}", b.log());
 
-    // Every grant was issued exactly once, by one replica, with one ServiceAccount.
+    // Every grant was issued exactly once, by one replica, with one ServiceAccount. The audit line
+    // follows the status write that made the grant Active, so wait for the leader to print it.
+    a.wait_log_line("the leader's audit line for after-stop", |l| issued_lines(&[l.to_string()], "after-stop") > 0)
+        .await?;
     let logs = [a.log(), b.log()];
     for g in ["before", "after-kill", "after-stop"] {
         assert_eq!(issued_lines(&logs, g), 1, "{g} issued {} times", issued_lines(&logs, g));

@@ -360,6 +360,17 @@ impl Operator {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until the log has a line `matches` accepts and returns it: an audit line follows the
+    /// status write a test waits for, so it may land a moment after the test sees the phase.
+    pub async fn wait_log_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        poll_until(Duration::from_secs(10), what, || {
+            let line = self.log().lines().find(|l| matches(l)).map(str::to_string);
+            async move { Ok(line) }
+        })
+        .await
+        .with_context(|| self.log())
+    }
 }
 
 impl Drop for Operator {

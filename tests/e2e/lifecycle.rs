@@ -163,15 +163,15 @@ async fn credential_allows_exactly_its_rules() -> anyhow::Result<()> {
     let secret_name = g.status.as_ref().and_then(|st| st.credentials_secret.clone()).unwrap_or_default();
     let issued_secret = Api::<Secret>::namespaced(s.admin.clone(), &s.agents.name).get(&secret_name).await?;
     let token = String::from_utf8(issued_secret.data.unwrap_or_default()["token"].0.clone())?;
-    let log = operator().await?.log();
-    assert!(!log.contains(&token), "the operator logged a token");
+    let op = operator().await?;
     let uid = g.uid().unwrap_or_default();
-    let line = log
-        .lines()
-        .filter(|l| l.contains("\"target\":\"agentid::audit\"") && l.contains(&uid))
-        .find(|l| l.contains("\"transition\":\"issued\""))
-        .unwrap_or_else(|| panic!("no audit line for the issuance in:\n{log}"));
-    let line: serde_json::Value = serde_json::from_str(line)?;
+    let line = op
+        .wait_log_line("the audit line for the issuance", |l| {
+            l.contains("\"target\":\"agentid::audit\"") && l.contains(&uid) && l.contains("\"transition\":\"issued\"")
+        })
+        .await?;
+    assert!(!op.log().contains(&token), "the operator logged a token");
+    let line: serde_json::Value = serde_json::from_str(&line)?;
     assert_eq!(line["fields"]["requester"], "admin");
     assert_eq!(line["fields"]["identity"], "fixer");
     assert!(
