@@ -9,6 +9,7 @@ use agentid::api::{
 use anyhow::Context as _;
 use k8s_openapi::api::{
     authentication::v1::TokenRequest,
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     core::v1::{Secret, ServiceAccount},
     rbac::v1::{Role, RoleBinding},
 };
@@ -223,7 +224,39 @@ pub async fn role_for(
     let role: k8s_openapi::api::rbac::v1::Role =
         serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "rules": rules}))?;
     Api::<Role>::namespaced(admin.clone(), ns).create(&PostParams::default(), &role).await?;
-    bind_role(admin, ns, name, "Role", name, users, &[]).await
+    bind_role(admin, ns, name, "Role", name, users, &[]).await?;
+    // The apiserver's authorizer learns of a binding from its own watch, a moment after the
+    // create returns: wait until it answers yes for the first rule, so that what the test does
+    // next (often through a webhook that asks the authorizer) is not refused by that lag.
+    let first = |key: &str| rules[0][key][0].as_str().unwrap_or_default().to_string();
+    let (group, resource, verb) = (first("apiGroups"), first("resources"), first("verbs"));
+    let name = rules[0]["resourceNames"][0].as_str().map(str::to_string);
+    for user in users {
+        poll_until(Duration::from_secs(15), &format!("the authorizer lets {user} {verb} {resource}"), || {
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(user.to_string()),
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(ns.into()),
+                        group: Some(group.clone()),
+                        resource: Some(resource.clone()),
+                        verb: Some(verb.clone()),
+                        name: name.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let api = Api::<SubjectAccessReview>::all(admin.clone());
+            async move {
+                let answer = api.create(&PostParams::default(), &review).await?;
+                Ok(answer.status.is_some_and(|s| s.allowed).then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// Binds an existing Role in `ns` to one more user.
