@@ -605,14 +605,12 @@ async fn a_credentials_secret_made_by_someone_else_never_receives_a_token() -> a
     // Someone makes their own Secret under the identity's credentials name, to collect tokens.
     let planted: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"planted": "x"}}))?;
     create(&admin, &agents.name, &planted).await?;
-    let r = secrets
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"uid": checked}, "data": {"probe": "eA=="}})),
-        )
-        .await;
-    assert_eq!(status_code(&r), Some(422), "a patch naming a replaced object's uid must be refused: {r:?}");
+    // agentid writes strategic merge patches; a merge patch is held to the same.
+    let patch = json!({"metadata": {"uid": checked}, "data": {"probe": "eA=="}});
+    for patch in [Patch::Strategic(patch.clone()), Patch::Merge(patch)] {
+        let r = secrets.patch(name, &PatchParams::default(), &patch).await;
+        assert_eq!(status_code(&r), Some(422), "a patch naming a replaced object's uid must be refused: {r:?}");
+    }
 
     // The identity refuses to adopt it, and a grant asked for is not issued into it.
     create(&admin, &agents.name, &identity("planted", &[&target.name])).await?;
