@@ -274,13 +274,16 @@ async fn wait_seen(seen: &Arc<Mutex<HashMap<String, Instant>>>, name: &str) -> a
     bail!("{name} never became Active")
 }
 
-/// Grants per identity: every active grant's kubeconfig lives in its identity's one Secret, and a
-/// Secret holds at most 1 MiB (about 250 grants' worth); the benchmark keeps well below that.
-const GRANTS_PER_IDENTITY: usize = 100;
+/// Grants per identity (`AGENTID_BENCH_PER_IDENTITY`, default 100): every active grant's
+/// kubeconfig lives in its identity's one Secret, rewritten whole on each change, and a Secret
+/// holds at most 1 MiB (about 250 grants' worth); the default keeps well below that.
+fn grants_per_identity() -> usize {
+    env_num("AGENTID_BENCH_PER_IDENTITY", 100).max(1)
+}
 
 /// The identity grant `i` belongs to.
 fn agent_of(i: usize) -> String {
-    format!("agent{}", i / GRANTS_PER_IDENTITY)
+    format!("agent{}", i / grants_per_identity())
 }
 
 /// Namespaces `ns` (identities `agent0`… for `grants` grants) and `target`, and a watch recording
@@ -293,7 +296,7 @@ async fn stage(
 ) -> anyhow::Result<Arc<Mutex<HashMap<String, Instant>>>> {
     namespace(admin, ns).await?;
     namespace(admin, target).await?;
-    for i in (0..grants.max(1)).step_by(GRANTS_PER_IDENTITY) {
+    for i in (0..grants.max(1)).step_by(grants_per_identity()) {
         Api::<AgentIdentity>::namespaced(admin.clone(), ns)
             .create(&PostParams::default(), &identity(&agent_of(i), target, false))
             .await?;
