@@ -31,7 +31,9 @@ use crate::{
     api::{AccessGrant, AgentIdentity, Approval},
     policy::{
         approval::{self, APPROVER_GROUPS, Approver, REQUESTED_BY},
+        decide,
         install::Installation,
+        names::SETTLED_LABEL,
     },
 };
 
@@ -205,6 +207,9 @@ pub fn validate_grant(req: &AdmissionRequest<DynamicObject>) -> AdmissionRespons
                     "annotation {REQUESTED_BY} must be the creating user {username:?}: agentid records the requester itself"
                 ));
             }
+            if let Some(message) = settled_label_refused(obj, None, &grant) {
+                return response.deny(message);
+            }
             if let Some((namespace, identity)) = base_identity(username)
                 && (grant.spec.identity != identity || req.namespace.as_deref() != Some(namespace))
             {
@@ -219,10 +224,31 @@ pub fn validate_grant(req: &AdmissionRequest<DynamicObject>) -> AdmissionRespons
             Some(old) if annotation_changed(old, obj, REQUESTED_BY) => {
                 response.deny(format!("annotation {REQUESTED_BY} records who asked for the grant and cannot change"))
             }
-            _ => response,
+            old => match grant {
+                Ok(Some(grant)) => match settled_label_refused(obj, old, &grant) {
+                    Some(message) => response.deny(message),
+                    None => response,
+                },
+                Ok(None) => response.deny("the request carries no object"),
+                Err(e) => response.deny(e),
+            },
         },
         _ => response,
     }
+}
+
+/// Why the settled label may not go on this grant, if it may not: the operator's grant watch
+/// leaves settled grants out, so on a grant that is still live (or whose revocation is not
+/// finished) the label would hide it, and its credential, from the operator.
+fn settled_label_refused(obj: &DynamicObject, old: Option<&DynamicObject>, grant: &AccessGrant) -> Option<String> {
+    let label = |o: &DynamicObject| o.labels().get(SETTLED_LABEL).cloned();
+    let new = label(obj)?;
+    if old.and_then(label) == Some(new) || decide::settled(grant) {
+        return None;
+    }
+    Some(format!(
+        "label {SETTLED_LABEL} is agentid's mark of a grant that has ended and been cleaned up; this one has not"
+    ))
 }
 
 /// The validating webhook for Approvals; `facts` are looked up for CREATE.

@@ -144,6 +144,44 @@ fn requester_record_cannot_change() {
     assert!(validate_grant(&request("AccessGrant", "UPDATE", "agentid", &[], finalizer, Some(old))).allowed);
 }
 
+#[test]
+fn only_a_settled_grant_may_carry_the_settled_label() {
+    use crate::policy::names::SETTLED_LABEL;
+    let with_status = |status: Value| {
+        let mut g = grant_json("fixer", Some("bob"));
+        g["status"] = status;
+        g
+    };
+    let labelled = |mut g: Value| {
+        g["metadata"]["labels"] = json!({SETTLED_LABEL: "true"});
+        g
+    };
+    let update = |old: Value, new: Value| validate_grant(&request("AccessGrant", "UPDATE", "eve", &[], new, Some(old)));
+    let active = with_status(json!({"phase": "Active", "expiresAt": "2030-01-01T00:00:00Z"}));
+    let pending = with_status(json!({"phase": "Pending"}));
+    // Expired, but its revocation not finished (no revokedAt): not settled yet.
+    let interrupted = with_status(json!({"phase": "Expired", "expiresAt": "2020-01-01T00:00:00Z"}));
+    for live in [active, pending, interrupted, grant_json("fixer", Some("bob"))] {
+        let refused = update(live.clone(), labelled(live.clone()));
+        assert!(!refused.allowed, "{live}");
+        assert!(message(&refused).contains(SETTLED_LABEL), "{}", message(&refused));
+    }
+    // At creation there is no status yet: never settled.
+    let create = request("AccessGrant", "CREATE", "bob", &[], labelled(grant_json("fixer", Some("bob"))), None);
+    assert!(!validate_grant(&create).allowed);
+    let settled = [
+        with_status(json!({"phase": "Rejected"})),
+        with_status(
+            json!({"phase": "Expired", "expiresAt": "2020-01-01T00:00:00Z", "revokedAt": "2020-01-01T00:00:01Z"}),
+        ),
+    ];
+    for done in settled {
+        assert!(update(done.clone(), labelled(done.clone())).allowed, "{done}");
+        // Taking it off again only brings the grant back into view.
+        assert!(update(labelled(done.clone()), done.clone()).allowed, "{done}");
+    }
+}
+
 fn facts(requester: &str) -> ApprovalFacts {
     let mut grant: AccessGrant = serde_json::from_value(grant_json("fixer", Some(requester))).expect("grant");
     grant.status = Some(AccessGrantStatus::default());

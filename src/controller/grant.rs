@@ -3,11 +3,14 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, ResourceExt,
+    api::{Patch, PatchParams},
     runtime::{controller::Action, events::EventType},
 };
+use serde_json::json;
 use tracing::{info, instrument};
 
 use super::{Context, Error, kube_err, reconcile_with_finalizer, requeue_at};
@@ -92,7 +95,59 @@ async fn verdict(
 pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("AccessGrant");
     tracing::debug!(phase = ?grant.status.as_ref().and_then(|s| s.phase), "reconciling");
+    if grant.metadata.deletion_timestamp.is_none() && decide::settled(&grant) {
+        return settle(&grant, &ctx).await;
+    }
     reconcile_with_finalizer(grant, &ctx, names::GRANT_FINALIZER, apply, cleanup).await
+}
+
+/// A settled grant (ended, its revocation finished) is labelled [`names::SETTLED_LABEL`], which
+/// takes it out of the operator's grant watch (and so out of memory and the start-up listing),
+/// and loses its finalizer: nothing is left to revoke, and once out of the watch its deletion
+/// would never be reconciled. Only with admission registered: admission is what keeps the label
+/// off a grant that is still live (without it the watch keeps every grant, see `run`).
+async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
+    if !ctx.admission_registered {
+        return Ok(Action::await_change());
+    }
+    let labelled = grant.labels().get(names::SETTLED_LABEL).is_some_and(|v| v == "true");
+    let finalizer = grant.finalizers().iter().position(|f| f == names::GRANT_FINALIZER);
+    if labelled && finalizer.is_none() {
+        return Ok(Action::await_change());
+    }
+    // A JSON patch whose test fails (someone changed the finalizers meanwhile) is refused as a
+    // whole; the next try reads them again.
+    let mut ops = Vec::new();
+    if let Some(i) = finalizer {
+        let path = PointerBuf::from_tokens(["metadata".to_string(), "finalizers".to_string(), i.to_string()]);
+        ops.push(PatchOperation::Test(TestOperation { path: path.clone(), value: names::GRANT_FINALIZER.into() }));
+        ops.push(PatchOperation::Remove(RemoveOperation { path }));
+    }
+    ops.push(PatchOperation::Add(match grant.metadata.labels {
+        Some(_) => AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "labels", names::SETTLED_LABEL]),
+            value: "true".into(),
+        },
+        None => AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "labels"]),
+            value: json!({names::SETTLED_LABEL: "true"}),
+        },
+    }));
+    let patch = json_patch::Patch(ops);
+    Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
+        .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
+    ctx.forget_grant(grant);
+    Ok(Action::await_change())
+}
+
+/// [`settle`] right after the status write that ended the grant: the watch event of that write
+/// is the operator's own and triggers nothing, so no later reconcile would.
+async fn settle_if_done(grant: &AccessGrant, status: &AccessGrantStatus, ctx: &Context) -> Result<Action, Error> {
+    let mut ended = grant.clone();
+    ended.status = Some(status.clone());
+    if decide::settled(&ended) { settle(&ended, ctx).await } else { Ok(Action::await_change()) }
 }
 
 /// One structured audit line per lifecycle transition (target `agentid::audit`): who asked, who
@@ -327,7 +382,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             audit(grant, &status, transition, reason);
             let kind = if phase == GrantPhase::Denied { EventType::Warning } else { EventType::Normal };
             ctx.event(grant, kind, reason, message).await;
-            Ok(Action::await_change())
+            settle_if_done(grant, &status, ctx).await
         }
     }
 }
@@ -347,7 +402,7 @@ async fn reject(
     ctx.write_grant_status(grant, &status).await?;
     audit(grant, &status, "rejected", violation.reason());
     ctx.event(grant, EventType::Warning, "Rejected", message).await;
-    Ok(Action::await_change())
+    settle_if_done(grant, &status, ctx).await
 }
 
 /// The grant is being deleted: revoke whatever it holds, then let it go.

@@ -561,7 +561,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let (grant_store, grant_writer) = reflector::store_shared::<AccessGrant>(1024);
     let grant_events = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
     let grant_changes = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
-    let grant_watch = watcher(Api::<AccessGrant>::all(client.clone()), watcher::Config::default())
+    // Settled grants are left out (labelled so by `grant::settle`), so that memory and the
+    // start-up listing follow the grants that can still change, not every grant ever made. Only
+    // with admission, which is what keeps that label off a live grant: without it every grant is
+    // watched, and a label set by anyone else hides nothing.
+    let grant_watch_config = match context.admission_registered {
+        true => watcher::Config::default().labels(&names::unsettled_grants_selector()),
+        false => watcher::Config::default(),
+    };
+    let grant_watch = watcher(Api::<AccessGrant>::all(client.clone()), grant_watch_config)
         .modify(cache::slim_grant)
         .default_backoff()
         .inspect_ok({

@@ -69,7 +69,8 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
 }
 
 /// Deletes objects labelled for a grant UID that no longer exists (e.g. a finalizer removed by
-/// hand), ServiceAccounts first. Safe while controllers run: objects are listed before the grants
+/// hand) or has settled (its revocation deleted them; the cache no longer holds it), ServiceAccounts
+/// first. Safe while controllers run: objects are listed before the grants
 /// are read from the cache, and a grant's objects are only made by a reconcile of it, which the
 /// cache held before that reconcile began.
 pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {

@@ -18,6 +18,16 @@ pub const IDENTITY_LABEL: &str = "agentid.dev/identity";
 /// `base` for an identity's own objects, `grant` for a grant's.
 pub const COMPONENT_LABEL: &str = "agentid.dev/component";
 
+/// On an AccessGrant that is settled (ended, its revocation finished: `decide::settled`): the
+/// operator's grant watch leaves such grants out, so that the tens of thousands that ended long
+/// ago are neither held in memory nor listed at start-up. Admission refuses it on any other.
+pub const SETTLED_LABEL: &str = "agentid.dev/settled";
+
+/// The label selector of the grants the operator watches: those not settled.
+pub fn unsettled_grants_selector() -> String {
+    format!("{SETTLED_LABEL}!=true")
+}
+
 /// The field manager of every server-side apply agentid makes.
 pub const FIELD_MANAGER: &str = "agentid";
 /// Finalizer on grants: the credential is revoked before the grant disappears.

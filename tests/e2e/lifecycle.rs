@@ -629,3 +629,55 @@ async fn a_credentials_secret_made_by_someone_else_never_receives_a_token() -> a
     agents.delete().await?;
     target.delete().await
 }
+
+#[tokio::test]
+async fn an_ended_grant_is_settled_and_a_live_one_cannot_be_made_to_look_settled() -> anyhow::Result<()> {
+    let s = Setup::new("settle", "fixer").await?;
+    let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
+    create(&s.admin, t, &config_map("settings")).await?;
+    let live = s.grant(&grant("live", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    let grants: Api<AccessGrant> = Api::namespaced(s.admin.clone(), a);
+    let mark = Patch::Merge(json!({"metadata": {"labels": {"agentid.dev/settled": "true"}}}));
+
+    // The label takes a grant out of the operator's watch: on a live grant it would hide the
+    // credential from revocation. Admission refuses it, to cluster-admin too.
+    let r = grants.patch("live", &PatchParams::default(), &mark).await;
+    assert!(
+        matches!(&r, Err(kube::Error::Api(e)) if e.code == 400 && e.message.contains("agentid.dev/settled")),
+        "{r:?}"
+    );
+    let r = create(&s.admin, a, &{
+        let mut g = grant("born-settled", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])]);
+        g.metadata.labels = Some([("agentid.dev/settled".to_string(), "true".to_string())].into());
+        g
+    })
+    .await;
+    assert!(r.is_err(), "a grant was created already marked settled: {r:?}");
+
+    // Ended and cleaned up, a grant is marked settled and keeps no finalizer: deleting it is
+    // immediate, with nothing left for the operator to do.
+    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &live).await?, t);
+    config_maps.get("settings").await?;
+    create(&s.admin, a, &grant("too-long", "fixer", "2h", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    wait_phase(&s.admin, a, "too-long", GrantPhase::Rejected).await?;
+    Api::<AgentIdentity>::namespaced(s.admin.clone(), a)
+        .patch("fixer", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspended": true}})))
+        .await?;
+    wait_phase(&s.admin, a, "live", GrantPhase::Revoked).await?;
+    assert!(matches!(status_code(&config_maps.get("settings").await), Some(401 | 403)));
+    for name in ["too-long", "live"] {
+        let settled = poll_until(Duration::from_secs(15), &format!("grant {name} settled"), || {
+            let grants = grants.clone();
+            async move {
+                let g = grants.get(name).await?;
+                let marked = g.labels().get("agentid.dev/settled").is_some_and(|v| v == "true");
+                Ok((marked && g.finalizers().is_empty()).then_some(g))
+            }
+        })
+        .await?;
+        assert!(settled.status.as_ref().is_some_and(|st| st.phase.is_some_and(GrantPhase::is_terminal)));
+        grants.delete(name, &DeleteParams::default()).await?;
+        assert!(grants.get_opt(name).await?.is_none(), "deleting settled grant {name} was not immediate");
+    }
+    s.cleanup().await
+}
