@@ -82,8 +82,11 @@ impl Operator {
     fn start(dir: &Path) -> anyhow::Result<Self> {
         let (metrics, webhook) = (free_port(), free_port());
         let log = std::fs::File::create(dir.join("operator.log"))?;
-        // AGENTID_BENCH_WRAP runs the operator under a profiler, e.g. "heaptrack -o target/heap".
-        let wrap = std::env::var("AGENTID_BENCH_WRAP").unwrap_or_default();
+        // AGENTID_BENCH_WRAP runs the operator under a profiler, e.g. "heaptrack -o
+        // target/heap/op.{start}": `{start}` becomes 1 for the first start, 2 for the restart.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let wrap = std::env::var("AGENTID_BENCH_WRAP").unwrap_or_default().replace("{start}", &start.to_string());
         let mut wrap = wrap.split_whitespace();
         let mut command = match wrap.next() {
             Some(program) => {
