@@ -110,13 +110,26 @@ async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     if !ctx.admission_registered {
         return Ok(Action::await_change());
     }
+    let Some(patch) = settle_patch(grant) else {
+        return Ok(Action::await_change());
+    };
+    Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
+        .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
+    ctx.forget_grant(grant);
+    Ok(Action::await_change())
+}
+
+/// The patch that marks `grant` settled and takes off its finalizer; None when it is already so.
+/// A JSON patch whose test fails (someone changed the finalizers meanwhile) is refused as a
+/// whole; the next try reads them again.
+fn settle_patch(grant: &AccessGrant) -> Option<json_patch::Patch> {
     let labelled = grant.labels().get(names::SETTLED_LABEL).is_some_and(|v| v == "true");
     let finalizer = grant.finalizers().iter().position(|f| f == names::GRANT_FINALIZER);
     if labelled && finalizer.is_none() {
-        return Ok(Action::await_change());
+        return None;
     }
-    // A JSON patch whose test fails (someone changed the finalizers meanwhile) is refused as a
-    // whole; the next try reads them again.
     let mut ops = Vec::new();
     if let Some(i) = finalizer {
         let path = PointerBuf::from_tokens(["metadata".to_string(), "finalizers".to_string(), i.to_string()]);
@@ -133,13 +146,7 @@ async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             value: json!({names::SETTLED_LABEL: "true"}),
         },
     }));
-    let patch = json_patch::Patch(ops);
-    Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
-        .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await
-        .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
-    ctx.forget_grant(grant);
-    Ok(Action::await_change())
+    Some(json_patch::Patch(ops))
 }
 
 /// [`settle`] right after the status write that ended the grant: the watch event of that write
@@ -415,4 +422,43 @@ async fn cleanup(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         ctx.event(grant, EventType::Normal, "Revoked", "credential revoked: the grant was deleted".into()).await;
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::{grant, rule};
+
+    /// The settle patch applied to `g` as the apiserver would: its labels and finalizers after.
+    fn settled(g: &AccessGrant) -> (serde_json::Value, serde_json::Value) {
+        let mut doc = serde_json::to_value(g).expect("a grant serializes");
+        if let Some(patch) = settle_patch(g) {
+            json_patch::patch(&mut doc, &patch).expect("the patch applies");
+        }
+        (doc["metadata"]["labels"].clone(), doc["metadata"]["finalizers"].clone())
+    }
+
+    #[test]
+    fn the_settle_patch_labels_and_drops_only_agentids_finalizer() {
+        let mut g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        g.metadata.finalizers = Some(vec!["other/keep".into(), names::GRANT_FINALIZER.into()]);
+        // Without labels, and with labels of its own (the key has a '/': escaped in the path).
+        let (labels, finalizers) = settled(&g);
+        assert_eq!(labels, json!({names::SETTLED_LABEL: "true"}));
+        assert_eq!(finalizers, json!(["other/keep"]));
+        g.metadata.labels = Some([("team".to_string(), "a".to_string())].into());
+        let (labels, finalizers) = settled(&g);
+        assert_eq!(labels, json!({"team": "a", names::SETTLED_LABEL: "true"}));
+        assert_eq!(finalizers, json!(["other/keep"]));
+        // Already settled: nothing to write.
+        g.metadata.labels = Some([(names::SETTLED_LABEL.to_string(), "true".to_string())].into());
+        g.metadata.finalizers = Some(vec!["other/keep".into()]);
+        assert!(settle_patch(&g).is_none());
+        // The test op guards the index: had the finalizers moved, the patch would be refused.
+        g.metadata.finalizers = Some(vec![names::GRANT_FINALIZER.into()]);
+        let patch = settle_patch(&g).expect("a patch");
+        let mut moved = serde_json::to_value(&g).expect("serializes");
+        moved["metadata"]["finalizers"] = json!(["someone/else"]);
+        assert!(json_patch::patch(&mut moved, &patch).is_err());
+    }
 }
