@@ -3,15 +3,15 @@
 
 use std::{io::Write, net::SocketAddr, path::PathBuf};
 
+use agentid::{admission::register::Endpoint, api::ProtectedResource};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
 /// jemalloc, in every build: the release image is a static musl binary, whose own allocator is
 /// slow, and under glibc's the per-thread arenas held about half the operator's memory at scale
 /// (docs/benchmarks.md); one allocator everywhere means the benchmark measures what ships.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-use agentid::{admission::register::Endpoint, api::ProtectedResource};
-use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
 
 /// agentid: zero standing privilege for AI agents on Kubernetes.
 #[derive(Parser)]

@@ -117,6 +117,7 @@ async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
         .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
+    ctx.succeeded(grant);
     ctx.forget_grant(grant);
     Ok(Action::await_change())
 }
@@ -150,11 +151,19 @@ fn settle_patch(grant: &AccessGrant) -> Option<json_patch::Patch> {
 }
 
 /// [`settle`] right after the status write that ended the grant: the watch event of that write
-/// is the operator's own and triggers nothing, so no later reconcile would.
+/// is the operator's own and triggers nothing, so no later reconcile would. Settling only saves
+/// memory, so a failure here is logged and not retried: a retry would run the ended grant's last
+/// step again (a second audit line and Event); the grant is settled when next reconciled, at the
+/// latest when the operator starts.
 async fn settle_if_done(grant: &AccessGrant, status: &AccessGrantStatus, ctx: &Context) -> Result<Action, Error> {
     let mut ended = grant.clone();
     ended.status = Some(status.clone());
-    if decide::settled(&ended) { settle(&ended, ctx).await } else { Ok(Action::await_change()) }
+    if decide::settled(&ended)
+        && let Err(e) = settle(&ended, ctx).await
+    {
+        tracing::warn!(error = %e, "could not mark the ended grant settled; it stays in the cache until its next reconcile");
+    }
+    Ok(Action::await_change())
 }
 
 /// One structured audit line per lifecycle transition (target `agentid::audit`): who asked, who
