@@ -107,18 +107,17 @@ pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Act
 /// would never be reconciled. Only with admission registered: admission is what keeps the label
 /// off a grant that is still live (without it the watch keeps every grant, see `run`).
 async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
-    if !ctx.admission_registered {
-        return Ok(Action::await_change());
+    if ctx.admission_registered
+        && let Some(patch) = settle_patch(grant)
+    {
+        Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
+            .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+            .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
+        ctx.forget_grant(grant);
     }
-    let Some(patch) = settle_patch(grant) else {
-        return Ok(Action::await_change());
-    };
-    Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
-        .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await
-        .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
+    // As `reconcile_with_finalizer` does on success, which a settled grant no longer goes through.
     ctx.succeeded(grant);
-    ctx.forget_grant(grant);
     Ok(Action::await_change())
 }
 
@@ -155,7 +154,7 @@ fn settle_patch(grant: &AccessGrant) -> Option<json_patch::Patch> {
 /// memory, so a failure here is logged and not retried: a retry would run the ended grant's last
 /// step again (a second audit line and Event); the grant is settled when next reconciled, at the
 /// latest when the operator starts.
-async fn settle_if_done(grant: &AccessGrant, status: &AccessGrantStatus, ctx: &Context) -> Result<Action, Error> {
+async fn settle_if_done(grant: &AccessGrant, status: &AccessGrantStatus, ctx: &Context) -> Action {
     let mut ended = grant.clone();
     ended.status = Some(status.clone());
     if decide::settled(&ended)
@@ -163,7 +162,7 @@ async fn settle_if_done(grant: &AccessGrant, status: &AccessGrantStatus, ctx: &C
     {
         tracing::warn!(error = %e, "could not mark the ended grant settled; it stays in the cache until its next reconcile");
     }
-    Ok(Action::await_change())
+    Action::await_change()
 }
 
 /// One structured audit line per lifecycle transition (target `agentid::audit`): who asked, who
@@ -398,7 +397,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             audit(grant, &status, transition, reason);
             let kind = if phase == GrantPhase::Denied { EventType::Warning } else { EventType::Normal };
             ctx.event(grant, kind, reason, message).await;
-            settle_if_done(grant, &status, ctx).await
+            Ok(settle_if_done(grant, &status, ctx).await)
         }
     }
 }
@@ -418,7 +417,7 @@ async fn reject(
     ctx.write_grant_status(grant, &status).await?;
     audit(grant, &status, "rejected", violation.reason());
     ctx.event(grant, EventType::Warning, "Rejected", message).await;
-    settle_if_done(grant, &status, ctx).await
+    Ok(settle_if_done(grant, &status, ctx).await)
 }
 
 /// The grant is being deleted: revoke whatever it holds, then let it go.
