@@ -4,8 +4,9 @@
 //!
 //! Most bindings at scale are agentid's own — a grant's RoleBinding names the grant's
 //! ServiceAccount, an identity's requester RoleBinding its base ServiceAccount — and reach only
-//! the ServiceAccounts they name: they are indexed by those. Every other binding (not made by
-//! agentid, or naming a user or group) is in the `scan` set, which every analysis reads whole.
+//! the ServiceAccounts they name: they are indexed by those. Every other binding (not shaped as
+//! agentid makes them, whatever its labels, or naming a user or group) is in the `scan` set,
+//! which every analysis reads whole.
 //! So the candidates for a set of ServiceAccounts are `scan` plus the bindings indexed under
 //! them: a superset of the bindings that reach them, which the analysis then checks as before.
 //!
@@ -27,7 +28,7 @@ use kube::{
     },
 };
 
-use crate::policy::{exposure::named_service_account, names};
+use crate::policy::{drift, exposure::named_service_account};
 
 /// A binding: a RoleBinding (namespace, name) or a ClusterRoleBinding (None, name).
 type Binding = (Option<String>, String);
@@ -46,9 +47,8 @@ struct Entries {
 }
 
 impl Entries {
-    fn insert(&mut self, binding: Binding, labels: &std::collections::BTreeMap<String, String>, subjects: &[Subject]) {
+    fn insert(&mut self, binding: Binding, ours: bool, subjects: &[Subject]) {
         self.remove(&binding);
-        let ours = labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY);
         let accounts: Option<Vec<ServiceAccount>> = subjects
             .iter()
             .map(|s| named_service_account(s, binding.0.as_deref()).map(|(ns, n)| (ns.to_string(), n.to_string())))
@@ -106,6 +106,8 @@ pub(crate) trait Indexed: Resource<DynamicType = ()> + Clone {
     /// 0 for RoleBindings, 1 for ClusterRoleBindings.
     const SLOT: usize;
     fn subjects(&self) -> &[Subject];
+    /// Whether agentid made it (by its shape: [`drift::agentids_own`]; labels prove nothing).
+    fn agentids_own(&self) -> bool;
 }
 
 impl Indexed for RoleBinding {
@@ -113,12 +115,18 @@ impl Indexed for RoleBinding {
     fn subjects(&self) -> &[Subject] {
         self.subjects.as_deref().unwrap_or_default()
     }
+    fn agentids_own(&self) -> bool {
+        drift::agentids_own(self)
+    }
 }
 
 impl Indexed for ClusterRoleBinding {
     const SLOT: usize = 1;
     fn subjects(&self) -> &[Subject] {
         self.subjects.as_deref().unwrap_or_default()
+    }
+    fn agentids_own(&self) -> bool {
+        false
     }
 }
 
@@ -132,13 +140,13 @@ impl BindingIndex {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         match event {
-            watcher::Event::Apply(b) => inner.current.insert(binding_of(b), b.labels(), b.subjects()),
+            watcher::Event::Apply(b) => inner.current.insert(binding_of(b), b.agentids_own(), b.subjects()),
             watcher::Event::Delete(b) => inner.current.remove(&binding_of(b)),
             watcher::Event::Init => inner.relisting[K::SLOT] = Some(Entries::default()),
             watcher::Event::InitApply(b) => {
-                inner.current.insert(binding_of(b), b.labels(), b.subjects());
+                inner.current.insert(binding_of(b), b.agentids_own(), b.subjects());
                 if let Some(fresh) = inner.relisting[K::SLOT].as_mut() {
-                    fresh.insert(binding_of(b), b.labels(), b.subjects());
+                    fresh.insert(binding_of(b), b.agentids_own(), b.subjects());
                 }
             }
             watcher::Event::InitDone => {
@@ -191,7 +199,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::policy::{drift, exposure, fuzz::Gen};
+    use crate::policy::{drift, exposure, fuzz::Gen, names};
 
     fn subject(g: &mut Gen, namespaces: &[&str]) -> serde_json::Value {
         let ns = g.pick(namespaces);
@@ -218,10 +226,18 @@ mod tests {
     fn role_binding(g: &mut Gen, i: usize) -> RoleBinding {
         let ns = g.pick(&["agents", "other", "target"]);
         let subjects: Vec<_> = (0..1 + g.below(3)).map(|_| subject(g, &["agents", "other", "target"])).collect();
-        let role = g.pick(&["reader", "secrets", "pods"]);
+        // A third shaped as agentid makes them (name and Role alike), whose subjects may or may
+        // not be the one agentid would bind.
+        let (name, kind, role) = match g.below(3) {
+            0 => {
+                let name = g.pick(&["agentid-fixer-requester", "agentid-grant-a-1", "agentid-grant-b-2"]);
+                (name.to_string(), "Role", name)
+            }
+            _ => (format!("rb{}", i % 40), g.pick(&["Role", "ClusterRole"]), g.pick(&["reader", "secrets", "pods"])),
+        };
         serde_json::from_value(json!({
-            "metadata": {"name": format!("rb{}", i % 40), "namespace": ns, "labels": labels(g)},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": g.pick(&["Role", "ClusterRole"]), "name": role},
+            "metadata": {"name": name, "namespace": ns, "labels": labels(g)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
             "subjects": subjects
         }))
         .expect("RoleBinding")
@@ -364,8 +380,8 @@ mod tests {
         let index = BindingIndex::default();
         let ours = |subject: serde_json::Value| -> RoleBinding {
             serde_json::from_value(json!({
-                "metadata": {"name": "g", "namespace": "agents", "labels": {names::MANAGED_BY_LABEL: names::MANAGED_BY}},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "g"},
+                "metadata": {"name": "agentid-grant-g", "namespace": "agents"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "agentid-grant-g"},
                 "subjects": [subject]
             }))
             .expect("RoleBinding")
@@ -380,6 +396,13 @@ mod tests {
         let found = |accounts: &[(&str, &str)]| sorted(index.candidates(&store, &crbs, accounts).role_bindings);
         assert_eq!(found(&[("agents", "agentid-grant-g")]).len(), 1);
         assert!(found(&[("agents", "agentid-fixer")]).is_empty(), "not scanned: it names another account");
+        // Labelled as agentid's, naming an account, but not shaped as agentid makes them: scanned.
+        let mut labelled = ours(json!({"kind": "ServiceAccount", "name": "agentid-grant-g"}));
+        labelled.metadata.name = Some("g".into());
+        labelled.metadata.labels = Some([(names::MANAGED_BY_LABEL.to_string(), names::MANAGED_BY.to_string())].into());
+        feed(Event::Apply(labelled.clone()));
+        assert_eq!(found(&[("agents", "agentid-fixer")]).len(), 1);
+        feed(Event::Delete(labelled));
         // Changed to name a group: now every analysis reads it.
         feed(Event::Apply(ours(json!({"kind": "Group", "name": "system:serviceaccounts"}))));
         assert_eq!(found(&[("agents", "agentid-fixer")]).len(), 1);

@@ -44,14 +44,18 @@ pub struct ClusterView {
     pub cluster_role_bindings: Store<ClusterRoleBinding>,
 }
 
-/// Binding changes (deletions too), each yielded only once the caches hold it: a reconcile a
-/// binding triggers sees that binding. They fill the binding caches, so they must be polled (the
+/// Role, binding and Secret changes (deletions too), each yielded only once the caches hold it: a
+/// reconcile a change triggers sees it. They fill those caches, so they must be polled (the
 /// identity controller does).
-pub struct BindingChanges {
+pub struct Changes {
+    /// Roles made, changed or deleted.
+    pub roles: BoxStream<'static, watcher::Result<Role>>,
     /// RoleBindings made, changed or deleted.
     pub role_bindings: BoxStream<'static, watcher::Result<RoleBinding>>,
     /// ClusterRoleBindings made, changed or deleted.
     pub cluster_role_bindings: BoxStream<'static, watcher::Result<ClusterRoleBinding>>,
+    /// Secrets (metadata) made, changed or deleted, one stream per store of [`ClusterView::secrets`].
+    pub secrets: Vec<BoxStream<'static, watcher::Result<PartialObjectMeta<Secret>>>>,
 }
 
 /// Drops what agentid never reads and what is most of a cached object's size: managed fields and
@@ -114,25 +118,17 @@ where
 }
 
 impl ClusterView {
-    /// Starts watching; the Role, ClusterRole and Secret stores fill in the background, the
-    /// binding stores as their changes are polled.
-    pub fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, BindingChanges) {
-        let (roles, writer) = reflector::store();
-        spawn("Roles", watcher(Api::<Role>::all(client.clone()), watcher::Config::default()), writer);
+    /// Starts watching; the ClusterRole store fills in the background, the others as their
+    /// changes are polled.
+    pub fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, Changes) {
+        let (roles, role_changes) = cached(Api::<Role>::all(client.clone()), watcher::Config::default());
         let (cluster_roles, writer) = reflector::store();
         spawn("ClusterRoles", watcher(Api::<ClusterRole>::all(client.clone()), watcher::Config::default()), writer);
         let apis = match installation.namespaces() {
             None => vec![Api::<PartialObjectMeta<Secret>>::all(client.clone())],
             Some(namespaces) => namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect(),
         };
-        let secrets = apis
-            .into_iter()
-            .map(|api| {
-                let (store, writer) = reflector::store();
-                spawn("Secrets", watcher(api, watcher::Config::default()), writer);
-                store
-            })
-            .collect();
+        let (secrets, secret_changes) = apis.into_iter().map(|api| cached(api, watcher::Config::default())).unzip();
         let (role_bindings, role_binding_changes) = cached_observed(
             Api::<RoleBinding>::all(client.clone()),
             watcher::Config::default(),
@@ -144,8 +140,12 @@ impl ClusterView {
             observer::<ClusterRoleBinding>(index),
         );
         let view = Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings };
-        let changes =
-            BindingChanges { role_bindings: role_binding_changes, cluster_role_bindings: cluster_role_binding_changes };
+        let changes = Changes {
+            roles: role_changes,
+            role_bindings: role_binding_changes,
+            cluster_role_bindings: cluster_role_binding_changes,
+            secrets: secret_changes,
+        };
         (view, changes)
     }
 

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::{
-    core::v1::{Secret, ServiceAccount},
+    core::v1::ServiceAccount,
     rbac::v1::{ClusterRoleBinding, RoleBinding},
 };
 use k8s_openapi::{
@@ -121,13 +121,12 @@ pub struct Settings {
     pub grant_workers: u16,
 }
 
-/// Caches of the objects agentid makes for each identity (labelled `component=base`).
+/// Caches of the objects agentid makes for each identity (labelled `component=base`) that the
+/// cluster view does not hold already (its credentials Secret is in [`cache::ClusterView::secrets`]).
 #[derive(Clone)]
 pub struct OwnedCaches {
-    /// The base ServiceAccounts.
-    pub service_accounts: Store<ServiceAccount>,
-    /// The credentials Secrets, metadata only (one store per watched namespace).
-    pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+    /// The base ServiceAccounts, metadata only: only whether each exists is read.
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
 }
 
 /// How long an identity's base objects, once applied, are trusted from the caches before they
@@ -351,7 +350,7 @@ impl Context {
         let requester = names::identity_requester_role(&name);
         recent
             && owned.service_accounts.get(&sa).is_some()
-            && owned.secrets.iter().any(|s| s.get(&secret).is_some())
+            && view.secrets.iter().any(|s| s.get(&secret).is_some())
             && view.roles.get(&ObjectRef::new(&requester).within(&ns)).is_some()
             && view.role_bindings.get(&ObjectRef::new(&requester).within(&ns)).is_some()
     }
@@ -359,7 +358,7 @@ impl Context {
     /// The metadata of identity `identity`'s credentials Secret in `ns`, as the cache shows it.
     pub(crate) fn identity_secret(&self, ns: &str, identity: &str) -> Option<ObjectMeta> {
         let secret = ObjectRef::new(&names::identity_credentials_secret(identity)).within(ns);
-        self.owned.as_ref()?.secrets.iter().find_map(|s| s.get(&secret)).map(|m| m.metadata.clone())
+        self.view.as_ref()?.secrets.iter().find_map(|s| s.get(&secret)).map(|m| m.metadata.clone())
     }
 
     /// Records that the identity's base objects were applied now.
@@ -536,24 +535,21 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut context = Context::new(client.clone(), settings.access, settings.protected, metrics.clone());
     context.admission_registered = settings.webhook.endpoint.is_some();
-    let (view, binding_changes) =
+    let (view, view_changes) =
         cache::ClusterView::start(&client, &settings.installation, context.binding_index.clone());
     context.view = Some(view);
     context.installation = settings.installation.clone();
     context.max_active_grants = settings.max_active_grants;
 
-    // What agentid makes for each identity, cached: owned Secrets by metadata only (the operator
-    // never caches Secret data), and only where this installation may read them.
+    // The identities' base ServiceAccounts, by metadata. Their credentials Secrets are in the
+    // cluster view's Secret cache (metadata only: the operator never caches Secret data), which
+    // every installation's reaches their namespaces.
     let base_selector = format!("{}={},{}=base", names::MANAGED_BY_LABEL, names::MANAGED_BY, names::COMPONENT_LABEL);
-    let owned_config = watcher::Config::default().labels(&base_selector);
-    let (service_accounts, sa_changes) =
-        cache::cached(Api::<ServiceAccount>::all(client.clone()), owned_config.clone());
-    let (secrets, secret_changes): (Vec<_>, Vec<_>) =
-        secret_apis::<PartialObjectMeta<Secret>>(&client, &settings.installation.agent_namespaces)
-            .into_iter()
-            .map(|api| cache::cached(api, owned_config.clone()))
-            .unzip();
-    context.owned = Some(OwnedCaches { service_accounts, secrets });
+    let (service_accounts, sa_changes) = cache::cached(
+        Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
+        watcher::Config::default().labels(&base_selector),
+    );
+    context.owned = Some(OwnedCaches { service_accounts });
 
     // One watch of AccessGrants, shared: the grant controller reconciles from it; the identity
     // controller is triggered by it and counts active grants in its cache, which holds each
@@ -691,12 +687,16 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // A binding made or changed anywhere may give an identity standing privilege: look again at
     // every identity its subjects reach.
     let reached = move |meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-                        subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
-        // One of agentid's own (a grant's, or an identity's requester binding): drift ignores
-        // them, only their identity's exposure or base objects can change. Without this, each
-        // grant's RoleBinding woke every identity of its namespace.
+                        subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>,
+                        agentids_own: bool| {
+        // One of agentid's own (a grant's, or an identity's requester binding; known by its
+        // shape, a label alone would let anyone hide a binding here): drift ignores them, only
+        // their identity's exposure or base objects can change. Without this, each grant's
+        // RoleBinding woke every identity of its namespace.
         let labels = meta.labels.unwrap_or_default();
-        if let Some((ns, identity)) = crate::policy::names::labelled_identity(&labels, meta.namespace.as_deref()) {
+        if let Some((ns, identity)) =
+            crate::policy::names::labelled_identity(&labels, meta.namespace.as_deref()).filter(|_| agentids_own)
+        {
             return vec![ObjectRef::new(identity).within(ns)];
         }
         let subjects = subjects.unwrap_or_default();
@@ -715,17 +715,23 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // starts or stops holding, not by every status write.
     let holding = triggers::Holding::default();
     let holding_changes = grant_changes.filter(move |g| futures::future::ready(holding.changed(g)));
-    let mut identity_controller = identity_controller.owns_stream(sa_changes);
-    for changes in secret_changes {
+    // Owned objects wake their identity: its base ServiceAccount, and of every Role and Secret
+    // change the ones an identity owns (its requester Role, its credentials Secret); the rest only
+    // fill the caches.
+    let mut identity_controller = identity_controller.owns_stream(sa_changes).owns_stream(view_changes.roles);
+    for changes in view_changes.secrets {
         identity_controller = identity_controller.owns_stream(changes);
     }
     let identity_run = identity_controller
         .watches_shared_stream(holding_changes, |grant: Arc<AccessGrant>| {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })
-        .watches_stream(binding_changes.role_bindings, move |b: RoleBinding| reached(b.metadata, b.subjects))
-        .watches_stream(binding_changes.cluster_role_bindings, move |b: ClusterRoleBinding| {
-            reached_too(b.metadata, b.subjects)
+        .watches_stream(view_changes.role_bindings, move |b: RoleBinding| {
+            let own = crate::policy::drift::agentids_own(&b);
+            reached(b.metadata, b.subjects, own)
+        })
+        .watches_stream(view_changes.cluster_role_bindings, move |b: ClusterRoleBinding| {
+            reached_too(b.metadata, b.subjects, false)
         })
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())

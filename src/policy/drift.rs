@@ -61,11 +61,46 @@ fn role(r: &RoleRef) -> String {
     format!("{}/{}", r.kind, r.name)
 }
 
-/// agentid's own bindings, and the cluster's default RBAC (which the apiserver itself keeps as it
-/// is, e.g. `system:service-account-issuer-discovery` for every ServiceAccount), are not drift.
-fn exempt(labels: &std::collections::BTreeMap<String, String>) -> bool {
-    labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
-        || labels.get("kubernetes.io/bootstrapping").map(String::as_str) == Some("rbac-defaults")
+/// Whether a RoleBinding is one agentid makes, judged by what it binds and never by its labels:
+/// whoever may create a binding may also label it "managed by agentid". It is either an
+/// identity's requester binding (`agentid-ID-requester`, binding the Role of that name to the
+/// ServiceAccount `agentid-ID` of its namespace) or a grant's (`agentid-grant-…`, binding the
+/// Role of that name to the ServiceAccount of that name). Such a binding gives its subject only
+/// the Role agentid made under that name.
+pub fn agentids_own(binding: &RoleBinding) -> bool {
+    let name = binding.name_any();
+    let role = &binding.role_ref;
+    if role.kind != "Role" || role.name != name {
+        return false;
+    }
+    let namespace = binding.namespace().unwrap_or_default();
+    // The ServiceAccount it may bind, and where (None: a grant's, in the grant's namespace).
+    let (account, account_ns) = match name.strip_prefix("agentid-").and_then(|n| n.strip_suffix("-requester")) {
+        // An identity's name never starts with `grant-` (reserved for grants' objects), so a
+        // grant's ServiceAccount can never pass for an identity's here.
+        Some(identity) if !identity.starts_with("grant-") => {
+            (names::identity_service_account(identity), Some(namespace.as_str()))
+        }
+        _ if name.starts_with("agentid-grant-") => (name.clone(), None),
+        _ => return false,
+    };
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    !subjects.is_empty()
+        && subjects.iter().all(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && account_ns.is_none_or(|ns| s.namespace.as_deref().unwrap_or(ns) == ns)
+        })
+}
+
+/// The cluster's default RBAC, which the apiserver itself keeps as it is (such as
+/// `system:service-account-issuer-discovery`, which reaches every ServiceAccount): labelled so,
+/// named `system:…`, and binding the role of its own name. A label alone is not enough, anyone
+/// may set it; making a `system:` role that holds more is what only a cluster administrator can.
+fn cluster_default(labels: &std::collections::BTreeMap<String, String>, name: &str, role: &RoleRef) -> bool {
+    labels.get("kubernetes.io/bootstrapping").map(String::as_str) == Some("rbac-defaults")
+        && name.starts_with("system:")
+        && role.name == name
 }
 
 /// Whether enforcement may take this subject out of a binding: only the identity's own
@@ -83,7 +118,8 @@ pub fn standing_privileges(
     cluster_role_bindings: &[std::sync::Arc<ClusterRoleBinding>],
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
-    for b in role_bindings.iter().filter(|b| !exempt(b.labels())) {
+    let exempt = |b: &RoleBinding| agentids_own(b) || cluster_default(b.labels(), &b.name_any(), &b.role_ref);
+    for b in role_bindings.iter().filter(|b| !exempt(b)) {
         let namespace = b.namespace().unwrap_or_default();
         for subject in b.subjects.iter().flatten().filter(|s| reaches_in(s, Some(&namespace), ns, identity)) {
             findings.push(Finding {
@@ -95,7 +131,7 @@ pub fn standing_privileges(
             });
         }
     }
-    for b in cluster_role_bindings.iter().filter(|b| !exempt(b.labels())) {
+    for b in cluster_role_bindings.iter().filter(|b| !cluster_default(b.labels(), &b.name_any(), &b.role_ref)) {
         for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
             findings.push(Finding {
                 binding: format!("ClusterRoleBinding {}", b.name_any()),
@@ -146,12 +182,8 @@ mod tests {
             rb("prod", "other-ns-sas", json!([{"kind": "Group", "name": "system:serviceaccounts:other"}]), json!({})),
             rb("prod", "other-identity", json!([sa("agents", "agentid-other")]), json!({})),
             rb("prod", "same-name-elsewhere", json!([sa("elsewhere", "agentid-fixer")]), json!({})),
-            rb(
-                "agents",
-                "ours",
-                json!([sa("agents", "agentid-fixer")]),
-                json!({"app.kubernetes.io/managed-by": "agentid"}),
-            ),
+            own("agents", "agentid-fixer-requester", json!([sa("agents", "agentid-fixer")])),
+            own("prod", "agentid-grant-x-1234abcd", json!([sa("agents", "agentid-grant-x-1234abcd")])),
         ];
         let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
@@ -161,6 +193,97 @@ mod tests {
             found[1].to_string(),
             "RoleBinding prod/direct grants ClusterRole/view to ServiceAccount agents/agentid-fixer"
         );
+    }
+
+    /// A binding shaped as agentid makes them: the Role of its own name.
+    fn own(ns: &str, name: &str, subjects: serde_json::Value) -> RoleBinding {
+        let mut b = rb(ns, name, subjects, json!({names::MANAGED_BY_LABEL: names::MANAGED_BY}));
+        b.role_ref.kind = "Role".into();
+        b.role_ref.name = name.into();
+        b
+    }
+
+    #[test]
+    fn labels_do_not_make_a_binding_agentids_own_or_a_cluster_default() {
+        let ours = json!({names::MANAGED_BY_LABEL: names::MANAGED_BY, names::IDENTITY_LABEL: "fixer"});
+        let mut to_cluster_role = own("agents", "agentid-fixer-requester", json!([sa("agents", "agentid-fixer")]));
+        to_cluster_role.role_ref.kind = "ClusterRole".into();
+        let mut other_role = own("agents", "agentid-fixer-requester", json!([sa("agents", "agentid-fixer")]));
+        other_role.role_ref.name = "admin".into();
+        let bindings = vec![
+            // Labelled as agentid's, binding something else.
+            rb("prod", "labelled", json!([sa("agents", "agentid-fixer")]), ours.clone()),
+            to_cluster_role,
+            other_role,
+            // agentid's name and role, with one more subject.
+            own(
+                "agents",
+                "agentid-fixer-requester",
+                json!([sa("agents", "agentid-fixer"), {"kind": "Group", "name": "system:serviceaccounts:agents"}]),
+            ),
+            // A requester binding made elsewhere, for a ServiceAccount of another namespace.
+            own("prod", "agentid-fixer-requester", json!([sa("agents", "agentid-fixer")])),
+            // A grant's name, binding the base ServiceAccount, or another grant's.
+            own("prod", "agentid-grant-x-1234abcd", json!([sa("agents", "agentid-fixer")])),
+            own("prod", "agentid-grant-x-1234abcd-requester", json!([sa("agents", "agentid-grant-x-1234abcd")])),
+            // Labelled as a cluster default.
+            rb(
+                "prod",
+                "system:backdoor",
+                json!([sa("agents", "agentid-fixer")]),
+                json!({"kubernetes.io/bootstrapping": "rbac-defaults"}),
+            ),
+        ];
+        let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
+        let names: Vec<String> = found.iter().map(|f| format!("{}:{}", f.binding, f.role)).collect();
+        assert_eq!(
+            names,
+            [
+                "RoleBinding agents/agentid-fixer-requester:Role/agentid-fixer-requester",
+                "RoleBinding agents/agentid-fixer-requester:ClusterRole/agentid-fixer-requester",
+                "RoleBinding agents/agentid-fixer-requester:Role/admin",
+                "RoleBinding agents/agentid-fixer-requester:Role/agentid-fixer-requester",
+                "RoleBinding prod/agentid-fixer-requester:Role/agentid-fixer-requester",
+                "RoleBinding prod/agentid-grant-x-1234abcd:Role/agentid-grant-x-1234abcd",
+                "RoleBinding prod/agentid-grant-x-1234abcd-requester:Role/agentid-grant-x-1234abcd-requester",
+                "RoleBinding prod/labelled:ClusterRole/view",
+                "RoleBinding prod/system:backdoor:ClusterRole/view",
+            ]
+        );
+
+        let crb = |name: &str, role: &str, subjects: serde_json::Value| -> ClusterRoleBinding {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": subjects
+            }))
+            .expect("binding")
+        };
+        let all = json!([{"kind": "Group", "name": "system:serviceaccounts"}]);
+        let defaults = [
+            crb("system:service-account-issuer-discovery", "system:service-account-issuer-discovery", all.clone()),
+            crb("system:backdoor", "cluster-admin", all.clone()),
+            crb("backdoor", "backdoor", all),
+        ];
+        let found = standing_privileges("agents", "fixer", &[], &shared(defaults));
+        let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["backdoor", "system:backdoor"]);
+    }
+
+    #[test]
+    fn agentids_own_bindings_are_known_by_their_shape() {
+        assert!(agentids_own(&own("agents", "agentid-fixer-requester", json!([sa("agents", "agentid-fixer")]))));
+        let implicit = json!([{"kind": "ServiceAccount", "name": "agentid-fixer"}]);
+        assert!(agentids_own(&own("agents", "agentid-fixer-requester", implicit)));
+        assert!(agentids_own(&own(
+            "prod",
+            "agentid-grant-x-1234abcd",
+            json!([sa("agents", "agentid-grant-x-1234abcd")])
+        )));
+        assert!(!agentids_own(&own("agents", "agentid-fixer-requester", json!([]))));
+        let as_user = json!([{"kind": "User", "name": "system:serviceaccount:agents:agentid-fixer"}]);
+        assert!(!agentids_own(&own("agents", "agentid-fixer-requester", as_user)));
+        assert!(!agentids_own(&own("agents", "fixer-requester", json!([sa("agents", "fixer")]))));
     }
 
     #[test]

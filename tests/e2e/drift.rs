@@ -1,11 +1,18 @@
 //! Standing privilege: a binding made by hand that gives an identity something is reported within
-//! seconds, and with `spec.enforce` the identity's subject is taken out of it.
+//! seconds, and with `spec.enforce` the identity's subject is taken out of it. And an identity's
+//! own objects deleted by hand are made again at once.
 
 use std::time::Duration;
 
-use agentid::api::AgentIdentity;
-use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::Api;
+use agentid::api::{AgentIdentity, GrantPhase};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Secret, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, PartialObjectMeta},
+};
 use serde_json::json;
 
 use crate::{
@@ -108,6 +115,114 @@ async fn a_hand_made_binding_is_reported_and_with_enforce_removed() -> anyhow::R
         .get("system:service-account-issuer-discovery")
         .await?;
     assert!(defaults.subjects.unwrap_or_default().iter().any(|s| s.name == "system:serviceaccounts"));
+    agents.delete().await?;
+    target.delete().await
+}
+
+#[tokio::test]
+async fn a_binding_labelled_as_agentids_own_or_as_a_cluster_default_is_still_standing_privilege() -> anyhow::Result<()>
+{
+    operator().await?;
+    let admin = cluster().admin().await?;
+    let agents = TestNamespace::new(&admin, "disguise-a").await?;
+    let target = TestNamespace::new(&admin, "disguise-t").await?;
+    let (a, t) = (agents.name.clone(), target.name.clone());
+    let mut strict = identity("strict", &[&t]);
+    strict.spec.enforce = true;
+    create(&admin, &a, &strict).await?;
+    wait_identity_ready(&admin, &a, "strict").await?;
+    let reader: Role = serde_json::from_value(json!({
+        "metadata": {"name": "secret-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    }))?;
+    create(&admin, &t, &reader).await?;
+
+    // What someone hiding a standing binding would write: agentid's labels, with the identity's
+    // and the grant's; the cluster defaults' label on a `system:` name.
+    let subject = json!([{"kind": "ServiceAccount", "name": "agentid-strict", "namespace": a}]);
+    let mut disguised = binding("agentid-strict-requester", subject.clone())?;
+    disguised.metadata.labels = Some(
+        [
+            ("app.kubernetes.io/managed-by", "agentid"),
+            ("agentid.dev/component", "base"),
+            ("agentid.dev/identity", "strict"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into(),
+    );
+    let mut default = binding("system:secret-reader", subject)?;
+    default.metadata.labels = Some([("kubernetes.io/bootstrapping".to_string(), "rbac-defaults".to_string())].into());
+    // Enforced: the identity's subject is taken out of each, within seconds: one at a time, as
+    // each must wake the identity it reaches by itself, not the one its labels name (the
+    // identity's own look, once a minute, would be too late).
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &t);
+    for b in [disguised, default] {
+        create(&admin, &t, &b).await?;
+        let name = b.name_any();
+        let name = name.as_str();
+        poll_until(Duration::from_secs(10), &format!("the subject to be removed from {name}"), || {
+            let bindings = bindings.clone();
+            async move { Ok(bindings.get(name).await?.subjects.unwrap_or_default().is_empty().then_some(())) }
+        })
+        .await?;
+    }
+    // The identity's own requester binding, which its labels imitated, is untouched.
+    let own = Api::<RoleBinding>::namespaced(admin.clone(), &a).get("agentid-strict-requester").await?;
+    assert_eq!(own.subjects.unwrap_or_default().len(), 1);
+    agents.delete().await?;
+    target.delete().await
+}
+
+/// Deletes `name` and waits until it is back with a new uid; returns how long that took.
+async fn deleted_and_made_again<K>(api: Api<K>, name: &str) -> anyhow::Result<Duration>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let what = format!("{} {name} to be made again", K::kind(&()));
+    let before = api.get_metadata(name).await?.uid();
+    let deleted = std::time::Instant::now();
+    api.delete(name, &DeleteParams::foreground()).await?;
+    poll_until(Duration::from_secs(20), &what, || {
+        let (api, before) = (api.clone(), before.clone());
+        async move {
+            let now: Option<PartialObjectMeta<K>> = api.get_metadata_opt(name).await?;
+            Ok(now.filter(|m| m.uid() != before && m.metadata.deletion_timestamp.is_none()).map(|_| ()))
+        }
+    })
+    .await?;
+    Ok(deleted.elapsed())
+}
+
+#[tokio::test]
+async fn an_identitys_objects_deleted_by_hand_are_made_again_at_once() -> anyhow::Result<()> {
+    operator().await?;
+    let admin = cluster().admin().await?;
+    let agents = TestNamespace::new(&admin, "remade-a").await?;
+    let target = TestNamespace::new(&admin, "remade-t").await?;
+    let (a, t) = (agents.name.clone(), target.name.clone());
+    create(&admin, &a, &identity("fixer", &[&t])).await?;
+    wait_identity_ready(&admin, &a, "fixer").await?;
+
+    // Each is a watched object that wakes its identity: well within the 20 s allowed, where the
+    // identity's own periodic look (every 60 s) would be too late.
+    let took = [
+        deleted_and_made_again(Api::<ServiceAccount>::namespaced(admin.clone(), &a), "agentid-fixer").await?,
+        deleted_and_made_again(Api::<Secret>::namespaced(admin.clone(), &a), "agentid-fixer-credentials").await?,
+        deleted_and_made_again(Api::<Role>::namespaced(admin.clone(), &a), "agentid-fixer-requester").await?,
+        deleted_and_made_again(Api::<RoleBinding>::namespaced(admin.clone(), &a), "agentid-fixer-requester").await?,
+    ];
+    println!("made again after {took:?}");
+    wait_identity_ready(&admin, &a, "fixer").await?;
+
+    // A grant issued now writes its credentials into the new Secret.
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
+    create(&admin, &t, &cm).await?;
+    create(&admin, &a, &grant("after", "fixer", "10m", vec![rule(&t, "", &["configmaps"], &["get"], &["settings"])]))
+        .await?;
+    wait_phase(&admin, &a, "after", GrantPhase::Active).await?;
+    let mounted = Api::<Secret>::namespaced(admin.clone(), &a).get("agentid-fixer-credentials").await?;
+    let agent = kubeconfig_client(&mounted, "after.kubeconfig").await?;
+    Api::<ConfigMap>::namespaced(agent, &t).get("settings").await?;
     agents.delete().await?;
     target.delete().await
 }
