@@ -41,7 +41,9 @@ struct Entries {
     /// Bindings every analysis reads.
     scan: BTreeSet<Binding>,
     /// agentid's bindings naming only ServiceAccounts, by each ServiceAccount named.
-    by_service_account: HashMap<ServiceAccount, BTreeSet<Binding>>,
+    /// (A Vec, not a set: nearly always one binding each, and an empty set's first node is
+    /// ten times the size of one entry.)
+    by_service_account: HashMap<ServiceAccount, Vec<Binding>>,
     /// Where each binding is filed, to refile it when it changes.
     filed: HashMap<Binding, Vec<ServiceAccount>>,
 }
@@ -56,7 +58,10 @@ impl Entries {
         match accounts.filter(|_| ours) {
             Some(accounts) => {
                 for account in &accounts {
-                    self.by_service_account.entry(account.clone()).or_default().insert(binding.clone());
+                    let filed = self.by_service_account.entry(account.clone()).or_default();
+                    if !filed.contains(&binding) {
+                        filed.push(binding.clone());
+                    }
                 }
                 self.filed.insert(binding, accounts);
             }
@@ -69,9 +74,9 @@ impl Entries {
     fn remove(&mut self, binding: &Binding) {
         self.scan.remove(binding);
         for account in self.filed.remove(binding).unwrap_or_default() {
-            if let Some(set) = self.by_service_account.get_mut(&account) {
-                set.remove(binding);
-                if set.is_empty() {
+            if let Some(filed) = self.by_service_account.get_mut(&account) {
+                filed.retain(|b| b != binding);
+                if filed.is_empty() {
                     self.by_service_account.remove(&account);
                 }
             }

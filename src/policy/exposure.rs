@@ -305,24 +305,18 @@ pub fn counts(findings: &[Exposed]) -> Counts {
 }
 
 /// ServiceAccounts, per namespace, that hold some right through a binding agentid did not make
-/// (agentid's own ServiceAccounts are left out: admission keeps pods from running as them).
+/// (known by its shape, not its labels: [`drift::agentids_own`]; agentid makes no
+/// ClusterRoleBindings). agentid's own ServiceAccounts are left out: admission keeps pods from
+/// running as them.
 fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<String>> {
-    let agentid_made = |labels: &BTreeMap<String, String>| {
-        labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY)
-    };
     // (subject, the binding's namespace): a RoleBinding's ServiceAccount subject without a
     // namespace is in the binding's namespace.
     let subjects = rbac
         .role_bindings
         .iter()
-        .filter(|b| !agentid_made(b.labels()))
+        .filter(|b| !super::drift::agentids_own(b))
         .flat_map(|b| b.subjects.iter().flatten().map(move |s| (s, b.namespace())))
-        .chain(
-            rbac.cluster_role_bindings
-                .iter()
-                .filter(|b| !agentid_made(b.labels()))
-                .flat_map(|b| b.subjects.iter().flatten().map(|s| (s, None))),
-        );
+        .chain(rbac.cluster_role_bindings.iter().flat_map(|b| b.subjects.iter().flatten().map(|s| (s, None))));
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (s, binding_ns) in subjects.filter(|(s, _)| s.kind == "ServiceAccount" && !s.name.starts_with("agentid-")) {
         if let Some(ns) = s.namespace.clone().or(binding_ns) {
@@ -332,13 +326,15 @@ fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<Strin
     out
 }
 
-/// Whether a Secret is the identity's own: its credentials Secret or one of its grants' (agentid
-/// made it, in the identity's namespace, for this identity; never a ServiceAccount token).
-fn own_secret(meta: &ObjectMeta, ns: &str, identity: &str) -> bool {
-    let label = |key: &str| meta.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str);
+/// Whether a Secret is the identity's own: its credentials Secret, or the Secret of one of its
+/// active grants (`principals`; a grant's Secret has its ServiceAccount's name), in the
+/// identity's namespace, and never a ServiceAccount token. Known by name, not by labels: a label
+/// would let anyone hide a Secret from this analysis.
+fn own_secret(meta: &ObjectMeta, ns: &str, identity: &str, principals: &[Principal]) -> bool {
+    let name = meta.name.as_deref().unwrap_or_default();
     meta.namespace.as_deref() == Some(ns)
-        && label(names::MANAGED_BY_LABEL) == Some(names::MANAGED_BY)
-        && label(names::IDENTITY_LABEL) == Some(identity)
+        && (name == names::identity_credentials_secret(identity)
+            || principals.iter().any(|p| p.namespace == ns && p.name == name && name.starts_with("agentid-grant-")))
         && !meta.annotations.iter().flatten().any(|(k, _)| k == LEGACY_TOKEN_ANNOTATION)
 }
 
@@ -370,7 +366,7 @@ pub fn exposure(
         for meta in secrets.iter().filter(|_| !read.is_empty()) {
             let (secret_ns, name) =
                 (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
-            if own_secret(meta, ns, identity) || !allowed_in(&read, secret_ns, name) {
+            if own_secret(meta, ns, identity, principals) || !allowed_in(&read, secret_ns, name) {
                 continue;
             }
             let (secret_ns, name) = (secret_ns.to_string(), name.to_string());
@@ -531,6 +527,42 @@ mod tests {
         assert_eq!(found[0].detail, "long-lived token of ServiceAccount prod/db-admin");
         let c = counts(&found);
         assert_eq!((c.legacy_tokens, c.secrets, c.token_minting, c.pods, c.impersonation), (1, 3, 0, 0, 0));
+    }
+
+    #[test]
+    fn labels_hide_neither_a_secret_nor_a_powerful_service_account() {
+        let read = json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]);
+        let roles = [role("agents", "read-secrets", read)];
+        let cluster_roles =
+            [cluster_role("exec", json!([{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}]))];
+        let ours = json!({"app.kubernetes.io/managed-by": "agentid", "agentid.dev/identity": "fixer"});
+        let mut disguised = binding("busy", "op", "ClusterRole", "exec", json!([sa("busy", "operator")]));
+        disguised.metadata.labels = serde_json::from_value(ours.clone()).expect("labels");
+        let bindings = [
+            binding("agents", "g", "Role", "read-secrets", json!([sa("agents", "agentid-grant-g-1234abcd")])),
+            binding("busy", "b", "ClusterRole", "exec", json!([sa("agents", "agentid-grant-g-1234abcd")])),
+            disguised,
+        ];
+        let (roles, cluster_roles, bindings) = (shared(&roles), shared(&cluster_roles), shared(&bindings));
+        let rbac =
+            Rbac { roles: &roles, cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
+        let secrets = [
+            secret("agents", "agentid-fixer-credentials", ours.clone(), json!({})),
+            secret("agents", "agentid-grant-g-1234abcd", ours.clone(), json!({})),
+            // Labelled as the identity's own, but neither its credentials nor a grant's of it.
+            secret("agents", "db-password", ours.clone(), json!({})),
+            secret("agents", "agentid-grant-h-5678abcd", ours, json!({})),
+        ];
+        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets.iter().collect::<Vec<_>>());
+        let got: Vec<(Kind, &str)> = found.iter().map(|f| (f.kind, f.target.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Kind::AgentCredentials, "agentid-grant-h-5678abcd"),
+                (Kind::AgentCredentials, "db-password"),
+                (Kind::PodAsServiceAccount, "operator"),
+            ]
+        );
     }
 
     #[test]
