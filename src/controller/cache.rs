@@ -1,16 +1,18 @@
 //! Caches of the cluster objects drift and exposure analysis read: Roles and ClusterRoles (rules),
 //! RoleBindings and ClusterRoleBindings (subjects), and Secrets by metadata only — the operator
 //! never caches Secret data, so a legacy token is known by its
-//! `kubernetes.io/service-account.name` annotation, never by its content. Every cached object is
-//! slimmed first (see [`slim`]).
+//! `kubernetes.io/service-account.name` annotation, never by its content. Every cached object's
+//! metadata is trimmed to what is read first (see [`Keep`]); grants and identities are slimmed
+//! (see [`slim`]).
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::{FutureExt, StreamExt, TryStreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::Secret,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Resource,
     api::PartialObjectMeta,
@@ -25,7 +27,7 @@ use tracing::warn;
 use super::binding_index::{BindingIndex, Indexed};
 use crate::{
     api::{AccessGrant, AccessGrantStatus},
-    policy::{decide, install::Installation},
+    policy::{decide, drift, exposure, install::Installation, names},
 };
 
 /// Read-only views of the cached objects.
@@ -68,6 +70,72 @@ pub fn slim<K: Resource>(obj: &mut K) {
     }
 }
 
+/// What a cache keeps of an object's metadata besides its name, namespace and deletion time:
+/// the cluster-wide caches hold every Role, binding and Secret of the cluster, and at scale most
+/// of each cached object was metadata nothing reads (a map of labels alone is half a kilobyte).
+#[derive(Clone, Copy)]
+pub struct Keep {
+    /// The labels read (by these keys).
+    pub labels: &'static [&'static str],
+    /// The annotations read (by these keys).
+    pub annotations: &'static [&'static str],
+    /// The uid (an identity's credentials Secret: credentials are written only into the one
+    /// checked).
+    pub uid: bool,
+    /// Owner references (an owned object wakes its owner; ownership is checked before writing).
+    pub owners: bool,
+}
+
+impl Keep {
+    /// Roles and ClusterRoles: rules, and owners (an identity's requester Role wakes it).
+    pub const ROLES: Keep = Keep { labels: &[], annotations: &[], uid: false, owners: true };
+    /// Bindings: the labels that route a change to its identity, and mark a cluster default.
+    pub const BINDINGS: Keep = Keep {
+        labels: &[
+            names::MANAGED_BY_LABEL,
+            names::COMPONENT_LABEL,
+            names::IDENTITY_LABEL,
+            names::GRANT_NAMESPACE_LABEL,
+            drift::BOOTSTRAPPING_LABEL,
+        ],
+        annotations: &[],
+        uid: false,
+        owners: false,
+    };
+    /// Secrets (metadata only): what exposure tells apart (a legacy token, agentid's), and the
+    /// uid and owners of an identity's credentials Secret.
+    pub const SECRETS: Keep = Keep {
+        labels: &[names::MANAGED_BY_LABEL, names::IDENTITY_LABEL],
+        annotations: &[exposure::LEGACY_TOKEN_ANNOTATION],
+        uid: true,
+        owners: true,
+    };
+    /// Identities' base ServiceAccounts: only whether each exists, and its owner to wake.
+    pub const OWNED: Keep = Keep { labels: &[], annotations: &[], uid: false, owners: true };
+}
+
+/// Trims `obj`'s metadata to what `keep` says.
+pub fn trim<K: Resource>(obj: &mut K, keep: Keep) {
+    let meta = obj.meta_mut();
+    let only = |map: Option<BTreeMap<String, String>>, keys: &[&str]| {
+        map.map(|mut m| {
+            m.retain(|k, _| keys.contains(&k.as_str()));
+            m
+        })
+        .filter(|m| !m.is_empty())
+    };
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        uid: meta.uid.take().filter(|_| keep.uid),
+        owner_references: meta.owner_references.take().filter(|_| keep.owners),
+        labels: only(meta.labels.take(), keep.labels),
+        annotations: only(meta.annotations.take(), keep.annotations),
+        ..ObjectMeta::default()
+    };
+}
+
 /// [`slim`] for AccessGrants, and a settled grant (see [`decide::settled`]) keeps only what its
 /// deletion and the counts by phase read: metadata without annotations, its spec (the
 /// namespaces to clean up), and of its status the phase and times. Nothing reconciles such a
@@ -93,27 +161,32 @@ pub fn slim_grant(grant: &mut AccessGrant) {
     }
 }
 
-/// A watch of `api` that fills a cache (slimmed objects) and yields each touched object after
-/// the cache has it.
-pub fn cached<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
+/// A watch of `api` that fills a cache (objects trimmed to `keep`) and yields each touched
+/// object after the cache has it.
+pub fn cached<K>(api: Api<K>, config: watcher::Config, keep: Keep) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    cached_observed(api, config, |_| {})
+    cached_observed(api, config, keep, |_| {})
 }
 
 /// [`cached`], with `observe` called on each watch event just before the cache applies it.
 fn cached_observed<K>(
     api: Api<K>,
     config: watcher::Config,
+    keep: Keep,
     observe: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream =
-        watcher(api, config).modify(slim::<K>).default_backoff().inspect_ok(observe).reflect(writer).touched_objects();
+    let stream = watcher(api, config)
+        .modify(move |obj| trim(obj, keep))
+        .default_backoff()
+        .inspect_ok(observe)
+        .reflect(writer)
+        .touched_objects();
     (store, stream.boxed())
 }
 
@@ -121,22 +194,30 @@ impl ClusterView {
     /// Starts watching; the ClusterRole store fills in the background, the others as their
     /// changes are polled.
     pub fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, Changes) {
-        let (roles, role_changes) = cached(Api::<Role>::all(client.clone()), watcher::Config::default());
+        let (roles, role_changes) = cached(Api::<Role>::all(client.clone()), watcher::Config::default(), Keep::ROLES);
         let (cluster_roles, writer) = reflector::store();
-        spawn("ClusterRoles", watcher(Api::<ClusterRole>::all(client.clone()), watcher::Config::default()), writer);
+        spawn(
+            "ClusterRoles",
+            watcher(Api::<ClusterRole>::all(client.clone()), watcher::Config::default()),
+            writer,
+            Keep::ROLES,
+        );
         let apis = match installation.namespaces() {
             None => vec![Api::<PartialObjectMeta<Secret>>::all(client.clone())],
             Some(namespaces) => namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect(),
         };
-        let (secrets, secret_changes) = apis.into_iter().map(|api| cached(api, watcher::Config::default())).unzip();
+        let (secrets, secret_changes) =
+            apis.into_iter().map(|api| cached(api, watcher::Config::default(), Keep::SECRETS)).unzip();
         let (role_bindings, role_binding_changes) = cached_observed(
             Api::<RoleBinding>::all(client.clone()),
             watcher::Config::default(),
+            Keep::BINDINGS,
             observer::<RoleBinding>(index.clone()),
         );
         let (cluster_role_bindings, cluster_role_binding_changes) = cached_observed(
             Api::<ClusterRoleBinding>::all(client.clone()),
             watcher::Config::default(),
+            Keep::BINDINGS,
             observer::<ClusterRoleBinding>(index),
         );
         let view = Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings };
@@ -174,10 +255,11 @@ fn spawn<K>(
     what: &'static str,
     stream: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     writer: reflector::store::Writer<K>,
+    keep: Keep,
 ) where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let stream = stream.modify(slim::<K>).default_backoff().reflect(writer);
+    let stream = stream.modify(move |obj| trim(obj, keep)).default_backoff().reflect(writer);
     tokio::spawn(stream.for_each(move |event| {
         if let Err(e) = event {
             warn!(watch = what, error = %e, "watch failed; retrying with backoff");
@@ -233,6 +315,45 @@ mod tests {
             ["staging"]
         );
         assert!(decide::settled(&g), "still settled once slimmed");
+    }
+
+    #[test]
+    fn trimmed_metadata_keeps_what_is_read_and_nothing_else() {
+        let mut secret: PartialObjectMeta<Secret> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "agentid-fixer-credentials", "namespace": "agents", "uid": "u1",
+                "resourceVersion": "42", "generation": 3, "creationTimestamp": "2026-11-26T00:00:00Z",
+                "labels": {"app.kubernetes.io/managed-by": "agentid", "agentid.dev/identity": "fixer", "team": "a"},
+                "annotations": {"kubernetes.io/service-account.name": "db", "note": "x"},
+                "ownerReferences": [{"apiVersion": "agentid.dev/v1alpha1", "kind": "AgentIdentity", "name": "fixer", "uid": "u0"}],
+                "finalizers": ["f"]
+            }
+        }))
+        .expect("metadata");
+        let mut binding = secret.clone();
+        trim(&mut secret, Keep::SECRETS);
+        let m = &secret.metadata;
+        assert_eq!(
+            (m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref()),
+            (Some("agentid-fixer-credentials"), Some("agents"), Some("u1"))
+        );
+        assert_eq!(m.labels.as_ref().map(|l| l.len()), Some(2));
+        assert_eq!(
+            m.annotations.as_ref().map(|a| a.keys().collect::<Vec<_>>()),
+            Some(vec![&"kubernetes.io/service-account.name".to_string()])
+        );
+        assert!(names::owned_by(m, "AgentIdentity", "fixer"));
+        assert!(
+            m.resource_version.is_none()
+                && m.generation.is_none()
+                && m.creation_timestamp.is_none()
+                && m.finalizers.is_none()
+        );
+        trim(&mut binding, Keep::BINDINGS);
+        let m = &binding.metadata;
+        assert!(m.uid.is_none() && m.owner_references.is_none() && m.annotations.is_none());
+        assert_eq!(m.labels.as_ref().map(|l| l.len()), Some(2), "agentid's labels only");
     }
 
     #[test]

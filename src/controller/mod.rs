@@ -548,6 +548,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let (service_accounts, sa_changes) = cache::cached(
         Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
         watcher::Config::default().labels(&base_selector),
+        cache::Keep::OWNED,
     );
     context.owned = Some(OwnedCaches { service_accounts });
 

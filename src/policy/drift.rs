@@ -93,12 +93,15 @@ pub fn agentids_own(binding: &RoleBinding) -> bool {
         })
 }
 
+/// The label the apiserver puts on the cluster's default RBAC objects.
+pub const BOOTSTRAPPING_LABEL: &str = "kubernetes.io/bootstrapping";
+
 /// The cluster's default RBAC, which the apiserver itself keeps as it is (such as
 /// `system:service-account-issuer-discovery`, which reaches every ServiceAccount): labelled so,
 /// named `system:…`, and binding the role of its own name. A label alone is not enough, anyone
 /// may set it; making a `system:` role that holds more is what only a cluster administrator can.
 fn cluster_default(labels: &std::collections::BTreeMap<String, String>, name: &str, role: &RoleRef) -> bool {
-    labels.get("kubernetes.io/bootstrapping").map(String::as_str) == Some("rbac-defaults")
+    labels.get(BOOTSTRAPPING_LABEL).map(String::as_str) == Some("rbac-defaults")
         && name.starts_with("system:")
         && role.name == name
 }
