@@ -353,9 +353,13 @@ mod tests {
                 let c = index.candidates(&rb_store, &crb_store, &accounts);
                 candidates += c.role_bindings.len() + c.cluster_role_bindings.len();
                 bindings += all_rb.len() + all_crb.len();
+                let grants = [drift::ActiveGrant {
+                    service_account: "agentid-grant-a-1".into(),
+                    targets: vec!["target".into()],
+                }];
                 assert_eq!(
-                    drift::standing_privileges("agents", identity, &all_rb, &all_crb),
-                    drift::standing_privileges("agents", identity, &c.role_bindings, &c.cluster_role_bindings),
+                    drift::standing_privileges("agents", identity, &grants, &all_rb, &all_crb),
+                    drift::standing_privileges("agents", identity, &grants, &c.role_bindings, &c.cluster_role_bindings),
                     "drift, seed {seed}"
                 );
                 let whole = exposure::Rbac {

@@ -148,7 +148,7 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
         Err(v) => (v.reason(), format!("{v}: every grant is revoked and none is issued")),
     };
     set_summary(&mut status.conditions, Summary::Ready, reason, message.clone(), generation, now);
-    let findings = standing_privilege(identity, ctx, &bindings).await?;
+    let findings = standing_privilege(identity, ctx, &active, &bindings).await?;
     set(&mut status.conditions, drift_condition(&findings), generation, now);
     let was_drifting = old.conditions.iter().any(|c| c.type_ == STANDING_PRIVILEGE && c.status == "True");
     if !findings.is_empty() && (!was_drifting || status != old) {
@@ -185,8 +185,8 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     // to this identity by the watch).
     let retire_at = identity.spec.retire_at.as_ref().map(|t| t.0).filter(|t| *t > now);
     let drift_recheck = (!findings.is_empty()).then(|| now + jiff::SignedDuration::from_secs(60));
-    // Exposure also changes with Roles and Secrets, which do not trigger a reconcile: look again
-    // every five minutes, or soon while the caches are still filling.
+    // Exposure also changes with Roles and Secrets not its own, which do not trigger a reconcile:
+    // look again every five minutes, or soon while the caches are still filling.
     let exposure_recheck = now + jiff::SignedDuration::from_secs(if exposed.is_some() { 300 } else { 5 });
     let next = [retire_at, drift_recheck, Some(exposure_recheck)].into_iter().flatten().min();
     Ok(requeue_at(next, now))
@@ -332,11 +332,21 @@ fn exposure_condition(found: &[exposure::Exposed], identity: &str) -> Desired<'s
 async fn standing_privilege(
     identity: &AgentIdentity,
     ctx: &Context,
+    active: &[Arc<AccessGrant>],
     bindings: &Bindings,
 ) -> Result<Vec<drift::Finding>, Error> {
     let ns = identity.namespace().unwrap_or_default();
     let name = identity.name_any();
-    let findings = drift::standing_privileges(&ns, &name, &bindings.role_bindings, &bindings.cluster_role_bindings);
+    let grants: Vec<drift::ActiveGrant> = active
+        .iter()
+        .filter_map(|g| {
+            let service_account = g.status.as_ref()?.service_account_name.clone()?;
+            let rules = g.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+            Some(drift::ActiveGrant { service_account, targets: desired::GrantObjects::target_namespaces(rules) })
+        })
+        .collect();
+    let findings =
+        drift::standing_privileges(&ns, &name, &grants, &bindings.role_bindings, &bindings.cluster_role_bindings);
     if !identity.spec.enforce || findings.is_empty() {
         return Ok(findings);
     }

@@ -51,7 +51,12 @@ use crate::{
     api::{AccessGrant, AgentIdentity, Approval, GrantPhase, ProtectedResource},
     credentials::{self, kubernetes::KubernetesIssuer},
     metrics::{HttpState, Metrics},
-    policy::{desired::ClusterAccess, install::Installation, names},
+    policy::{
+        desired::{self, ClusterAccess},
+        drift::Shape,
+        install::Installation,
+        names,
+    },
 };
 
 /// Why a reconcile failed.
@@ -330,8 +335,10 @@ impl Context {
 
     /// Whether the identity's base objects (ServiceAccount, credentials Secret, requester Role and
     /// RoleBinding) were applied for this generation less than a minute ago and the caches still
-    /// show all four: then a reconcile (most come from its grants changing) need not apply them
-    /// again. A deleted or replaced object is missing from the caches and is made again at once.
+    /// show all four as made (owned by the identity; the Role's rules and the binding's subjects
+    /// unchanged): then a reconcile (most come from its grants changing) need not apply them
+    /// again. One deleted, replaced or edited is made again at once: its change wakes the
+    /// identity, and this says no.
     pub(crate) fn base_objects_current(&self, identity: &AgentIdentity) -> bool {
         let (Some(owned), Some(view)) = (&self.owned, &self.view) else { return false };
         let ns = identity.namespace().unwrap_or_default();
@@ -348,11 +355,18 @@ impl Context {
         let secret = ObjectRef::new(&names::identity_credentials_secret(&name)).within(&ns);
         // The requester Role and its RoleBinding share a name.
         let requester = names::identity_requester_role(&name);
+        let ours = |meta: &ObjectMeta| names::owned_by(meta, "AgentIdentity", &name);
         recent
-            && owned.service_accounts.get(&sa).is_some()
-            && view.secrets.iter().any(|s| s.get(&secret).is_some())
-            && view.roles.get(&ObjectRef::new(&requester).within(&ns)).is_some()
-            && view.role_bindings.get(&ObjectRef::new(&requester).within(&ns)).is_some()
+            && owned.service_accounts.get(&sa).is_some_and(|m| ours(&m.metadata))
+            && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| ours(&m.metadata)))
+            && view
+                .roles
+                .get(&ObjectRef::new(&requester).within(&ns))
+                .is_some_and(|r| desired::requester_role_current(identity, &r))
+            && view
+                .role_bindings
+                .get(&ObjectRef::new(&requester).within(&ns))
+                .is_some_and(|b| desired::requester_binding_current(identity, &b))
     }
 
     /// The metadata of identity `identity`'s credentials Secret in `ns`, as the cache shows it.
@@ -687,18 +701,31 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .with_config(kube::runtime::controller::Config::default().concurrency(IDENTITY_WORKERS));
     // A binding made or changed anywhere may give an identity standing privilege: look again at
     // every identity its subjects reach.
+    let owner_grants = grant_store.clone();
     let reached = move |meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
                         subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>,
-                        agentids_own: bool| {
-        // One of agentid's own (a grant's, or an identity's requester binding; known by its
-        // shape, a label alone would let anyone hide a binding here): drift ignores them, only
-        // their identity's exposure or base objects can change. Without this, each grant's
-        // RoleBinding woke every identity of its namespace.
-        let labels = meta.labels.unwrap_or_default();
-        if let Some((ns, identity)) =
-            crate::policy::names::labelled_identity(&labels, meta.namespace.as_deref()).filter(|_| agentids_own)
-        {
-            return vec![ObjectRef::new(identity).within(ns)];
+                        shape: Option<Shape>| {
+        // Of agentid's shape (an identity's requester binding, or a grant's; known by what it
+        // binds, never by labels anyone may set): only the identity it belongs to can be
+        // concerned. Without this, each grant's RoleBinding woke every identity of its namespace.
+        let binding_ns = meta.namespace.unwrap_or_default();
+        match shape {
+            Some(Shape::Requester { identity }) => return vec![ObjectRef::new(&identity).within(&binding_ns)],
+            Some(Shape::Grant) => {
+                // The grant whose ServiceAccount it binds (`agentid-grant-NAME-UID8`), if it is
+                // still there; otherwise every identity it may reach, as for any binding.
+                let owner = subjects.iter().flatten().find_map(|s| {
+                    let (ns, sa) = (s.namespace.as_deref()?, s.name.as_str());
+                    let (name, _) = sa.strip_prefix("agentid-grant-")?.rsplit_once('-')?;
+                    let grant = owner_grants.get(&ObjectRef::new(name).within(ns))?;
+                    (names::grant_object_name(name, &grant.uid()?) == sa)
+                        .then(|| ObjectRef::new(&grant.spec.identity).within(ns))
+                });
+                if let Some(owner) = owner {
+                    return vec![owner];
+                }
+            }
+            None => {}
         }
         let subjects = subjects.unwrap_or_default();
         identity_store
@@ -728,11 +755,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             Some(ObjectRef::new(&grant.spec.identity).within(&grant.namespace().unwrap_or_default()))
         })
         .watches_stream(view_changes.role_bindings, move |b: RoleBinding| {
-            let own = crate::policy::drift::agentids_own(&b);
-            reached(b.metadata, b.subjects, own)
+            let shape = crate::policy::drift::own_shape(&b);
+            reached(b.metadata, b.subjects, shape)
         })
         .watches_stream(view_changes.cluster_role_bindings, move |b: ClusterRoleBinding| {
-            reached_too(b.metadata, b.subjects, false)
+            reached_too(b.metadata, b.subjects, None)
         })
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx.clone())

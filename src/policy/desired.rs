@@ -118,6 +118,42 @@ pub fn identity_requester_binding(identity: &AgentIdentity) -> RoleBinding {
     }
 }
 
+/// Whether `role` (as a cache holds it) is still what [`identity_requester_role`] makes: owned by
+/// the identity and holding exactly those rules. An edited one is applied again at once; until
+/// then drift takes its binding for agentid's own.
+pub fn requester_role_current(identity: &AgentIdentity, role: &Role) -> bool {
+    let rules = |r: &Role| -> Vec<[Vec<String>; 5]> {
+        r.rules
+            .iter()
+            .flatten()
+            .map(|p| {
+                let list = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
+                [
+                    list(&p.api_groups),
+                    list(&p.resources),
+                    p.verbs.clone(),
+                    list(&p.resource_names),
+                    list(&p.non_resource_urls),
+                ]
+            })
+            .collect()
+    };
+    names::owned_by(&role.metadata, "AgentIdentity", &identity.name_any())
+        && rules(role) == rules(&identity_requester_role(identity))
+}
+
+/// Whether `binding` (as a cache holds it) still binds what [`identity_requester_binding`]
+/// binds, to whom it binds it (a subject's `apiGroup`, which the apiserver may fill in, aside).
+pub fn requester_binding_current(identity: &AgentIdentity, binding: &RoleBinding) -> bool {
+    let subjects = |b: &RoleBinding| -> Vec<(String, String, Option<String>)> {
+        b.subjects.iter().flatten().map(|s| (s.kind.clone(), s.name.clone(), s.namespace.clone())).collect()
+    };
+    let desired = identity_requester_binding(identity);
+    binding.role_ref.kind == desired.role_ref.kind
+        && binding.role_ref.name == desired.role_ref.name
+        && subjects(binding) == subjects(&desired)
+}
+
 /// Everything about a grant's objects that follows from the grant alone.
 #[derive(Debug, Clone)]
 pub struct GrantObjects {
@@ -324,6 +360,30 @@ mod tests {
         assert_eq!(sa.metadata.name.as_deref(), Some("agentid-fixer"));
         assert_eq!(sa.automount_service_account_token, Some(false));
         assert_eq!(sa.metadata.owner_references.as_ref().map(|o| o[0].kind.as_str()), Some("AgentIdentity"));
+    }
+
+    #[test]
+    fn requester_objects_are_current_only_as_made() {
+        let id = identity("fixer", &["staging"]);
+        // As the apiserver answers them: the subject's apiGroup filled in.
+        let role: Role =
+            serde_json::from_value(serde_json::to_value(identity_requester_role(&id)).expect("json")).expect("role");
+        let mut binding = identity_requester_binding(&id);
+        binding.subjects.as_mut().expect("subjects")[0].api_group = Some(String::new());
+        assert!(requester_role_current(&id, &role) && requester_binding_current(&id, &binding));
+
+        let mut widened = role.clone();
+        widened.rules.as_mut().expect("rules")[0].verbs.push("delete".into());
+        let mut foreign = role.clone();
+        foreign.metadata.owner_references = None;
+        assert!(!requester_role_current(&id, &widened) && !requester_role_current(&id, &foreign));
+        let mut more = binding.clone();
+        more.subjects.as_mut().expect("subjects").push(Subject {
+            kind: "Group".into(),
+            name: "system:serviceaccounts".into(),
+            ..Default::default()
+        });
+        assert!(!requester_binding_current(&id, &more));
     }
 
     #[test]

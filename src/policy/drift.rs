@@ -47,9 +47,10 @@ pub fn reaches(subject: &Subject, ns: &str, identity: &str) -> bool {
 /// `system:serviceaccount:NS:NAME` is that ServiceAccount too.
 pub fn reaches_in(subject: &Subject, binding_ns: Option<&str>, ns: &str, identity: &str) -> bool {
     if let Some((sa_ns, sa)) = super::exposure::named_service_account(subject, binding_ns) {
-        // The base ServiceAccount, or any of this identity's grant ServiceAccounts (they carry
-        // the grant's name, not the identity's, so every grant SA of the namespace counts: a
-        // standing binding to any of them is drift).
+        // The base ServiceAccount, or any grant's ServiceAccount of the namespace (they carry the
+        // grant's name, not the identity's): a superset, for finding who a binding may concern
+        // and what enforcement takes out; [`standing_privileges`] counts only the identity's
+        // own active grants.
         return sa_ns == ns && (sa == names::identity_service_account(identity) || sa.starts_with("agentid-grant-"));
     }
     subject.kind == "Group"
@@ -61,49 +62,86 @@ fn role(r: &RoleRef) -> String {
     format!("{}/{}", r.kind, r.name)
 }
 
-/// Whether a RoleBinding is one agentid makes, judged by what it binds and never by its labels:
-/// whoever may create a binding may also label it "managed by agentid". It is either an
-/// identity's requester binding (`agentid-ID-requester`, binding the Role of that name to the
-/// ServiceAccount `agentid-ID` of its namespace) or a grant's (`agentid-grant-…`, binding the
-/// Role of that name to the ServiceAccount of that name). Such a binding gives its subject only
-/// the Role agentid made under that name.
-pub fn agentids_own(binding: &RoleBinding) -> bool {
+/// The shape of a RoleBinding agentid makes, judged by what it binds and never by its labels
+/// (whoever may create a binding may also label it "managed by agentid").
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// An identity's requester binding: `agentid-ID-requester`, binding the Role of that name to
+    /// the ServiceAccount `agentid-ID` of its namespace.
+    Requester {
+        /// The identity (of the binding's namespace).
+        identity: String,
+    },
+    /// A grant's: `agentid-grant-…`, binding the Role of that name to the ServiceAccount of that
+    /// name. Anyone who can read a grant's ServiceAccount name can make one of this shape
+    /// elsewhere, so it is agentid's only where that grant's Roles are (see
+    /// [`standing_privileges`]).
+    Grant,
+}
+
+/// The shape of agentid's own `binding` has, if any.
+pub fn own_shape(binding: &RoleBinding) -> Option<Shape> {
     let name = binding.name_any();
     let role = &binding.role_ref;
     if role.kind != "Role" || role.name != name {
-        return false;
+        return None;
     }
     let namespace = binding.namespace().unwrap_or_default();
     // The ServiceAccount it may bind, and where (None: a grant's, in the grant's namespace).
-    let (account, account_ns) = match name.strip_prefix("agentid-").and_then(|n| n.strip_suffix("-requester")) {
+    let (shape, account, account_ns) = match name.strip_prefix("agentid-").and_then(|n| n.strip_suffix("-requester")) {
         // An identity's name never starts with `grant-` (reserved for grants' objects), so a
         // grant's ServiceAccount can never pass for an identity's here.
-        Some(identity) if !identity.starts_with("grant-") => {
-            (names::identity_service_account(identity), Some(namespace.as_str()))
-        }
-        _ if name.starts_with("agentid-grant-") => (name.clone(), None),
-        _ => return false,
+        Some(identity) if !identity.starts_with("grant-") => (
+            Shape::Requester { identity: identity.to_string() },
+            names::identity_service_account(identity),
+            Some(namespace.as_str()),
+        ),
+        _ if name.starts_with("agentid-grant-") => (Shape::Grant, name.clone(), None),
+        _ => return None,
     };
     let subjects = binding.subjects.as_deref().unwrap_or_default();
-    !subjects.is_empty()
+    let bound = !subjects.is_empty()
         && subjects.iter().all(|s| {
             s.kind == "ServiceAccount"
                 && s.name == account
                 && account_ns.is_none_or(|ns| s.namespace.as_deref().unwrap_or(ns) == ns)
-        })
+        });
+    bound.then_some(shape)
+}
+
+/// Whether `binding` has the shape of one agentid makes ([`own_shape`]).
+pub fn agentids_own(binding: &RoleBinding) -> bool {
+    own_shape(binding).is_some()
+}
+
+/// One of the identity's active grants, as drift needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveGrant {
+    /// Its ServiceAccount (in the identity's namespace).
+    pub service_account: String,
+    /// The namespaces its Roles and RoleBindings are in.
+    pub targets: Vec<String>,
 }
 
 /// The label the apiserver puts on the cluster's default RBAC objects.
 pub const BOOTSTRAPPING_LABEL: &str = "kubernetes.io/bootstrapping";
 
-/// The cluster's default RBAC, which the apiserver itself keeps as it is (such as
-/// `system:service-account-issuer-discovery`, which reaches every ServiceAccount): labelled so,
-/// named `system:…`, and binding the role of its own name. A label alone is not enough, anyone
-/// may set it; making a `system:` role that holds more is what only a cluster administrator can.
-fn cluster_default(labels: &std::collections::BTreeMap<String, String>, name: &str, role: &RoleRef) -> bool {
-    labels.get(BOOTSTRAPPING_LABEL).map(String::as_str) == Some("rbac-defaults")
-        && name.starts_with("system:")
-        && role.name == name
+/// The cluster's default ClusterRoleBindings that reach every ServiceAccount, each binding the
+/// ClusterRole of its name to a group (the apiserver makes and keeps them).
+const DEFAULT_SERVICE_ACCOUNT_BINDINGS: &[&str] = &["system:service-account-issuer-discovery"];
+
+/// Whether `subject` of ClusterRoleBinding `b` is the cluster's default: one of
+/// [`DEFAULT_SERVICE_ACCOUNT_BINDINGS`], labelled as the apiserver labels it, binding the role of
+/// its own name, and only for a group subject — the default never names one ServiceAccount, and
+/// a ServiceAccount added to it is drift like any other. A label alone proves nothing: anyone
+/// may set it.
+fn cluster_default(b: &ClusterRoleBinding, subject: &Subject) -> bool {
+    let name = b.name_any();
+    b.labels().get(BOOTSTRAPPING_LABEL).map(String::as_str) == Some("rbac-defaults")
+        && DEFAULT_SERVICE_ACCOUNT_BINDINGS.contains(&name.as_str())
+        && b.role_ref.kind == "ClusterRole"
+        && b.role_ref.name == name
+        && subject.kind == "Group"
 }
 
 /// Whether enforcement may take this subject out of a binding: only the identity's own
@@ -113,18 +151,34 @@ pub fn removable(subject: &Subject) -> bool {
     subject.kind == "ServiceAccount"
 }
 
-/// Every binding not made by agentid that reaches the identity, sorted.
+/// Every binding not made by agentid that reaches the identity — its base ServiceAccount, the
+/// ServiceAccount of one of its active `grants`, or a group holding them — sorted. A binding of
+/// a grant's shape is agentid's only in a namespace that grant's Roles are in.
 pub fn standing_privileges(
     ns: &str,
     identity: &str,
+    grants: &[ActiveGrant],
     role_bindings: &[std::sync::Arc<RoleBinding>],
     cluster_role_bindings: &[std::sync::Arc<ClusterRoleBinding>],
 ) -> Vec<Finding> {
+    let base = names::identity_service_account(identity);
+    let reaches_here =
+        |s: &Subject, binding_ns: Option<&str>| match super::exposure::named_service_account(s, binding_ns) {
+            Some((sa_ns, sa)) => sa_ns == ns && (sa == base || grants.iter().any(|g| g.service_account == sa)),
+            None => reaches_in(s, binding_ns, ns, identity),
+        };
+    let exempt = |b: &RoleBinding| match own_shape(b) {
+        Some(Shape::Requester { .. }) => true,
+        Some(Shape::Grant) => {
+            let (name, namespace) = (b.name_any(), b.namespace().unwrap_or_default());
+            grants.iter().any(|g| g.service_account == name && g.targets.contains(&namespace))
+        }
+        None => false,
+    };
     let mut findings = Vec::new();
-    let exempt = |b: &RoleBinding| agentids_own(b) || cluster_default(b.labels(), &b.name_any(), &b.role_ref);
     for b in role_bindings.iter().filter(|b| !exempt(b)) {
         let namespace = b.namespace().unwrap_or_default();
-        for subject in b.subjects.iter().flatten().filter(|s| reaches_in(s, Some(&namespace), ns, identity)) {
+        for subject in b.subjects.iter().flatten().filter(|s| reaches_here(s, Some(&namespace))) {
             findings.push(Finding {
                 binding: format!("RoleBinding {namespace}/{}", b.name_any()),
                 namespace: Some(namespace.clone()),
@@ -134,8 +188,8 @@ pub fn standing_privileges(
             });
         }
     }
-    for b in cluster_role_bindings.iter().filter(|b| !cluster_default(b.labels(), &b.name_any(), &b.role_ref)) {
-        for subject in b.subjects.iter().flatten().filter(|s| reaches(s, ns, identity)) {
+    for b in cluster_role_bindings {
+        for subject in b.subjects.iter().flatten().filter(|s| reaches_here(s, None) && !cluster_default(b, s)) {
             findings.push(Finding {
                 binding: format!("ClusterRoleBinding {}", b.name_any()),
                 namespace: None,
@@ -188,7 +242,7 @@ mod tests {
             own("agents", "agentid-fixer-requester", json!([sa("agents", "agentid-fixer")])),
             own("prod", "agentid-grant-x-1234abcd", json!([sa("agents", "agentid-grant-x-1234abcd")])),
         ];
-        let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
+        let found = standing_privileges("agents", "fixer", &grant_x(), &shared(bindings), &[]);
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, vec!["all-sas", "direct", "grant-sa", "ns-sas"]);
         assert!(found.iter().all(|f| f.namespace.as_deref() == Some("prod")));
@@ -196,6 +250,11 @@ mod tests {
             found[1].to_string(),
             "RoleBinding prod/direct grants ClusterRole/view to ServiceAccount agents/agentid-fixer"
         );
+    }
+
+    /// The identity's one active grant: its ServiceAccount, its Roles in `prod`.
+    fn grant_x() -> Vec<ActiveGrant> {
+        vec![ActiveGrant { service_account: "agentid-grant-x-1234abcd".into(), targets: vec!["prod".into()] }]
     }
 
     /// A binding shaped as agentid makes them: the Role of its own name.
@@ -229,6 +288,8 @@ mod tests {
             // A grant's name, binding the base ServiceAccount, or another grant's.
             own("prod", "agentid-grant-x-1234abcd", json!([sa("agents", "agentid-fixer")])),
             own("prod", "agentid-grant-x-1234abcd-requester", json!([sa("agents", "agentid-grant-x-1234abcd")])),
+            // The grant's exact shape, where its Roles are not.
+            own("staging", "agentid-grant-x-1234abcd", json!([sa("agents", "agentid-grant-x-1234abcd")])),
             // Labelled as a cluster default.
             rb(
                 "prod",
@@ -237,7 +298,7 @@ mod tests {
                 json!({"kubernetes.io/bootstrapping": "rbac-defaults"}),
             ),
         ];
-        let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
+        let found = standing_privileges("agents", "fixer", &grant_x(), &shared(bindings), &[]);
         let names: Vec<String> = found.iter().map(|f| format!("{}:{}", f.binding, f.role)).collect();
         assert_eq!(
             names,
@@ -251,6 +312,7 @@ mod tests {
                 "RoleBinding prod/agentid-grant-x-1234abcd-requester:Role/agentid-grant-x-1234abcd-requester",
                 "RoleBinding prod/labelled:ClusterRole/view",
                 "RoleBinding prod/system:backdoor:ClusterRole/view",
+                "RoleBinding staging/agentid-grant-x-1234abcd:Role/agentid-grant-x-1234abcd",
             ]
         );
 
@@ -263,14 +325,23 @@ mod tests {
             .expect("binding")
         };
         let all = json!([{"kind": "Group", "name": "system:serviceaccounts"}]);
+        let discovery = "system:service-account-issuer-discovery";
         let defaults = [
-            crb("system:service-account-issuer-discovery", "system:service-account-issuer-discovery", all.clone()),
-            crb("system:backdoor", "cluster-admin", all.clone()),
+            crb(discovery, discovery, all.clone()),
+            crb("system:backdoor", "system:backdoor", all.clone()),
             crb("backdoor", "backdoor", all),
         ];
-        let found = standing_privileges("agents", "fixer", &[], &shared(defaults));
+        let found = standing_privileges("agents", "fixer", &[], &[], &shared(defaults));
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["backdoor", "system:backdoor"]);
+        // The default, with the identity's ServiceAccount added to it.
+        let added = crb(
+            discovery,
+            discovery,
+            json!([{"kind": "Group", "name": "system:serviceaccounts"}, sa("agents", "agentid-fixer")]),
+        );
+        let found = standing_privileges("agents", "fixer", &[], &[], &shared([added]));
+        assert_eq!(found.iter().map(|f| f.subject.kind.as_str()).collect::<Vec<_>>(), ["ServiceAccount"]);
     }
 
     #[test]
@@ -297,7 +368,7 @@ mod tests {
             "subjects": [sa("agents", "agentid-fixer")]
         }))
         .expect("binding");
-        let found = standing_privileges("agents", "fixer", &[], &[crb.into()]);
+        let found = standing_privileges("agents", "fixer", &[], &[], &[crb.into()]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].binding, "ClusterRoleBinding oops");
         assert_eq!(found[0].namespace, None);
@@ -315,7 +386,7 @@ mod tests {
                 json!({}),
             ),
         ];
-        let found = standing_privileges("agents", "fixer", &shared(bindings), &[]);
+        let found = standing_privileges("agents", "fixer", &grant_x(), &shared(bindings), &[]);
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, vec!["implicit-ns", "as-user"]);
     }

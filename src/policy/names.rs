@@ -85,25 +85,6 @@ pub fn grant_labels(grant_namespace: &str, grant: &str, uid: &str, identity: &st
     ])
 }
 
-/// The identity (namespace, name) an object agentid made for an identity or a grant belongs to,
-/// by its labels; `object_namespace` is where the object is (a grant's Roles and RoleBindings are
-/// in its target namespaces and carry the grant's namespace). None: not agentid's.
-pub fn labelled_identity<'a>(
-    labels: &'a BTreeMap<String, String>,
-    object_namespace: Option<&'a str>,
-) -> Option<(&'a str, &'a str)> {
-    if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) {
-        return None;
-    }
-    let identity = labels.get(IDENTITY_LABEL)?;
-    let ns = match labels.get(COMPONENT_LABEL).map(String::as_str) {
-        Some("grant") => labels.get(GRANT_NAMESPACE_LABEL).map(String::as_str),
-        Some("base") => object_namespace,
-        _ => None,
-    }?;
-    Some((ns, identity))
-}
-
 /// Whether an existing object is owned by the agentid object `kind`/`name` (an AgentIdentity or an
 /// AccessGrant). agentid never adopts an object it did not make: a pre-existing ServiceAccount of
 /// the same name could hold privileges, or a pre-existing Secret could be readable by others.
@@ -122,18 +103,6 @@ pub fn all_grants_selector() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn agentid_objects_name_their_identity_by_labels() {
-        let grant = grant_labels("agents", "g", "uid-1", "fixer");
-        assert_eq!(labelled_identity(&grant, Some("prod")), Some(("agents", "fixer")));
-        let base = identity_labels("fixer");
-        assert_eq!(labelled_identity(&base, Some("agents")), Some(("agents", "fixer")));
-        let mut foreign = grant.clone();
-        foreign.remove(MANAGED_BY_LABEL);
-        assert_eq!(labelled_identity(&foreign, Some("prod")), None);
-        assert_eq!(labelled_identity(&BTreeMap::new(), Some("prod")), None);
-    }
 
     #[test]
     fn grant_objects_are_named_by_grant_and_uid() {

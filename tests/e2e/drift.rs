@@ -11,7 +11,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, PartialObjectMeta},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams},
 };
 use serde_json::json;
 
@@ -120,57 +120,78 @@ async fn a_hand_made_binding_is_reported_and_with_enforce_removed() -> anyhow::R
 }
 
 #[tokio::test]
-async fn a_binding_labelled_as_agentids_own_or_as_a_cluster_default_is_still_standing_privilege() -> anyhow::Result<()>
+async fn bindings_disguised_as_agentids_own_or_as_cluster_defaults_are_still_standing_privilege() -> anyhow::Result<()>
 {
     operator().await?;
     let admin = cluster().admin().await?;
     let agents = TestNamespace::new(&admin, "disguise-a").await?;
     let target = TestNamespace::new(&admin, "disguise-t").await?;
-    let (a, t) = (agents.name.clone(), target.name.clone());
+    let elsewhere = TestNamespace::new(&admin, "disguise-u").await?;
+    let (a, t, u) = (agents.name.clone(), target.name.clone(), elsewhere.name.clone());
     let mut strict = identity("strict", &[&t]);
     strict.spec.enforce = true;
     create(&admin, &a, &strict).await?;
+    create(&admin, &a, &identity("other", &[&t])).await?;
     wait_identity_ready(&admin, &a, "strict").await?;
-    let reader: Role = serde_json::from_value(json!({
-        "metadata": {"name": "secret-reader"},
-        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
-    }))?;
-    create(&admin, &t, &reader).await?;
+    create(&admin, &t, &serde_json::from_value::<ConfigMap>(json!({"metadata": {"name": "settings"}}))?).await?;
+    create(&admin, &a, &grant("g", "strict", "10m", vec![rule(&t, "", &["configmaps"], &["get"], &["settings"])]))
+        .await?;
+    let g = wait_phase(&admin, &a, "g", GrantPhase::Active).await?;
+    let grant_sa = g.status.and_then(|s| s.service_account_name).expect("serviceAccountName");
 
-    // What someone hiding a standing binding would write: agentid's labels, with the identity's
-    // and the grant's; the cluster defaults' label on a `system:` name.
-    let subject = json!([{"kind": "ServiceAccount", "name": "agentid-strict", "namespace": a}]);
-    let mut disguised = binding("agentid-strict-requester", subject.clone())?;
-    disguised.metadata.labels = Some(
-        [
-            ("app.kubernetes.io/managed-by", "agentid"),
-            ("agentid.dev/component", "base"),
-            ("agentid.dev/identity", "strict"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .into(),
-    );
-    let mut default = binding("system:secret-reader", subject)?;
-    default.metadata.labels = Some([("kubernetes.io/bootstrapping".to_string(), "rbac-defaults".to_string())].into());
-    // Enforced: the identity's subject is taken out of each, within seconds: one at a time, as
-    // each must wake the identity it reaches by itself, not the one its labels name (the
-    // identity's own look, once a minute, would be too late).
-    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &t);
-    for b in [disguised, default] {
-        create(&admin, &t, &b).await?;
+    // Each binding below names a Role of its own name, holding `get secrets`.
+    let role_named = |name: &str| -> anyhow::Result<Role> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+        }))?)
+    };
+    let bound = |name: &str, sa: &str, labels: serde_json::Value| -> anyhow::Result<RoleBinding> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": a}]
+        }))?)
+    };
+    let ours = json!({
+        "app.kubernetes.io/managed-by": "agentid", "agentid.dev/component": "base", "agentid.dev/identity": "other"
+    });
+    let disguises = [
+        // The requester binding's name and agentid's labels (naming another identity), in
+        // another namespace than the ServiceAccount's.
+        (t.clone(), bound("agentid-strict-requester", "agentid-strict", ours)?),
+        // A cluster default's label, on a `system:` Role and binding.
+        (
+            t.clone(),
+            bound("system:secret-reader", "agentid-strict", json!({"kubernetes.io/bootstrapping": "rbac-defaults"}))?,
+        ),
+        // The exact shape of the grant's own binding, where the grant has no Role.
+        (u.clone(), bound(&grant_sa, &grant_sa, json!({}))?),
+    ];
+    // Enforced: the subject is taken out of each within seconds: one at a time, as each must
+    // wake the identity it concerns by itself (the identity's own look comes every few minutes).
+    for (ns, b) in disguises {
         let name = b.name_any();
-        let name = name.as_str();
-        poll_until(Duration::from_secs(10), &format!("the subject to be removed from {name}"), || {
-            let bindings = bindings.clone();
-            async move { Ok(bindings.get(name).await?.subjects.unwrap_or_default().is_empty().then_some(())) }
+        create(&admin, &ns, &role_named(&name)?).await?;
+        create(&admin, &ns, &b).await?;
+        let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &ns);
+        poll_until(Duration::from_secs(10), &format!("the subject to be removed from {ns}/{name}"), || {
+            let (bindings, name) = (bindings.clone(), name.clone());
+            async move { Ok(bindings.get(&name).await?.subjects.unwrap_or_default().is_empty().then_some(())) }
         })
         .await?;
     }
-    // The identity's own requester binding, which its labels imitated, is untouched.
+    // agentid's own bindings are untouched: the requester binding the first imitated, and the
+    // grant's in its target namespace (its credential still works).
     let own = Api::<RoleBinding>::namespaced(admin.clone(), &a).get("agentid-strict-requester").await?;
     assert_eq!(own.subjects.unwrap_or_default().len(), 1);
+    let grants_own = Api::<RoleBinding>::namespaced(admin.clone(), &t).get(&grant_sa).await?;
+    assert_eq!(grants_own.subjects.unwrap_or_default().len(), 1);
+    let g = wait_phase(&admin, &a, "g", GrantPhase::Active).await?;
+    Api::<ConfigMap>::namespaced(agent_client(&admin, &g).await?, &t).get("settings").await?;
     agents.delete().await?;
-    target.delete().await
+    target.delete().await?;
+    elsewhere.delete().await
 }
 
 /// Deletes `name` and waits until it is back with a new uid; returns how long that took.
@@ -213,6 +234,30 @@ async fn an_identitys_objects_deleted_by_hand_are_made_again_at_once() -> anyhow
     ];
     println!("made again after {took:?}");
     wait_identity_ready(&admin, &a, "fixer").await?;
+
+    // Edited by hand: the requester Role made to allow deleting grants too, and the binding
+    // given to every ServiceAccount of the namespace. Both are put back.
+    let roles: Api<Role> = Api::namespaced(admin.clone(), &a);
+    let rules = roles.get("agentid-fixer-requester").await?.rules;
+    let mut wider = rules.clone().unwrap_or_default();
+    wider[0].verbs.push("delete".into());
+    roles.patch("agentid-fixer-requester", &PatchParams::default(), &Patch::Merge(json!({"rules": wider}))).await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &a);
+    let mut subjects = bindings.get("agentid-fixer-requester").await?.subjects.unwrap_or_default();
+    let one = subjects.clone();
+    subjects.push(serde_json::from_value(json!({"kind": "Group", "name": format!("system:serviceaccounts:{a}")}))?);
+    bindings
+        .patch("agentid-fixer-requester", &PatchParams::default(), &Patch::Merge(json!({"subjects": subjects})))
+        .await?;
+    poll_until(Duration::from_secs(10), "the requester Role and RoleBinding to be put back", || {
+        let (roles, bindings, rules, one) = (roles.clone(), bindings.clone(), rules.clone(), one.clone());
+        async move {
+            let role = roles.get("agentid-fixer-requester").await?;
+            let binding = bindings.get("agentid-fixer-requester").await?;
+            Ok((role.rules == rules && binding.subjects.unwrap_or_default() == one).then_some(()))
+        }
+    })
+    .await?;
 
     // A grant issued now writes its credentials into the new Secret.
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;

@@ -284,7 +284,7 @@ impl Operator {
             .args(["--webhook-url", &format!("https://127.0.0.1:{}", self.webhook_port)])
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            .env("RUST_LOG", std::env::var("AGENTID_E2E_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
