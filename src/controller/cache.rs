@@ -190,6 +190,50 @@ where
     (store, stream.boxed())
 }
 
+/// One watch's objects handed to several consumers (each controller's trigger stream), each
+/// after the cache holds it — what kube's shared reflector (`reflect_shared`) does, without its
+/// stall: its subscriber looks each announced object up in the cache, and one deleted in between
+/// (a grant whose finalizer came off; one settled, which leaves the watch) made it return
+/// `Pending` with nothing left to wake it, so that controller heard of no grant again (the
+/// e2e suite saw new grants never issued). Here each consumer gets the object itself.
+pub struct FanOut<K: Resource<DynamicType = ()> + 'static> {
+    store: Store<K>,
+    consumers: Vec<futures::channel::mpsc::Sender<Arc<K>>>,
+}
+
+impl<K> FanOut<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    /// A fan-out of the watch that fills `store`, and `consumers` streams that each get every
+    /// applied object, waiting (so holding up the watch) while any has `buffer` unread.
+    pub fn new(store: Store<K>, consumers: usize, buffer: usize) -> (Self, Vec<BoxStream<'static, Arc<K>>>) {
+        let (senders, streams) = (0..consumers)
+            .map(|_| {
+                let (tx, rx) = futures::channel::mpsc::channel(buffer);
+                (tx, rx.boxed())
+            })
+            .unzip();
+        (Self { store, consumers: senders }, streams)
+    }
+
+    /// Hands on what `event` (already applied to the cache) changed: an applied object, or after
+    /// a (re-)listing every object the cache holds. Deletions are not handed on (a grant's
+    /// finalizer is what its deletion is reconciled by). A consumer that has gone is skipped.
+    pub async fn send(&mut self, event: &watcher::Event<K>) {
+        let objects: Vec<Arc<K>> = match event {
+            watcher::Event::Apply(obj) => vec![Arc::new(obj.clone())],
+            watcher::Event::InitDone => self.store.state(),
+            _ => return,
+        };
+        for obj in objects {
+            for consumer in &mut self.consumers {
+                let _ = futures::SinkExt::send(consumer, obj.clone()).await;
+            }
+        }
+    }
+}
+
 impl ClusterView {
     /// Starts watching; the ClusterRole store fills in the background, the others as their
     /// changes are polled.
@@ -272,6 +316,8 @@ fn spawn<K>(
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+    use kube::ResourceExt;
+
     use super::*;
     use crate::{
         api::GrantPhase,
@@ -315,6 +361,36 @@ mod tests {
             ["staging"]
         );
         assert!(decide::settled(&g), "still settled once slimmed");
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_hands_on_an_object_deleted_before_it_was_read() {
+        let (store, mut writer) = reflector::store::<AccessGrant>();
+        let (mut fan, mut streams) = FanOut::new(store, 2, 8);
+        let (a, b) = (with(GrantPhase::Active, false), {
+            let mut b = with(GrantPhase::Active, false);
+            b.metadata.name = Some("other".into());
+            b
+        });
+        // Applied and at once deleted (a finalizer removed), then another: kube's shared
+        // reflector lost its consumer at the first (looked up, gone, Pending for ever).
+        for event in
+            [watcher::Event::Apply(a.clone()), watcher::Event::Delete(a.clone()), watcher::Event::Apply(b.clone())]
+        {
+            writer.apply_watcher_event(&event);
+            fan.send(&event).await;
+        }
+        for stream in &mut streams {
+            let got: Vec<String> =
+                vec![stream.next().await.expect("a").name_any(), stream.next().await.expect("b").name_any()];
+            assert_eq!(got, [a.name_any(), b.name_any()]);
+        }
+        // After a listing, everything the cache holds.
+        for event in [watcher::Event::Init, watcher::Event::InitApply(b.clone()), watcher::Event::InitDone] {
+            writer.apply_watcher_event(&event);
+            fan.send(&event).await;
+        }
+        assert_eq!(streams[0].next().await.expect("listed").name_any(), b.name_any());
     }
 
     #[test]

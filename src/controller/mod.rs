@@ -569,9 +569,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // One watch of AccessGrants, shared: the grant controller reconciles from it; the identity
     // controller is triggered by it and counts active grants in its cache, which holds each
     // change before any controller hears of it.
-    let (grant_store, grant_writer) = reflector::store_shared::<AccessGrant>(1024);
-    let grant_events = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
-    let grant_changes = grant_writer.subscribe().context("subscribing to the AccessGrant cache")?;
+    let (grant_store, grant_writer) = reflector::store::<AccessGrant>();
+    let (mut fan_out, mut consumers) = cache::FanOut::new(grant_store.clone(), 2, 1024);
+    let (grant_changes, grant_events) = (consumers.pop().context("consumer")?, consumers.pop().context("consumer")?);
     // Settled grants are left out (labelled so by `grant::settle`), so that memory and the
     // start-up listing follow the grants that can still change, not every grant ever made. Only
     // with admission, which is what keeps that label off a live grant: without it every grant is
@@ -580,20 +580,23 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         true => watcher::Config::default().labels(&names::unsettled_grants_selector()),
         false => watcher::Config::default(),
     };
-    let grant_watch = watcher(Api::<AccessGrant>::all(client.clone()), grant_watch_config)
+    let grant_stream = watcher(Api::<AccessGrant>::all(client.clone()), grant_watch_config)
         .modify(cache::slim_grant)
         .default_backoff()
         .inspect_ok({
             let index = context.grant_index.clone();
             move |event| index.observe(event)
         })
-        .reflect_shared(grant_writer)
-        .for_each(|event| {
-            if let Err(e) = event {
-                warn!(watch = "AccessGrants", error = %e, "watch failed; retrying with backoff");
+        .reflect(grant_writer);
+    let grant_watch = async move {
+        let mut grant_stream = std::pin::pin!(grant_stream);
+        while let Some(event) = grant_stream.next().await {
+            match event {
+                Ok(event) => fan_out.send(&event).await,
+                Err(e) => warn!(watch = "AccessGrants", error = %e, "watch failed; retrying with backoff"),
             }
-            futures::future::ready(())
-        });
+        }
+    };
     context.grants = Some(grant_store.clone());
     // Approvals, cached before they trigger their grant's reconcile (a deleted one too: a
     // withdrawn approval revokes what it released).
