@@ -337,14 +337,7 @@ async fn standing_privilege(
 ) -> Result<Vec<drift::Finding>, Error> {
     let ns = identity.namespace().unwrap_or_default();
     let name = identity.name_any();
-    let grants: Vec<drift::ActiveGrant> = active
-        .iter()
-        .filter_map(|g| {
-            let service_account = g.status.as_ref()?.service_account_name.clone()?;
-            let rules = g.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
-            Some(drift::ActiveGrant { service_account, targets: desired::GrantObjects::target_namespaces(rules) })
-        })
-        .collect();
+    let grants = drift::active_grants(active.iter().map(|g| g.as_ref()));
     let findings =
         drift::standing_privileges(&ns, &name, &grants, &bindings.role_bindings, &bindings.cluster_role_bindings);
     if !identity.spec.enforce || findings.is_empty() {

@@ -123,6 +123,19 @@ pub struct ActiveGrant {
     pub targets: Vec<String>,
 }
 
+/// What drift needs of an identity's active `grants` (those without a ServiceAccount yet are
+/// left out), as [`super::exposure::principals`] does for exposure.
+pub fn active_grants<'a>(grants: impl IntoIterator<Item = &'a crate::api::AccessGrant>) -> Vec<ActiveGrant> {
+    grants
+        .into_iter()
+        .filter_map(|g| {
+            let service_account = g.status.as_ref()?.service_account_name.clone()?;
+            let rules = g.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+            Some(ActiveGrant { service_account, targets: super::desired::GrantObjects::target_namespaces(rules) })
+        })
+        .collect()
+}
+
 /// The label the apiserver puts on the cluster's default RBAC objects.
 pub const BOOTSTRAPPING_LABEL: &str = "kubernetes.io/bootstrapping";
 

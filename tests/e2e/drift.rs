@@ -225,7 +225,7 @@ async fn an_identitys_objects_deleted_by_hand_are_made_again_at_once() -> anyhow
     wait_identity_ready(&admin, &a, "fixer").await?;
 
     // Each is a watched object that wakes its identity: well within the 20 s allowed, where the
-    // identity's own periodic look (every 60 s) would be too late.
+    // identity's own periodic look (at least every five minutes) would be too late.
     let took = [
         deleted_and_made_again(Api::<ServiceAccount>::namespaced(admin.clone(), &a), "agentid-fixer").await?,
         deleted_and_made_again(Api::<Secret>::namespaced(admin.clone(), &a), "agentid-fixer-credentials").await?,
