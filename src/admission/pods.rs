@@ -20,8 +20,6 @@ pub const VOLUME_NAME: &str = "agentid-credentials";
 /// The environment variable that points at [`MOUNT_PATH`].
 pub const ENV_NAME: &str = "AGENTID_CREDENTIALS_DIR";
 
-const GRANT_PREFIX: &str = "agentid-grant-";
-
 /// The identity a pod asks for by label, if any.
 pub fn requested_identity(pod: &Pod) -> Option<&str> {
     pod.labels().get(names::IDENTITY_LABEL).map(String::as_str)
@@ -163,7 +161,7 @@ fn references(pod: &Pod) -> Vec<(&'static str, String)> {
 pub fn check(pod: &Pod) -> Result<(), String> {
     let own = requested_identity(pod);
     for (kind, name) in references(pod) {
-        if name.starts_with(GRANT_PREFIX) {
+        if name.starts_with(crate::policy::names::GRANT_OBJECT_PREFIX) {
             return Err(format!(
                 "{kind} {name} belongs to an AccessGrant; pods use their identity's credentials (label {}: NAME)",
                 names::IDENTITY_LABEL

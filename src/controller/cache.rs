@@ -27,7 +27,7 @@ use tracing::warn;
 use super::binding_index::{BindingIndex, Indexed};
 use crate::{
     api::{AccessGrant, AccessGrantStatus},
-    policy::{decide, drift, exposure, install::Installation, names},
+    policy::{decide, drift, exposure, install::Installation},
 };
 
 /// Read-only views of the cached objects.
@@ -79,37 +79,25 @@ pub struct Keep {
     pub labels: &'static [&'static str],
     /// The annotations read (by these keys).
     pub annotations: &'static [&'static str],
-    /// The uid (an identity's credentials Secret: credentials are written only into the one
-    /// checked).
+    /// The uid of an object an identity owns (its credentials Secret: credentials are written
+    /// only into the one checked).
     pub uid: bool,
-    /// Owner references (an owned object wakes its owner; ownership is checked before writing).
+    /// Owner references to an AgentIdentity (an identity's object wakes it; ownership is checked
+    /// before writing); no other owner is read.
     pub owners: bool,
 }
 
 impl Keep {
     /// Roles and ClusterRoles: rules, and owners (an identity's requester Role wakes it).
     pub const ROLES: Keep = Keep { labels: &[], annotations: &[], uid: false, owners: true };
-    /// Bindings: the labels that route a change to its identity, and mark a cluster default.
-    pub const BINDINGS: Keep = Keep {
-        labels: &[
-            names::MANAGED_BY_LABEL,
-            names::COMPONENT_LABEL,
-            names::IDENTITY_LABEL,
-            names::GRANT_NAMESPACE_LABEL,
-            drift::BOOTSTRAPPING_LABEL,
-        ],
-        annotations: &[],
-        uid: false,
-        owners: false,
-    };
-    /// Secrets (metadata only): what exposure tells apart (a legacy token, agentid's), and the
-    /// uid and owners of an identity's credentials Secret.
-    pub const SECRETS: Keep = Keep {
-        labels: &[names::MANAGED_BY_LABEL, names::IDENTITY_LABEL],
-        annotations: &[exposure::LEGACY_TOKEN_ANNOTATION],
-        uid: true,
-        owners: true,
-    };
+    /// Bindings: the label that marks a cluster default (agentid's own are known by their shape,
+    /// never by labels).
+    pub const BINDINGS: Keep =
+        Keep { labels: &[drift::BOOTSTRAPPING_LABEL], annotations: &[], uid: false, owners: false };
+    /// Secrets (metadata only): what exposure tells apart (a legacy token; agentid's are known
+    /// by name), and the uid and owners of an identity's credentials Secret.
+    pub const SECRETS: Keep =
+        Keep { labels: &[], annotations: &[exposure::LEGACY_TOKEN_ANNOTATION], uid: true, owners: true };
     /// Identities' base ServiceAccounts: only whether each exists, and its owner to wake.
     pub const OWNED: Keep = Keep { labels: &[], annotations: &[], uid: false, owners: true };
 }
@@ -124,12 +112,19 @@ pub fn trim<K: Resource>(obj: &mut K, keep: Keep) {
         })
         .filter(|m| !m.is_empty())
     };
+    // A map costs its first node (some 600 bytes) however few entries it has, an owner reference
+    // a few hundred: most cached objects keep neither.
+    let owners = meta.owner_references.take().filter(|_| keep.owners).map(|mut owners| {
+        owners.retain(|o| o.kind == "AgentIdentity" && o.api_version.starts_with(crate::api::GROUP));
+        owners
+    });
+    let owners = owners.filter(|o| !o.is_empty());
     *meta = ObjectMeta {
         name: meta.name.take(),
         namespace: meta.namespace.take(),
         deletion_timestamp: meta.deletion_timestamp.take(),
-        uid: meta.uid.take().filter(|_| keep.uid),
-        owner_references: meta.owner_references.take().filter(|_| keep.owners),
+        uid: meta.uid.take().filter(|_| keep.uid && owners.is_some()),
+        owner_references: owners,
         labels: only(meta.labels.take(), keep.labels),
         annotations: only(meta.annotations.take(), keep.annotations),
         ..ObjectMeta::default()
@@ -237,7 +232,7 @@ where
 impl ClusterView {
     /// Starts watching; the ClusterRole store fills in the background, the others as their
     /// changes are polled.
-    pub fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, Changes) {
+    pub(crate) fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, Changes) {
         let (roles, role_changes) = cached(Api::<Role>::all(client.clone()), watcher::Config::default(), Keep::ROLES);
         let (cluster_roles, writer) = reflector::store();
         spawn(
@@ -314,14 +309,17 @@ fn spawn<K>(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 
     use kube::ResourceExt;
 
     use super::*;
     use crate::{
         api::GrantPhase,
-        policy::testing::{grant, rule},
+        policy::{
+            names,
+            testing::{grant, rule},
+        },
     };
 
     fn with(phase: GrantPhase, revoked: bool) -> AccessGrant {
@@ -414,7 +412,7 @@ mod tests {
             (m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref()),
             (Some("agentid-fixer-credentials"), Some("agents"), Some("u1"))
         );
-        assert_eq!(m.labels.as_ref().map(|l| l.len()), Some(2));
+        assert!(m.labels.is_none(), "Secrets are told apart by name, not by labels");
         assert_eq!(
             m.annotations.as_ref().map(|a| a.keys().collect::<Vec<_>>()),
             Some(vec![&"kubernetes.io/service-account.name".to_string()])
@@ -426,10 +424,33 @@ mod tests {
                 && m.creation_timestamp.is_none()
                 && m.finalizers.is_none()
         );
+        let mut default = binding.clone();
         trim(&mut binding, Keep::BINDINGS);
         let m = &binding.metadata;
         assert!(m.uid.is_none() && m.owner_references.is_none() && m.annotations.is_none());
-        assert_eq!(m.labels.as_ref().map(|l| l.len()), Some(2), "agentid's labels only");
+        assert!(m.labels.is_none(), "agentid's bindings are known by shape, not by labels");
+        default.metadata.labels = Some([(drift::BOOTSTRAPPING_LABEL.to_string(), "rbac-defaults".to_string())].into());
+        trim(&mut default, Keep::BINDINGS);
+        assert_eq!(default.metadata.labels.map(|l| l.len()), Some(1), "the cluster-default label is read");
+
+        // A grant's Secret is owned by its AccessGrant: neither owner nor uid is read.
+        let mut grant_secret = secret.clone();
+        grant_secret.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "agentid.dev/v1alpha1".into(),
+            kind: "AccessGrant".into(),
+            name: "g".into(),
+            uid: "u2".into(),
+            ..Default::default()
+        }]);
+        grant_secret.metadata.uid = Some("u3".into());
+        trim(&mut grant_secret, Keep::SECRETS);
+        assert!(grant_secret.metadata.owner_references.is_none() && grant_secret.metadata.uid.is_none());
+        // Nor an owner of that kind from another API group.
+        let mut foreign = secret.clone();
+        foreign.metadata.owner_references.iter_mut().flatten().for_each(|o| o.api_version = "example.com/v1".into());
+        foreign.metadata.uid = Some("u4".into());
+        trim(&mut foreign, Keep::SECRETS);
+        assert!(foreign.metadata.owner_references.is_none() && foreign.metadata.uid.is_none());
     }
 
     #[test]

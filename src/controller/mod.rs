@@ -2,7 +2,7 @@
 //! with server-side apply under one field manager, and writes status conditions.
 
 mod binding_index;
-mod cache;
+pub mod cache;
 mod grant;
 mod grant_index;
 mod identity;
@@ -719,7 +719,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 // still there; otherwise every identity it may reach, as for any binding.
                 let owner = subjects.iter().flatten().find_map(|s| {
                     let (ns, sa) = (s.namespace.as_deref()?, s.name.as_str());
-                    let (name, _) = sa.strip_prefix("agentid-grant-")?.rsplit_once('-')?;
+                    let (name, _) = sa.strip_prefix(names::GRANT_OBJECT_PREFIX)?.rsplit_once('-')?;
                     let grant = owner_grants.get(&ObjectRef::new(name).within(ns))?;
                     (names::grant_object_name(name, &grant.uid()?) == sa)
                         .then(|| ObjectRef::new(&grant.spec.identity).within(ns))

@@ -51,7 +51,8 @@ pub fn reaches_in(subject: &Subject, binding_ns: Option<&str>, ns: &str, identit
         // grant's name, not the identity's): a superset, for finding who a binding may concern
         // and what enforcement takes out; [`standing_privileges`] counts only the identity's
         // own active grants.
-        return sa_ns == ns && (sa == names::identity_service_account(identity) || sa.starts_with("agentid-grant-"));
+        return sa_ns == ns
+            && (sa == names::identity_service_account(identity) || sa.starts_with(names::GRANT_OBJECT_PREFIX));
     }
     subject.kind == "Group"
         && (subject.name == "system:serviceaccounts"
@@ -96,7 +97,7 @@ pub fn own_shape(binding: &RoleBinding) -> Option<Shape> {
             names::identity_service_account(identity),
             Some(namespace.as_str()),
         ),
-        _ if name.starts_with("agentid-grant-") => (Shape::Grant, name.clone(), None),
+        _ if name.starts_with(names::GRANT_OBJECT_PREFIX) => (Shape::Grant, name.clone(), None),
         _ => return None,
     };
     let subjects = binding.subjects.as_deref().unwrap_or_default();

@@ -334,7 +334,9 @@ fn own_secret(meta: &ObjectMeta, ns: &str, identity: &str, principals: &[Princip
     let name = meta.name.as_deref().unwrap_or_default();
     meta.namespace.as_deref() == Some(ns)
         && (name == names::identity_credentials_secret(identity)
-            || principals.iter().any(|p| p.namespace == ns && p.name == name && name.starts_with("agentid-grant-")))
+            || principals
+                .iter()
+                .any(|p| p.namespace == ns && p.name == name && name.starts_with(names::GRANT_OBJECT_PREFIX)))
         && !meta.annotations.iter().flatten().any(|(k, _)| k == LEGACY_TOKEN_ANNOTATION)
 }
 
@@ -371,12 +373,12 @@ pub fn exposure(
             }
             let (secret_ns, name) = (secret_ns.to_string(), name.to_string());
             let annotation = |k: &str| meta.annotations.as_ref().and_then(|a| a.get(k));
-            let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
             let (kind, detail) = if let Some(sa) = annotation(LEGACY_TOKEN_ANNOTATION) {
                 (Kind::LegacyToken, format!("long-lived token of ServiceAccount {secret_ns}/{sa}"))
-            } else if label(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGED_BY) {
-                let whose = label(names::IDENTITY_LABEL).cloned().unwrap_or_default();
+            } else if let Some(whose) = names::credentials_secret_identity(&name) {
                 (Kind::AgentCredentials, format!("agentid credentials of identity {secret_ns}/{whose}"))
+            } else if name.starts_with(names::GRANT_OBJECT_PREFIX) {
+                (Kind::AgentCredentials, "agentid credentials of a grant".to_string())
             } else {
                 (Kind::Secret, "readable Secret".to_string())
             };
@@ -500,12 +502,7 @@ mod tests {
         let secrets = [
             secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db-admin"})),
             secret("prod", "tls", json!({}), json!({})),
-            secret(
-                "prod",
-                "agentid-other",
-                json!({"app.kubernetes.io/managed-by": "agentid", "agentid.dev/identity": "other"}),
-                json!({}),
-            ),
+            secret("prod", "agentid-other-credentials", json!({}), json!({})),
             secret(
                 "agents",
                 "agentid-fixer",
@@ -520,7 +517,7 @@ mod tests {
             got,
             vec![
                 (Kind::LegacyToken, "db-token", "grant g"),
-                (Kind::AgentCredentials, "agentid-other", "grant g"),
+                (Kind::AgentCredentials, "agentid-other-credentials", "grant g"),
                 (Kind::Secret, "tls", "grant g"),
             ]
         );
@@ -559,7 +556,7 @@ mod tests {
             got,
             [
                 (Kind::AgentCredentials, "agentid-grant-h-5678abcd"),
-                (Kind::AgentCredentials, "db-password"),
+                (Kind::Secret, "db-password"),
                 (Kind::PodAsServiceAccount, "operator"),
             ]
         );

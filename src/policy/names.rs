@@ -45,6 +45,15 @@ pub fn identity_credentials_secret(identity: &str) -> String {
     format!("agentid-{identity}-credentials")
 }
 
+/// The identity whose credentials Secret `secret` is named as (a name tells which Secrets are
+/// agentid's to a reader of findings; it proves nothing, and nothing is exempted by it).
+pub fn credentials_secret_identity(secret: &str) -> Option<&str> {
+    secret.strip_prefix("agentid-")?.strip_suffix("-credentials").filter(|s| !s.is_empty() && !s.starts_with("grant-"))
+}
+
+/// How the objects of a grant are named: [`grant_object_name`].
+pub const GRANT_OBJECT_PREFIX: &str = "agentid-grant-";
+
 /// The Role (and RoleBinding) letting the base ServiceAccount request grants.
 pub fn identity_requester_role(identity: &str) -> String {
     format!("agentid-{identity}-requester")
@@ -56,7 +65,7 @@ pub fn identity_requester_role(identity: &str) -> String {
 /// shared target namespace. (Identities may not be named `grant-…`, so no identity collides.)
 pub fn grant_object_name(grant: &str, uid: &str) -> String {
     let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
-    format!("agentid-grant-{grant}-{short}")
+    format!("{GRANT_OBJECT_PREFIX}{grant}-{short}")
 }
 
 /// The key prefix of a grant's entries in its identity's credentials Secret: `<grant>.`.
@@ -103,6 +112,14 @@ pub fn all_grants_selector() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credentials_secret_name_tells_its_identity() {
+        assert_eq!(credentials_secret_identity(&identity_credentials_secret("fixer")), Some("fixer"));
+        assert_eq!(credentials_secret_identity("agentid--credentials"), None);
+        assert_eq!(credentials_secret_identity("agentid-grant-g-1234abcd"), None);
+        assert_eq!(credentials_secret_identity("db-credentials"), None);
+    }
 
     #[test]
     fn grant_objects_are_named_by_grant_and_uid() {
