@@ -118,24 +118,27 @@ fn main() {
         cached: f64,
         received: f64,
     }
-    let trimmed = |keep: Keep| move |obj: &mut _| cache::trim::<PartialObjectMeta<ServiceAccount>>(obj, keep);
     let rows = vec![
         Row {
             what: "AgentIdentity (with status)",
             per: "identity",
-            cached: per_object::<AgentIdentity>("identity.json", cache::slim),
+            cached: per_object::<AgentIdentity>("identity.json", cache::slim_identity),
             received: per_object::<AgentIdentity>("identity.json", |_| {}),
         },
         Row {
             what: "base ServiceAccount (metadata)",
             per: "identity",
-            cached: per_object("identity-serviceaccount.json", trimmed(Keep::OWNED)),
+            cached: per_object::<PartialObjectMeta<ServiceAccount>>("identity-serviceaccount.json", |o| {
+                cache::trim_meta(o, Keep::OWNED)
+            }),
             received: per_object::<PartialObjectMeta<ServiceAccount>>("identity-serviceaccount.json", |_| {}),
         },
         Row {
             what: "credentials Secret (metadata)",
             per: "identity",
-            cached: per_object::<PartialObjectMeta<Secret>>("identity-secret.json", |o| cache::trim(o, Keep::SECRETS)),
+            cached: per_object::<PartialObjectMeta<Secret>>("identity-secret.json", |o| {
+                cache::trim_meta(o, Keep::SECRETS)
+            }),
             received: per_object::<PartialObjectMeta<Secret>>("identity-secret.json", |_| {}),
         },
         Row {
@@ -171,7 +174,9 @@ fn main() {
         Row {
             what: "grant Secret (metadata)",
             per: "active grant",
-            cached: per_object::<PartialObjectMeta<Secret>>("grant-secret.json", |o| cache::trim(o, Keep::SECRETS)),
+            cached: per_object::<PartialObjectMeta<Secret>>("grant-secret.json", |o| {
+                cache::trim_meta(o, Keep::SECRETS)
+            }),
             received: per_object::<PartialObjectMeta<Secret>>("grant-secret.json", |_| {}),
         },
     ];

@@ -26,8 +26,8 @@ use tracing::warn;
 
 use super::binding_index::{BindingIndex, Indexed};
 use crate::{
-    api::{AccessGrant, AccessGrantStatus},
-    policy::{decide, drift, exposure, install::Installation},
+    api::{AccessGrant, AccessGrantStatus, AgentIdentity},
+    policy::{approval, decide, drift, exposure, install::Installation},
 };
 
 /// Read-only views of the cached objects.
@@ -68,6 +68,14 @@ pub fn slim<K: Resource>(obj: &mut K) {
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
+}
+
+/// [`slim`] for AgentIdentities, and no labels or annotations: none is read (GitOps tools add
+/// several, each map some 600 bytes before its entries).
+pub fn slim_identity(identity: &mut AgentIdentity) {
+    slim(identity);
+    identity.metadata.labels = None;
+    identity.metadata.annotations = None;
 }
 
 /// What a cache keeps of an object's metadata besides its name, namespace and deletion time:
@@ -139,6 +147,10 @@ pub fn trim<K: Resource>(obj: &mut K, keep: Keep) {
 pub fn slim_grant(grant: &mut AccessGrant) {
     slim(grant);
     if !decide::settled(grant) {
+        // Of its annotations only who asked is read. Its labels stay: settling patches them.
+        if let Some(annotations) = grant.metadata.annotations.as_mut() {
+            annotations.retain(|k, _| k == approval::REQUESTED_BY);
+        }
         return;
     }
     grant.metadata.annotations = None;
@@ -156,32 +168,39 @@ pub fn slim_grant(grant: &mut AccessGrant) {
     }
 }
 
-/// A watch of `api` that fills a cache (objects trimmed to `keep`) and yields each touched
-/// object after the cache has it.
-pub fn cached<K>(api: Api<K>, config: watcher::Config, keep: Keep) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
+/// [`trim`] for a metadata-only object, which also drops its type (two strings: the store knows
+/// the kind).
+pub fn trim_meta<K: Resource<DynamicType = ()>>(obj: &mut PartialObjectMeta<K>, keep: Keep) {
+    obj.types = None;
+    trim(obj, keep);
+}
+
+/// A watch of `api` that fills a cache (each object first passed to `prepare`, which trims it)
+/// and yields each touched object after the cache has it.
+pub fn cached<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    prepare: impl FnMut(&mut K) + Send + 'static,
+) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    cached_observed(api, config, keep, |_| {})
+    cached_observed(api, config, prepare, |_| {})
 }
 
 /// [`cached`], with `observe` called on each watch event just before the cache applies it.
 fn cached_observed<K>(
     api: Api<K>,
     config: watcher::Config,
-    keep: Keep,
+    prepare: impl FnMut(&mut K) + Send + 'static,
     observe: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .modify(move |obj| trim(obj, keep))
-        .default_backoff()
-        .inspect_ok(observe)
-        .reflect(writer)
-        .touched_objects();
+    let stream =
+        watcher(api, config).modify(prepare).default_backoff().inspect_ok(observe).reflect(writer).touched_objects();
     (store, stream.boxed())
 }
 
@@ -233,7 +252,8 @@ impl ClusterView {
     /// Starts watching; the ClusterRole store fills in the background, the others as their
     /// changes are polled.
     pub(crate) fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, Changes) {
-        let (roles, role_changes) = cached(Api::<Role>::all(client.clone()), watcher::Config::default(), Keep::ROLES);
+        let (roles, role_changes) =
+            cached(Api::<Role>::all(client.clone()), watcher::Config::default(), |r| trim(r, Keep::ROLES));
         let (cluster_roles, writer) = reflector::store();
         spawn(
             "ClusterRoles",
@@ -245,18 +265,20 @@ impl ClusterView {
             None => vec![Api::<PartialObjectMeta<Secret>>::all(client.clone())],
             Some(namespaces) => namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect(),
         };
-        let (secrets, secret_changes) =
-            apis.into_iter().map(|api| cached(api, watcher::Config::default(), Keep::SECRETS)).unzip();
+        let (secrets, secret_changes) = apis
+            .into_iter()
+            .map(|api| cached(api, watcher::Config::default(), |s| trim_meta(s, Keep::SECRETS)))
+            .unzip();
         let (role_bindings, role_binding_changes) = cached_observed(
             Api::<RoleBinding>::all(client.clone()),
             watcher::Config::default(),
-            Keep::BINDINGS,
+            |b| trim(b, Keep::BINDINGS),
             observer::<RoleBinding>(index.clone()),
         );
         let (cluster_role_bindings, cluster_role_binding_changes) = cached_observed(
             Api::<ClusterRoleBinding>::all(client.clone()),
             watcher::Config::default(),
-            Keep::BINDINGS,
+            |b| trim(b, Keep::BINDINGS),
             observer::<ClusterRoleBinding>(index),
         );
         let view = Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings };
@@ -451,6 +473,25 @@ mod tests {
         foreign.metadata.uid = Some("u4".into());
         trim(&mut foreign, Keep::SECRETS);
         assert!(foreign.metadata.owner_references.is_none() && foreign.metadata.uid.is_none());
+    }
+
+    #[test]
+    fn identities_and_live_grants_keep_only_the_metadata_read() {
+        let mut identity = crate::policy::testing::identity("fixer", &["staging"]);
+        let tracking = || Some([("argocd.argoproj.io/tracking-id".to_string(), "x".to_string())].into());
+        (identity.metadata.labels, identity.metadata.annotations) = (tracking(), tracking());
+        identity.metadata.finalizers = Some(vec!["agentid.dev/revoke-grants".into()]);
+        slim_identity(&mut identity);
+        assert!(identity.metadata.labels.is_none() && identity.metadata.annotations.is_none());
+        assert_eq!(identity.metadata.finalizers.map(|f| f.len()), Some(1), "finalizers are read");
+
+        let mut g = with(GrantPhase::Active, false);
+        g.metadata.annotations.get_or_insert_default().extend(tracking().unwrap_or_default());
+        g.metadata.labels = tracking();
+        slim_grant(&mut g);
+        let annotations = g.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), [approval::REQUESTED_BY], "who asked is read");
+        assert_eq!(g.metadata.labels, tracking(), "labels stay: the settle patch adds to them");
     }
 
     #[test]

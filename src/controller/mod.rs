@@ -562,7 +562,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let (service_accounts, sa_changes) = cache::cached(
         Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
         watcher::Config::default().labels(&base_selector),
-        cache::Keep::OWNED,
+        |sa| cache::trim_meta(sa, cache::Keep::OWNED),
     );
     context.owned = Some(OwnedCaches { service_accounts });
 
@@ -696,7 +696,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     let (identity_store, identity_writer) = reflector::store();
     let identity_stream = watcher(identities, watcher::Config::default())
-        .modify(cache::slim::<AgentIdentity>)
+        .modify(cache::slim_identity)
         .default_backoff()
         .reflect(identity_writer)
         .applied_objects();
