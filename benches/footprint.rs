@@ -17,7 +17,10 @@ use std::{
 
 use agentid::{
     api::{AccessGrant, AgentIdentity},
-    controller::cache::{self, Keep},
+    controller::{
+        cache::{self, Keep},
+        store,
+    },
 };
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
@@ -78,9 +81,17 @@ static ALLOCATOR: Counting = Counting;
 
 const N: usize = 10_000;
 
+/// Where an object is cached: kube's reflector store (grants and identities, which feed the
+/// controllers), or agentid's lean cache (`controller::store`: the cluster-wide caches).
+#[derive(Clone, Copy, PartialEq)]
+enum In {
+    Reflector,
+    Lean,
+}
+
 /// The fixture `file` (an object as the apiserver sent it), `N` times with distinct names and
-/// uids, each given to `prepare` and then to a reflector store: the bytes held per object.
-fn per_object<K>(file: &str, prepare: impl Fn(&mut K)) -> f64
+/// uids, each given to `prepare` and then to a cache: the bytes held per object.
+fn per_object<K>(file: &str, prepare: impl Fn(&mut K), held_in: In) -> f64
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
 {
@@ -99,88 +110,96 @@ where
         })
         .collect();
     let (store, mut writer) = reflector::store::<K>();
+    let (cache, mut filler) = store::cache::<K>();
     let before = LIVE.load(Ordering::Relaxed);
     for text in &texts {
         let mut obj: K = serde_json::from_str(text).unwrap_or_else(|e| panic!("{file}: {e}"));
         prepare(&mut obj);
-        writer.apply_watcher_event(&Event::Apply(obj));
+        match held_in {
+            In::Reflector => writer.apply_watcher_event(&Event::Apply(obj)),
+            In::Lean => filler.apply(&Event::Apply(obj)),
+        }
     }
     let after = LIVE.load(Ordering::Relaxed);
-    assert_eq!(store.state().len(), N);
-    drop((store, writer));
+    assert_eq!(store.state().len() + cache.state().len(), N);
+    drop((store, writer, cache, filler));
     (after - before) as f64 / N as f64
 }
 
+struct Row {
+    what: &'static str,
+    per: &'static str,
+    /// Bytes per object as the operator caches it.
+    cached: f64,
+    /// Bytes per object as received, in kube's reflector store (what caching it whole would cost).
+    received: f64,
+}
+
+fn row<K>(what: &'static str, per: &'static str, file: &str, prepare: impl Fn(&mut K), held_in: In) -> Row
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+{
+    let cached = per_object::<K>(file, prepare, held_in);
+    Row { what, per, cached, received: per_object::<K>(file, |_| {}, In::Reflector) }
+}
+
 fn main() {
-    struct Row {
-        what: &'static str,
-        per: &'static str,
-        cached: f64,
-        received: f64,
-    }
+    type SaMeta = PartialObjectMeta<ServiceAccount>;
+    type SecretMeta = PartialObjectMeta<Secret>;
     let rows = vec![
-        Row {
-            what: "AgentIdentity (with status)",
-            per: "identity",
-            cached: per_object::<AgentIdentity>("identity.json", cache::slim_identity),
-            received: per_object::<AgentIdentity>("identity.json", |_| {}),
-        },
-        Row {
-            what: "base ServiceAccount (metadata)",
-            per: "identity",
-            cached: per_object::<PartialObjectMeta<ServiceAccount>>("identity-serviceaccount.json", |o| {
-                cache::trim_meta(o, Keep::OWNED)
-            }),
-            received: per_object::<PartialObjectMeta<ServiceAccount>>("identity-serviceaccount.json", |_| {}),
-        },
-        Row {
-            what: "credentials Secret (metadata)",
-            per: "identity",
-            cached: per_object::<PartialObjectMeta<Secret>>("identity-secret.json", |o| {
-                cache::trim_meta(o, Keep::SECRETS)
-            }),
-            received: per_object::<PartialObjectMeta<Secret>>("identity-secret.json", |_| {}),
-        },
-        Row {
-            what: "requester Role",
-            per: "identity",
-            cached: per_object::<Role>("requester-role.json", |o| cache::trim(o, Keep::ROLES)),
-            received: per_object::<Role>("requester-role.json", |_| {}),
-        },
-        Row {
-            what: "requester RoleBinding",
-            per: "identity",
-            cached: per_object::<RoleBinding>("requester-binding.json", |o| cache::trim(o, Keep::BINDINGS)),
-            received: per_object::<RoleBinding>("requester-binding.json", |_| {}),
-        },
-        Row {
-            what: "AccessGrant (Active)",
-            per: "active grant",
-            cached: per_object::<AccessGrant>("grant-active.json", cache::slim_grant),
-            received: per_object::<AccessGrant>("grant-active.json", |_| {}),
-        },
-        Row {
-            what: "grant Role",
-            per: "active grant",
-            cached: per_object::<Role>("grant-role.json", |o| cache::trim(o, Keep::ROLES)),
-            received: per_object::<Role>("grant-role.json", |_| {}),
-        },
-        Row {
-            what: "grant RoleBinding",
-            per: "active grant",
-            cached: per_object::<RoleBinding>("grant-binding.json", |o| cache::trim(o, Keep::BINDINGS)),
-            received: per_object::<RoleBinding>("grant-binding.json", |_| {}),
-        },
-        Row {
-            what: "grant Secret (metadata)",
-            per: "active grant",
-            cached: per_object::<PartialObjectMeta<Secret>>("grant-secret.json", |o| {
-                cache::trim_meta(o, Keep::SECRETS)
-            }),
-            received: per_object::<PartialObjectMeta<Secret>>("grant-secret.json", |_| {}),
-        },
+        row::<AgentIdentity>(
+            "AgentIdentity (with status)",
+            "identity",
+            "identity.json",
+            cache::slim_identity,
+            In::Reflector,
+        ),
+        row::<SaMeta>(
+            "base ServiceAccount (metadata)",
+            "identity",
+            "identity-serviceaccount.json",
+            |o| cache::trim_meta(o, Keep::OWNED),
+            In::Lean,
+        ),
+        row::<SecretMeta>(
+            "credentials Secret (metadata)",
+            "identity",
+            "identity-secret.json",
+            |o| cache::trim_meta(o, Keep::SECRETS),
+            In::Lean,
+        ),
+        row::<Role>("requester Role", "identity", "requester-role.json", |o| cache::trim(o, Keep::ROLES), In::Lean),
+        row::<RoleBinding>(
+            "requester RoleBinding",
+            "identity",
+            "requester-binding.json",
+            |o| cache::trim(o, Keep::BINDINGS),
+            In::Lean,
+        ),
+        row::<AccessGrant>(
+            "AccessGrant (Active)",
+            "active grant",
+            "grant-active.json",
+            cache::slim_grant,
+            In::Reflector,
+        ),
+        row::<Role>("grant Role", "active grant", "grant-role.json", |o| cache::trim(o, Keep::ROLES), In::Lean),
+        row::<RoleBinding>(
+            "grant RoleBinding",
+            "active grant",
+            "grant-binding.json",
+            |o| cache::trim(o, Keep::BINDINGS),
+            In::Lean,
+        ),
+        row::<SecretMeta>(
+            "grant Secret (metadata)",
+            "active grant",
+            "grant-secret.json",
+            |o| cache::trim_meta(o, Keep::SECRETS),
+            In::Lean,
+        ),
     ];
-    println!("bytes held per cached object ({N} copies each, in a reflector store, jemalloc size classes):\n");
+    println!("bytes held per cached object ({N} copies each, jemalloc size classes):\n");
     println!("| object | per | as cached | as received |");
     println!("| --- | --- | ---: | ---: |");
     for r in &rows {

@@ -15,19 +15,17 @@
 //! the cache no longer holds is skipped on lookup).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, RwLock},
 };
 
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, Subject};
 use kube::{
     Resource, ResourceExt,
-    runtime::{
-        reflector::{ObjectRef, Store},
-        watcher,
-    },
+    runtime::{reflector::ObjectRef, watcher},
 };
 
+use super::store::Cache;
 use crate::policy::{drift, exposure::named_service_account};
 
 /// A binding: a RoleBinding (namespace, name) or a ClusterRoleBinding (None, name).
@@ -43,27 +41,28 @@ struct Entries {
     /// agentid's bindings naming only ServiceAccounts, by each ServiceAccount named.
     /// (A Vec, not a set: nearly always one binding each, and an empty set's first node is
     /// ten times the size of one entry.)
+    /// Where a binding is filed is not kept: when it changes or goes, its previous version is
+    /// still in the cache (the index is told of each event first) and says where.
     by_service_account: HashMap<ServiceAccount, Vec<Binding>>,
-    /// Where each binding is filed, to refile it when it changes.
-    filed: HashMap<Binding, Vec<ServiceAccount>>,
+}
+
+/// The ServiceAccounts a binding of agentid's shape is filed under (None: it is scanned).
+fn accounts(b: &impl Indexed) -> Option<Vec<(&str, &str)>> {
+    let ns = b.meta().namespace.as_deref();
+    b.subjects().iter().map(|s| named_service_account(s, ns)).collect::<Option<Vec<_>>>().filter(|_| b.agentids_own())
 }
 
 impl Entries {
-    fn insert(&mut self, binding: Binding, ours: bool, subjects: &[Subject]) {
-        self.remove(&binding);
-        let accounts: Option<Vec<ServiceAccount>> = subjects
-            .iter()
-            .map(|s| named_service_account(s, binding.0.as_deref()).map(|(ns, n)| (ns.to_string(), n.to_string())))
-            .collect();
-        match accounts.filter(|_| ours) {
+    fn insert(&mut self, b: &impl Indexed) {
+        let binding = binding_of(b);
+        match accounts(b) {
             Some(accounts) => {
-                for account in &accounts {
-                    let filed = self.by_service_account.entry(account.clone()).or_default();
+                for (ns, name) in accounts {
+                    let filed = self.by_service_account.entry((ns.to_string(), name.to_string())).or_default();
                     if !filed.contains(&binding) {
                         filed.push(binding.clone());
                     }
                 }
-                self.filed.insert(binding, accounts);
             }
             None => {
                 self.scan.insert(binding);
@@ -71,13 +70,17 @@ impl Entries {
         }
     }
 
-    fn remove(&mut self, binding: &Binding) {
-        self.scan.remove(binding);
-        for account in self.filed.remove(binding).unwrap_or_default() {
-            if let Some(filed) = self.by_service_account.get_mut(&account) {
-                filed.retain(|b| b != binding);
-                if filed.is_empty() {
-                    self.by_service_account.remove(&account);
+    /// Takes out `b` as it was filed (by that version's subjects).
+    fn remove(&mut self, b: &impl Indexed) {
+        let binding = binding_of(b);
+        if !self.scan.remove(&binding) {
+            for (ns, name) in accounts(b).unwrap_or_default() {
+                let account = (ns.to_string(), name.to_string());
+                if let Some(filed) = self.by_service_account.get_mut(&account) {
+                    filed.retain(|f| *f != binding);
+                    if filed.is_empty() {
+                        self.by_service_account.remove(&account);
+                    }
                 }
             }
         }
@@ -87,10 +90,9 @@ impl Entries {
 #[derive(Default)]
 struct Inner {
     current: Entries,
-    /// While a watch re-lists: the bindings of that kind listed so far, filed afresh; at the end
-    /// they replace that kind's part of `current` (and are filed in `current` too meanwhile, so
-    /// lookups never miss them).
-    relisting: [Option<Entries>; 2],
+    /// While a watch re-lists: the bindings of that kind listed so far (filed in `current` as
+    /// they come); at the end, the cached ones no longer listed are taken out.
+    relisting: [Option<HashSet<Binding>>; 2],
 }
 
 /// The bindings by the ServiceAccounts they reach (see the module documentation).
@@ -140,34 +142,49 @@ fn binding_of<K: Indexed>(b: &K) -> Binding {
 }
 
 impl BindingIndex {
-    /// Records one watch event of either binding kind (call before the cache applies it).
-    pub(crate) fn observe<K: Indexed>(&self, event: &watcher::Event<K>) {
+    /// Records one watch event of either binding kind. Call it before `cache` (the cache of that
+    /// kind) applies the event: what the cache holds then is how each binding was filed.
+    pub(crate) fn observe<K: Indexed>(&self, event: &watcher::Event<K>, cache: &Cache<K>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
+        let cached = |b: &K| {
+            let at = ObjectRef::<K>::new(&b.name_any());
+            cache.get(&match b.namespace() {
+                Some(ns) => at.within(&ns),
+                None => at,
+            })
+        };
         match event {
-            watcher::Event::Apply(b) => inner.current.insert(binding_of(b), b.agentids_own(), b.subjects()),
-            watcher::Event::Delete(b) => inner.current.remove(&binding_of(b)),
-            watcher::Event::Init => inner.relisting[K::SLOT] = Some(Entries::default()),
+            watcher::Event::Apply(b) => {
+                if let Some(before) = cached(b) {
+                    inner.current.remove(before.as_ref());
+                }
+                inner.current.insert(b);
+            }
+            watcher::Event::Delete(b) => {
+                if let Some(before) = cached(b) {
+                    inner.current.remove(before.as_ref());
+                }
+                inner.current.remove(b);
+            }
+            watcher::Event::Init => inner.relisting[K::SLOT] = Some(HashSet::new()),
             watcher::Event::InitApply(b) => {
-                inner.current.insert(binding_of(b), b.agentids_own(), b.subjects());
-                if let Some(fresh) = inner.relisting[K::SLOT].as_mut() {
-                    fresh.insert(binding_of(b), b.agentids_own(), b.subjects());
+                // The cache shows its listing only once complete: until then, the version before.
+                if let Some(before) = cached(b) {
+                    inner.current.remove(before.as_ref());
+                }
+                inner.current.insert(b);
+                if let Some(listed) = inner.relisting[K::SLOT].as_mut() {
+                    listed.insert(binding_of(b));
                 }
             }
             watcher::Event::InitDone => {
-                let Some(fresh) = inner.relisting[K::SLOT].take() else { return };
-                // This kind's bindings no longer listed are dropped; the other kind's stay.
-                let stale: Vec<Binding> = inner
-                    .current
-                    .scan
-                    .iter()
-                    .chain(inner.current.filed.keys())
-                    .filter(|b| b.0.is_some() == (K::SLOT == 0))
-                    .filter(|b| !fresh.scan.contains(*b) && !fresh.filed.contains_key(*b))
-                    .cloned()
-                    .collect();
-                for b in &stale {
-                    inner.current.remove(b);
+                let Some(listed) = inner.relisting[K::SLOT].take() else { return };
+                // Cached, not listed again: gone meanwhile.
+                for before in cache.state() {
+                    if !listed.contains(&binding_of(before.as_ref())) {
+                        inner.current.remove(before.as_ref());
+                    }
                 }
             }
         }
@@ -177,8 +194,8 @@ impl BindingIndex {
     /// binding of the scan set, and agentid's naming one of them.
     pub(crate) fn candidates(
         &self,
-        role_bindings: &Store<RoleBinding>,
-        cluster_role_bindings: &Store<ClusterRoleBinding>,
+        role_bindings: &Cache<RoleBinding>,
+        cluster_role_bindings: &Cache<ClusterRoleBinding>,
         accounts: &[(&str, &str)],
     ) -> Candidates {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -200,7 +217,7 @@ impl BindingIndex {
 
 #[cfg(test)]
 mod tests {
-    use kube::runtime::{reflector, watcher::Event};
+    use kube::runtime::watcher::Event;
     use serde_json::json;
 
     use super::*;
@@ -295,11 +312,11 @@ mod tests {
         for seed in 1..=300u64 {
             let mut g = Gen::typed(seed);
             let index = BindingIndex::default();
-            let (rb_store, mut rb_writer) = reflector::store::<RoleBinding>();
-            let (crb_store, mut crb_writer) = reflector::store::<ClusterRoleBinding>();
+            let (rb_store, mut rb_writer) = crate::controller::store::cache::<RoleBinding>();
+            let (crb_store, mut crb_writer) = crate::controller::store::cache::<ClusterRoleBinding>();
             let mut feed_rb = |e: Event<RoleBinding>| {
-                index.observe(&e);
-                rb_writer.apply_watcher_event(&e);
+                index.observe(&e, &rb_store);
+                rb_writer.apply(&e);
             };
             feed_rb(Event::Init);
             for i in 0..g.below(30) as usize {
@@ -322,8 +339,8 @@ mod tests {
                 }
             }
             let mut feed_crb = |e: Event<ClusterRoleBinding>| {
-                index.observe(&e);
-                crb_writer.apply_watcher_event(&e);
+                index.observe(&e, &crb_store);
+                crb_writer.apply(&e);
             };
             feed_crb(Event::Init);
             for i in 0..g.below(8) as usize {
@@ -395,11 +412,11 @@ mod tests {
             }))
             .expect("RoleBinding")
         };
-        let (store, mut writer) = reflector::store::<RoleBinding>();
-        let (crbs, _) = reflector::store::<ClusterRoleBinding>();
+        let (store, mut writer) = crate::controller::store::cache::<RoleBinding>();
+        let (crbs, _) = crate::controller::store::cache::<ClusterRoleBinding>();
         let mut feed = |e: Event<RoleBinding>| {
-            index.observe(&e);
-            writer.apply_watcher_event(&e);
+            index.observe(&e, &store);
+            writer.apply(&e);
         };
         feed(Event::Apply(ours(json!({"kind": "ServiceAccount", "name": "agentid-grant-g"}))));
         let found = |accounts: &[(&str, &str)]| sorted(index.candidates(&store, &crbs, accounts).role_bindings);
@@ -418,6 +435,9 @@ mod tests {
         assert!(index.inner.read().unwrap().current.by_service_account.is_empty(), "refiled, not kept twice");
         feed(Event::Delete(ours(json!({"kind": "Group", "name": "system:serviceaccounts"}))));
         let inner = index.inner.read().unwrap();
-        assert!(inner.current.scan.is_empty() && inner.current.filed.is_empty(), "nothing kept once deleted");
+        assert!(
+            inner.current.scan.is_empty() && inner.current.by_service_account.is_empty(),
+            "nothing kept once deleted"
+        );
     }
 }

@@ -18,13 +18,16 @@ use kube::{
     api::PartialObjectMeta,
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        reflector::Store,
         watcher::{self, watcher},
     },
 };
 use tracing::warn;
 
-use super::binding_index::{BindingIndex, Indexed};
+use super::{
+    binding_index::{BindingIndex, Indexed},
+    store::{self, Cache, Filler},
+};
 use crate::{
     api::{AccessGrant, AccessGrantStatus, AgentIdentity},
     policy::{approval, decide, drift, exposure, install::Installation},
@@ -34,16 +37,16 @@ use crate::{
 #[derive(Clone)]
 pub struct ClusterView {
     /// Every Role.
-    pub roles: Store<Role>,
+    pub roles: Cache<Role>,
     /// Every ClusterRole.
-    pub cluster_roles: Store<ClusterRole>,
-    /// Secret metadata: one store for the whole cluster, or one per namespace of a confined
+    pub cluster_roles: Cache<ClusterRole>,
+    /// Secret metadata: one cache for the whole cluster, or one per namespace of a confined
     /// installation (its RBAC reaches no further).
-    pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+    pub secrets: Vec<Cache<PartialObjectMeta<Secret>>>,
     /// Every RoleBinding.
-    pub role_bindings: Store<RoleBinding>,
+    pub role_bindings: Cache<RoleBinding>,
     /// Every ClusterRoleBinding.
-    pub cluster_role_bindings: Store<ClusterRoleBinding>,
+    pub cluster_role_bindings: Cache<ClusterRoleBinding>,
 }
 
 /// Role, binding and Secret changes (deletions too), each yielded only once the caches hold it: a
@@ -181,27 +184,36 @@ pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
     prepare: impl FnMut(&mut K) + Send + 'static,
-) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
+) -> (Cache<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    cached_observed(api, config, prepare, |_| {})
+    cached_observed(api, config, prepare, |_, _| {})
 }
 
-/// [`cached`], with `observe` called on each watch event just before the cache applies it.
+/// [`cached`], with `observe` given each watch event and the cache just before the cache
+/// applies it.
 fn cached_observed<K>(
     api: Api<K>,
     config: watcher::Config,
     prepare: impl FnMut(&mut K) + Send + 'static,
-    observe: impl Fn(&watcher::Event<K>) + Send + 'static,
-) -> (Store<K>, BoxStream<'static, watcher::Result<K>>)
+    observe: impl Fn(&watcher::Event<K>, &Cache<K>) + Send + 'static,
+) -> (Cache<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store();
-    let stream =
-        watcher(api, config).modify(prepare).default_backoff().inspect_ok(observe).reflect(writer).touched_objects();
-    (store, stream.boxed())
+    let (cache, mut filler) = store::cache();
+    let before = cache.clone();
+    let stream = watcher(api, config)
+        .modify(prepare)
+        .default_backoff()
+        .inspect_ok(move |event| observe(event, &before))
+        .map_ok(move |event| {
+            filler.apply(&event);
+            event
+        })
+        .touched_objects();
+    (cache, stream.boxed())
 }
 
 /// One watch's objects handed to several consumers (each controller's trigger stream), each
@@ -254,11 +266,11 @@ impl ClusterView {
     pub(crate) fn start(client: &Client, installation: &Installation, index: Arc<BindingIndex>) -> (Self, Changes) {
         let (roles, role_changes) =
             cached(Api::<Role>::all(client.clone()), watcher::Config::default(), |r| trim(r, Keep::ROLES));
-        let (cluster_roles, writer) = reflector::store();
+        let (cluster_roles, filler) = store::cache();
         spawn(
             "ClusterRoles",
             watcher(Api::<ClusterRole>::all(client.clone()), watcher::Config::default()),
-            writer,
+            filler,
             Keep::ROLES,
         );
         let apis = match installation.namespaces() {
@@ -293,12 +305,15 @@ impl ClusterView {
 
     /// Whether the binding stores have their first full list.
     pub fn bindings_ready(&self) -> bool {
-        ready(&self.role_bindings) && ready(&self.cluster_role_bindings)
+        self.role_bindings.is_ready() && self.cluster_role_bindings.is_ready()
     }
 
     /// Whether every store has its first full list.
     pub fn ready(&self) -> bool {
-        ready(&self.roles) && ready(&self.cluster_roles) && self.secrets.iter().all(ready) && self.bindings_ready()
+        self.roles.is_ready()
+            && self.cluster_roles.is_ready()
+            && self.secrets.iter().all(Cache::is_ready)
+            && self.bindings_ready()
     }
 }
 
@@ -308,19 +323,22 @@ pub fn ready<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> bool {
 }
 
 /// Feeds a binding watch's events to `index`.
-fn observer<K: Indexed>(index: Arc<BindingIndex>) -> impl Fn(&watcher::Event<K>) + Send + 'static {
-    move |event| index.observe(event)
+fn observer<K: Indexed>(index: Arc<BindingIndex>) -> impl Fn(&watcher::Event<K>, &Cache<K>) + Send + 'static {
+    move |event, cache| index.observe(event, cache)
 }
 
 fn spawn<K>(
     what: &'static str,
     stream: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
-    writer: reflector::store::Writer<K>,
+    mut filler: Filler<K>,
     keep: Keep,
 ) where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let stream = stream.modify(move |obj| trim(obj, keep)).default_backoff().reflect(writer);
+    let stream = stream.modify(move |obj| trim(obj, keep)).default_backoff().map_ok(move |event| {
+        filler.apply(&event);
+        event
+    });
     tokio::spawn(stream.for_each(move |event| {
         if let Err(e) = event {
             warn!(watch = what, error = %e, "watch failed; retrying with backoff");
@@ -385,7 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fan_out_hands_on_an_object_deleted_before_it_was_read() {
-        let (store, mut writer) = reflector::store::<AccessGrant>();
+        let (store, mut writer) = kube::runtime::reflector::store::<AccessGrant>();
         let (mut fan, mut streams) = FanOut::new(store, 2, 8);
         let (a, b) = (with(GrantPhase::Active, false), {
             let mut b = with(GrantPhase::Active, false);

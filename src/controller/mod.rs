@@ -7,6 +7,7 @@ mod grant;
 mod grant_index;
 mod identity;
 mod startup;
+pub mod store;
 mod triggers;
 
 use std::{
@@ -131,7 +132,7 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct OwnedCaches {
     /// The base ServiceAccounts, metadata only: only whether each exists is read.
-    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub service_accounts: store::Cache<PartialObjectMeta<ServiceAccount>>,
 }
 
 /// How long an identity's base objects, once applied, are trusted from the caches before they
