@@ -18,6 +18,7 @@ use std::{
 use agentid::{
     api::{AccessGrant, AgentIdentity},
     controller::{
+        binding_index::BindingIndex,
         cache::{self, Keep},
         store,
     },
@@ -126,6 +127,40 @@ where
     (after - before) as f64 / N as f64
 }
 
+/// The bytes the binding index holds per binding of `file` (its entries only; the bindings are
+/// in their cache).
+fn index_entry(file: &str) -> f64 {
+    let path = format!("{}/benches/footprint/{file}", env!("CARGO_MANIFEST_DIR"));
+    let template: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the fixture")).expect("JSON");
+    let (name, sa) = (
+        template["metadata"]["name"].as_str().expect("a name"),
+        template["subjects"][0]["name"].as_str().expect("a subject"),
+    );
+    let bindings: Vec<RoleBinding> = (0..N)
+        .map(|i| {
+            // Each of agentid's shape: named for its ServiceAccount (a grant's) or its identity.
+            let mut b = template.clone();
+            b["metadata"]["name"] = name.replace(sa, &format!("{sa}{i:05}")).into();
+            b["roleRef"]["name"] = b["metadata"]["name"].clone();
+            b["subjects"][0]["name"] = format!("{sa}{i:05}").into();
+            let mut b: RoleBinding = serde_json::from_value(b).expect("a RoleBinding");
+            cache::trim(&mut b, Keep::BINDINGS);
+            b
+        })
+        .collect();
+    let (cache, _) = store::cache::<RoleBinding>();
+    let index = BindingIndex::default();
+    let events: Vec<Event<RoleBinding>> = bindings.into_iter().map(Event::Apply).collect();
+    let before = LIVE.load(Ordering::Relaxed);
+    for event in &events {
+        index.observe(event, &cache);
+    }
+    let after = LIVE.load(Ordering::Relaxed);
+    drop(index);
+    (after - before) as f64 / N as f64
+}
+
 struct Row {
     what: &'static str,
     per: &'static str,
@@ -146,6 +181,7 @@ where
 fn main() {
     type SaMeta = PartialObjectMeta<ServiceAccount>;
     type SecretMeta = PartialObjectMeta<Secret>;
+    let index = |what, per, file| Row { what, per, cached: index_entry(file), received: 0.0 };
     let rows = vec![
         row::<AgentIdentity>(
             "AgentIdentity (with status)",
@@ -176,6 +212,7 @@ fn main() {
             |o| cache::trim(o, Keep::BINDINGS),
             In::Lean,
         ),
+        index("requester RoleBinding: its binding index entry", "identity", "requester-binding.json"),
         row::<AccessGrant>(
             "AccessGrant (Active)",
             "active grant",
@@ -198,6 +235,7 @@ fn main() {
             |o| cache::trim_meta(o, Keep::SECRETS),
             In::Lean,
         ),
+        index("grant RoleBinding: its binding index entry", "active grant", "grant-binding.json"),
     ];
     println!("bytes held per cached object ({N} copies each, jemalloc size classes):\n");
     println!("| object | per | as cached | as received |");

@@ -97,7 +97,7 @@ struct Inner {
 
 /// The bindings by the ServiceAccounts they reach (see the module documentation).
 #[derive(Default)]
-pub(crate) struct BindingIndex {
+pub struct BindingIndex {
     inner: RwLock<Inner>,
 }
 
@@ -109,7 +109,7 @@ pub(crate) struct Candidates {
 }
 
 /// What the index needs of a binding kind.
-pub(crate) trait Indexed: Resource<DynamicType = ()> + Clone {
+pub trait Indexed: Resource<DynamicType = ()> + Clone {
     /// 0 for RoleBindings, 1 for ClusterRoleBindings.
     const SLOT: usize;
     fn subjects(&self) -> &[Subject];
@@ -144,7 +144,7 @@ fn binding_of<K: Indexed>(b: &K) -> Binding {
 impl BindingIndex {
     /// Records one watch event of either binding kind. Call it before `cache` (the cache of that
     /// kind) applies the event: what the cache holds then is how each binding was filed.
-    pub(crate) fn observe<K: Indexed>(&self, event: &watcher::Event<K>, cache: &Cache<K>) {
+    pub fn observe<K: Indexed>(&self, event: &watcher::Event<K>, cache: &Cache<K>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         let cached = |b: &K| {

@@ -1,7 +1,7 @@
 //! The operator: one reconciler per kind. Each observes, asks `policy` what to do, applies it
 //! with server-side apply under one field manager, and writes status conditions.
 
-mod binding_index;
+pub mod binding_index;
 pub mod cache;
 mod grant;
 mod grant_index;
