@@ -1,14 +1,17 @@
 //! What each object the operator caches costs in memory: a benchmark program (no control plane),
-//! run with `cargo bench --bench footprint`. Not a timed test; it asserts nothing.
+//! run with `cargo bench --bench footprint`. Not a timed test: it asserts only that every copy
+//! was cached.
 //!
 //! For each kind of object agentid caches per identity and per active grant, it takes the object
 //! as the apiserver sent it (`benches/footprint/*.json`, recorded from `hack/demo`: managed fields
-//! and all, never Secret data), makes `N` copies with distinct names and uids, passes each through
-//! what the operator does to it on the way into its cache (`controller::cache`: trimmed or slimmed
-//! the same way) and into a kube reflector store, and counts the bytes the allocator holds after
-//! (its size classes included, through jemalloc's usable size). It prints bytes per object, as
-//! cached and as received, and what that comes to per identity, per active grant and at
-//! docs/benchmarks.md's full size.
+//! and all, never Secret data), makes 10,000 copies with distinct names and uids, passes each
+//! through what the operator does to it on the way into its cache (`controller::cache`: trimmed
+//! or slimmed the same way) and into the same kind of cache (kube's reflector store for grants and
+//! identities, `controller::store` for the cluster-wide caches), and counts the bytes the
+//! allocator holds after (its size classes included, through jemalloc's usable size). Also the
+//! binding index's entry for each of agentid's bindings. It prints bytes per object, as cached and
+//! as received (whole, in a reflector store), and what that comes to per identity, per active
+//! grant and at docs/benchmarks.md's full size.
 
 use std::{
     alloc::{GlobalAlloc, Layout},
@@ -80,7 +83,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-const N: usize = 10_000;
+/// Copies of each object: 10,000 under `cargo bench`; under `cargo test --all-targets` (which
+/// runs this program without `--bench`) a quick check that every fixture still goes through.
+fn copies() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| if std::env::args().any(|a| a == "--bench") { 10_000 } else { 100 })
+}
 
 /// Where an object is cached: kube's reflector store (grants and identities, which feed the
 /// controllers), or agentid's lean cache (`controller::store`: the cluster-wide caches).
@@ -90,7 +98,7 @@ enum In {
     Lean,
 }
 
-/// The fixture `file` (an object as the apiserver sent it), `N` times with distinct names and
+/// The fixture `file` (an object as the apiserver sent it), [`copies`] times with distinct names and
 /// uids, each given to `prepare` and then to a cache: the bytes held per object.
 fn per_object<K>(file: &str, prepare: impl Fn(&mut K), held_in: In) -> f64
 where
@@ -102,7 +110,8 @@ where
     let name = template["metadata"]["name"].as_str().expect("a name").to_string();
     let uid = template["metadata"]["uid"].as_str().expect("a uid").to_string();
     // Each copy is deserialized from its own text, as a watch event is.
-    let texts: Vec<String> = (0..N)
+    let n = copies();
+    let texts: Vec<String> = (0..n)
         .map(|i| {
             let mut obj = template.clone();
             obj["metadata"]["name"] = format!("{name}-{i:05}").into();
@@ -122,9 +131,9 @@ where
         }
     }
     let after = LIVE.load(Ordering::Relaxed);
-    assert_eq!(store.state().len() + cache.state().len(), N);
+    assert_eq!(store.state().len() + cache.state().len(), n, "{file}: every copy cached");
     drop((store, writer, cache, filler));
-    (after - before) as f64 / N as f64
+    (after - before) as f64 / n as f64
 }
 
 /// The bytes the binding index holds per binding of `file` (its entries only; the bindings are
@@ -137,7 +146,8 @@ fn index_entry(file: &str) -> f64 {
         template["metadata"]["name"].as_str().expect("a name"),
         template["subjects"][0]["name"].as_str().expect("a subject"),
     );
-    let bindings: Vec<RoleBinding> = (0..N)
+    let n = copies();
+    let bindings: Vec<RoleBinding> = (0..n)
         .map(|i| {
             // Each of agentid's shape: named for its ServiceAccount (a grant's) or its identity.
             let mut b = template.clone();
@@ -158,7 +168,7 @@ fn index_entry(file: &str) -> f64 {
     }
     let after = LIVE.load(Ordering::Relaxed);
     drop(index);
-    (after - before) as f64 / N as f64
+    (after - before) as f64 / n as f64
 }
 
 struct Row {
@@ -237,7 +247,7 @@ fn main() {
         ),
         index("grant RoleBinding: its binding index entry", "active grant", "grant-binding.json"),
     ];
-    println!("bytes held per cached object ({N} copies each, jemalloc size classes):\n");
+    println!("bytes held per cached object ({} copies each, jemalloc size classes):\n", copies());
     println!("| object | per | as cached | as received |");
     println!("| --- | --- | ---: | ---: |");
     for r in &rows {

@@ -11,11 +11,15 @@
 //! them: a superset of the bindings that reach them, which the analysis then checks as before.
 //!
 //! The index holds references only; objects are read from the caches. It is fed each watch event
-//! just before the cache applies it, so it never lacks a binding the cache holds (a reference
-//! the cache no longer holds is skipped on lookup).
+//! just before the cache applies it, so it never lacks a binding the cache holds; where a binding
+//! was filed is not kept, since the cache still holds the version that was (about 300 bytes a
+//! binding at scale). A listing's bindings are filed as they come, before the cache shows them;
+//! when the listing is in, that kind is filed afresh from the cache, which also takes out what
+//! a listing broken off midway left. Until then it may hold references the cache no longer
+//! holds, skipped on lookup, or extra candidates, which the analysis checks like any other.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     sync::{Arc, RwLock},
 };
 
@@ -87,18 +91,10 @@ impl Entries {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    current: Entries,
-    /// While a watch re-lists: the bindings of that kind listed so far (filed in `current` as
-    /// they come); at the end, the cached ones no longer listed are taken out.
-    relisting: [Option<HashSet<Binding>>; 2],
-}
-
 /// The bindings by the ServiceAccounts they reach (see the module documentation).
 #[derive(Default)]
 pub struct BindingIndex {
-    inner: RwLock<Inner>,
+    inner: RwLock<Entries>,
 }
 
 /// The candidates for an analysis, read from the caches.
@@ -146,7 +142,6 @@ impl BindingIndex {
     /// kind) applies the event: what the cache holds then is how each binding was filed.
     pub fn observe<K: Indexed>(&self, event: &watcher::Event<K>, cache: &Cache<K>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let inner = &mut *inner;
         let cached = |b: &K| {
             let at = ObjectRef::<K>::new(&b.name_any());
             cache.get(&match b.namespace() {
@@ -155,38 +150,38 @@ impl BindingIndex {
             })
         };
         match event {
-            watcher::Event::Apply(b) => {
+            // A listing files what it lists as it comes (the cache shows it only once complete);
+            // when the cache has it all, [`Self::relisted`] files that kind afresh.
+            watcher::Event::Apply(b) | watcher::Event::InitApply(b) => {
                 if let Some(before) = cached(b) {
-                    inner.current.remove(before.as_ref());
+                    inner.remove(before.as_ref());
                 }
-                inner.current.insert(b);
+                inner.insert(b);
             }
             watcher::Event::Delete(b) => {
                 if let Some(before) = cached(b) {
-                    inner.current.remove(before.as_ref());
+                    inner.remove(before.as_ref());
                 }
-                inner.current.remove(b);
+                inner.remove(b);
             }
-            watcher::Event::Init => inner.relisting[K::SLOT] = Some(HashSet::new()),
-            watcher::Event::InitApply(b) => {
-                // The cache shows its listing only once complete: until then, the version before.
-                if let Some(before) = cached(b) {
-                    inner.current.remove(before.as_ref());
-                }
-                inner.current.insert(b);
-                if let Some(listed) = inner.relisting[K::SLOT].as_mut() {
-                    listed.insert(binding_of(b));
-                }
-            }
-            watcher::Event::InitDone => {
-                let Some(listed) = inner.relisting[K::SLOT].take() else { return };
-                // Cached, not listed again: gone meanwhile.
-                for before in cache.state() {
-                    if !listed.contains(&binding_of(before.as_ref())) {
-                        inner.current.remove(before.as_ref());
-                    }
-                }
-            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+    }
+
+    /// Files `cache`'s kind afresh from what it holds: call it once the cache has applied a
+    /// listing's end. Until then the index holds every listed binding and perhaps some no longer
+    /// there (extra candidates, which the analysis checks anyway); this takes those out, and what
+    /// an interrupted listing left behind too.
+    pub fn relisted<K: Indexed>(&self, cache: &Cache<K>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let of_kind = |b: &Binding| b.0.is_some() == (K::SLOT == 0);
+        inner.scan.retain(|b| !of_kind(b));
+        inner.by_service_account.retain(|_, filed| {
+            filed.retain(|b| !of_kind(b));
+            !filed.is_empty()
+        });
+        for b in cache.state() {
+            inner.insert(b.as_ref());
         }
     }
 
@@ -199,10 +194,10 @@ impl BindingIndex {
         accounts: &[(&str, &str)],
     ) -> Candidates {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let mut wanted: BTreeSet<&Binding> = inner.current.scan.iter().collect();
+        let mut wanted: BTreeSet<&Binding> = inner.scan.iter().collect();
         for (ns, name) in accounts {
             let key = (ns.to_string(), name.to_string());
-            wanted.extend(inner.current.by_service_account.get(&key).into_iter().flatten());
+            wanted.extend(inner.by_service_account.get(&key).into_iter().flatten());
         }
         let mut out = Candidates::default();
         for (ns, name) in wanted {
@@ -317,6 +312,9 @@ mod tests {
             let mut feed_rb = |e: Event<RoleBinding>| {
                 index.observe(&e, &rb_store);
                 rb_writer.apply(&e);
+                if matches!(e, Event::InitDone) {
+                    index.relisted(&rb_store);
+                }
             };
             feed_rb(Event::Init);
             for i in 0..g.below(30) as usize {
@@ -341,6 +339,9 @@ mod tests {
             let mut feed_crb = |e: Event<ClusterRoleBinding>| {
                 index.observe(&e, &crb_store);
                 crb_writer.apply(&e);
+                if matches!(e, Event::InitDone) {
+                    index.relisted(&crb_store);
+                }
             };
             feed_crb(Event::Init);
             for i in 0..g.below(8) as usize {
@@ -432,12 +433,54 @@ mod tests {
         // Changed to name a group: now every analysis reads it.
         feed(Event::Apply(ours(json!({"kind": "Group", "name": "system:serviceaccounts"}))));
         assert_eq!(found(&[("agents", "agentid-fixer")]).len(), 1);
-        assert!(index.inner.read().unwrap().current.by_service_account.is_empty(), "refiled, not kept twice");
+        assert!(index.inner.read().unwrap().by_service_account.is_empty(), "refiled, not kept twice");
         feed(Event::Delete(ours(json!({"kind": "Group", "name": "system:serviceaccounts"}))));
         let inner = index.inner.read().unwrap();
-        assert!(
-            inner.current.scan.is_empty() && inner.current.by_service_account.is_empty(),
-            "nothing kept once deleted"
-        );
+        assert!(inner.scan.is_empty() && inner.by_service_account.is_empty(), "nothing kept once deleted");
+    }
+
+    /// The index as sets, to compare two built differently.
+    fn snapshot(index: &BindingIndex) -> (BTreeSet<Binding>, BTreeSet<(ServiceAccount, Binding)>) {
+        let entries = index.inner.read().unwrap();
+        let filed = entries.by_service_account.iter().flat_map(|(sa, bs)| bs.iter().map(|b| (sa.clone(), b.clone())));
+        (entries.scan.clone(), filed.collect())
+    }
+
+    #[test]
+    fn an_interrupted_relisting_leaves_nothing_behind() {
+        let ours = |name: &str, sa: &str| -> RoleBinding {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "agents"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": "agents"}]
+            }))
+            .expect("RoleBinding")
+        };
+        let index = BindingIndex::default();
+        let (store, mut writer) = crate::controller::store::cache::<RoleBinding>();
+        let mut feed = |e: Event<RoleBinding>| {
+            index.observe(&e, &store);
+            writer.apply(&e);
+            if matches!(e, Event::InitDone) {
+                index.relisted(&store);
+            }
+        };
+        feed(Event::Init);
+        feed(Event::InitApply(ours("agentid-grant-a-1", "agentid-grant-a-1")));
+        feed(Event::InitDone);
+        // A listing broken off after two objects (a page failed), then listed again: `a` now
+        // names another account (still of its shape, then not), `b` is gone before the second.
+        feed(Event::Init);
+        feed(Event::InitApply(ours("agentid-grant-a-1", "agentid-grant-x-1")));
+        feed(Event::InitApply(ours("agentid-grant-b-2", "agentid-grant-b-2")));
+        feed(Event::Init);
+        feed(Event::InitApply(ours("agentid-grant-a-1", "default")));
+        feed(Event::InitDone);
+        // As if built from the cache alone.
+        let fresh = BindingIndex::default();
+        fresh.relisted(&store);
+        assert_eq!(store.state().len(), 1);
+        assert_eq!(snapshot(&index), snapshot(&fresh), "no entry of the broken-off listing is left");
+        assert!(snapshot(&index).1.is_empty(), "`a` no longer has agentid's shape: scanned");
     }
 }

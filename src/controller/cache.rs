@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     api::{AccessGrant, AccessGrantStatus, AgentIdentity},
-    policy::{approval, decide, drift, exposure, install::Installation},
+    policy::{approval, decide, drift, exposure, install::Installation, names},
 };
 
 /// Read-only views of the cached objects.
@@ -59,7 +59,7 @@ pub struct Changes {
     pub role_bindings: BoxStream<'static, watcher::Result<RoleBinding>>,
     /// ClusterRoleBindings made, changed or deleted.
     pub cluster_role_bindings: BoxStream<'static, watcher::Result<ClusterRoleBinding>>,
-    /// Secrets (metadata) made, changed or deleted, one stream per store of [`ClusterView::secrets`].
+    /// Secrets (metadata) made, changed or deleted, one stream per cache of [`ClusterView::secrets`].
     pub secrets: Vec<BoxStream<'static, watcher::Result<PartialObjectMeta<Secret>>>>,
 }
 
@@ -126,7 +126,7 @@ pub fn trim<K: Resource>(obj: &mut K, keep: Keep) {
     // A map costs its first node (some 600 bytes) however few entries it has, an owner reference
     // a few hundred: most cached objects keep neither.
     let owners = meta.owner_references.take().filter(|_| keep.owners).map(|mut owners| {
-        owners.retain(|o| o.kind == "AgentIdentity" && o.api_version.starts_with(crate::api::GROUP));
+        owners.retain(|o| o.kind == "AgentIdentity" && names::agentid_api_version(&o.api_version));
         owners
     });
     let owners = owners.filter(|o| !o.is_empty());
@@ -188,28 +188,29 @@ pub fn cached<K>(
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    cached_observed(api, config, prepare, |_, _| {})
+    cached_observed(api, config, prepare, |_, _, _| {})
 }
 
-/// [`cached`], with `observe` given each watch event and the cache just before the cache
-/// applies it.
+/// [`cached`], with `observe` given each watch event and the cache twice: just before the
+/// cache applies it (`true`), and just after (`false`).
 fn cached_observed<K>(
     api: Api<K>,
     config: watcher::Config,
     prepare: impl FnMut(&mut K) + Send + 'static,
-    observe: impl Fn(&watcher::Event<K>, &Cache<K>) + Send + 'static,
+    observe: impl Fn(&watcher::Event<K>, &Cache<K>, bool) + Send + 'static,
 ) -> (Cache<K>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (cache, mut filler) = store::cache();
-    let before = cache.clone();
+    let seen = cache.clone();
     let stream = watcher(api, config)
         .modify(prepare)
         .default_backoff()
-        .inspect_ok(move |event| observe(event, &before))
         .map_ok(move |event| {
+            observe(&event, &seen, true);
             filler.apply(&event);
+            observe(&event, &seen, false);
             event
         })
         .touched_objects();
@@ -323,8 +324,12 @@ pub fn ready<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> bool {
 }
 
 /// Feeds a binding watch's events to `index`.
-fn observer<K: Indexed>(index: Arc<BindingIndex>) -> impl Fn(&watcher::Event<K>, &Cache<K>) + Send + 'static {
-    move |event, cache| index.observe(event, cache)
+fn observer<K: Indexed>(index: Arc<BindingIndex>) -> impl Fn(&watcher::Event<K>, &Cache<K>, bool) + Send + 'static {
+    move |event, cache, before| match (event, before) {
+        (_, true) => index.observe(event, cache),
+        (watcher::Event::InitDone, false) => index.relisted(cache),
+        _ => {}
+    }
 }
 
 fn spawn<K>(
@@ -356,10 +361,7 @@ mod tests {
     use super::*;
     use crate::{
         api::GrantPhase,
-        policy::{
-            names,
-            testing::{grant, rule},
-        },
+        policy::testing::{grant, rule},
     };
 
     fn with(phase: GrantPhase, revoked: bool) -> AccessGrant {

@@ -134,11 +134,8 @@ impl<K: Resource> Filler<K> {
         let state = &self.shared.state;
         match event {
             watcher::Event::Init => self.listing = Some(Table::new()),
-            watcher::Event::InitApply(obj) => match self.listing.as_mut() {
-                Some(listing) => listing.insert(state, obj.clone()),
-                // A listing's objects without its start (never seen): keep them anyway.
-                None => self.write().insert(state, obj.clone()),
-            },
+            // (A listing's objects without its start, never seen: gathered all the same.)
+            watcher::Event::InitApply(obj) => self.listing.get_or_insert_with(Table::new).insert(state, obj.clone()),
             watcher::Event::InitDone => {
                 if let Some(listing) = self.listing.take() {
                     *self.write() = listing;

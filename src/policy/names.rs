@@ -48,7 +48,10 @@ pub fn identity_credentials_secret(identity: &str) -> String {
 /// The identity whose credentials Secret `secret` is named as (a name tells which Secrets are
 /// agentid's to a reader of findings; it proves nothing, and nothing is exempted by it).
 pub fn credentials_secret_identity(secret: &str) -> Option<&str> {
-    secret.strip_prefix("agentid-")?.strip_suffix("-credentials").filter(|s| !s.is_empty() && !s.starts_with("grant-"))
+    secret
+        .strip_prefix("agentid-")?
+        .strip_suffix("-credentials")
+        .filter(|s| !s.is_empty() && *s != "grant" && !s.starts_with("grant-"))
 }
 
 /// How the objects of a grant are named: [`grant_object_name`].
@@ -101,7 +104,13 @@ pub fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
     meta.owner_references
         .iter()
         .flatten()
-        .any(|o| o.kind == kind && o.name == name && o.api_version.starts_with(crate::api::GROUP))
+        .any(|o| o.kind == kind && o.name == name && agentid_api_version(&o.api_version))
+}
+
+/// Whether `api_version` (`GROUP/VERSION`) is of agentid's API group — exactly, not by prefix:
+/// `agentid.dev.example.com/v1` is someone else's.
+pub fn agentid_api_version(api_version: &str) -> bool {
+    api_version.split_once('/').map(|(group, _)| group) == Some(crate::api::GROUP)
 }
 
 /// Selects every grant object agentid made, in any namespace.
@@ -117,6 +126,7 @@ mod tests {
     fn a_credentials_secret_name_tells_its_identity() {
         assert_eq!(credentials_secret_identity(&identity_credentials_secret("fixer")), Some("fixer"));
         assert_eq!(credentials_secret_identity("agentid--credentials"), None);
+        assert_eq!(credentials_secret_identity("agentid-grant-credentials"), None);
         assert_eq!(credentials_secret_identity("agentid-grant-g-1234abcd"), None);
         assert_eq!(credentials_secret_identity("db-credentials"), None);
     }
@@ -158,6 +168,10 @@ mod tests {
             "fixer"
         ));
         assert!(!owned_by(&meta(vec![owner("AgentIdentity", "fixer", "example.com/v1")]), "AgentIdentity", "fixer"));
+        // A group that only starts like agentid's is someone else's.
+        let lookalike = meta(vec![owner("AgentIdentity", "fixer", "agentid.dev.example.com/v1")]);
+        assert!(!owned_by(&lookalike, "AgentIdentity", "fixer"));
+        assert!(!agentid_api_version("agentid.dev") && agentid_api_version("agentid.dev/v1"));
         assert!(!owned_by(&ObjectMeta::default(), "AgentIdentity", "fixer"));
     }
 }
