@@ -670,6 +670,19 @@ async fn revocation(
     Ok((lags, rejections))
 }
 
+/// How many grants in `api` have a phase, read in pages.
+async fn count_phased(api: &Api<AccessGrant>) -> anyhow::Result<usize> {
+    let (mut n, mut page) = (0, ListParams::default().limit(2000));
+    loop {
+        let list = api.list(&page).await?;
+        n += list.items.iter().filter(|g| g.status.as_ref().and_then(|s| s.phase).is_some()).count();
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => page = page.continue_token(&token),
+            None => return Ok(n),
+        }
+    }
+}
+
 /// `identities` identities and `grants` grants spread over them (grants of suspended identities:
 /// rejected, so the cluster holds objects, not credentials). Returns when all are settled.
 async fn populate(admin: &Client, identities: usize, grants: usize) -> anyhow::Result<f64> {
@@ -709,8 +722,15 @@ async fn populate(admin: &Client, identities: usize, grants: usize) -> anyhow::R
     // Settled: every grant has a phase.
     let api: Api<AccessGrant> = Api::namespaced(admin.clone(), ns);
     loop {
-        let full = api.list(&ListParams::default()).await?;
-        let settled = full.items.iter().filter(|g| g.status.as_ref().and_then(|s| s.phase).is_some()).count();
+        // In pages: one list of 50,000 grants was cut off mid-answer on a busy machine. A failed
+        // count is tried again.
+        let settled = match count_phased(&api).await {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("counting settled grants failed ({e}); retrying");
+                0
+            }
+        };
         if settled >= grants {
             break;
         }
