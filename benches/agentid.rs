@@ -81,11 +81,12 @@ struct Operator {
 impl Operator {
     fn start(dir: &Path) -> anyhow::Result<Self> {
         let (metrics, webhook) = (free_port(), free_port());
-        let log = std::fs::File::create(dir.join("operator.log"))?;
         // AGENTID_BENCH_WRAP runs the operator under a profiler, e.g. "heaptrack -o
         // target/heap/op.{start}": `{start}` becomes 1 for the first start, 2 for the restart.
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // One log per start (operator.1.log, and operator.2.log for the restart).
+        let log = std::fs::File::create(dir.join(format!("operator.{start}.log")))?;
         let wrap = std::env::var("AGENTID_BENCH_WRAP").unwrap_or_default().replace("{start}", &start.to_string());
         let mut wrap = wrap.split_whitespace();
         let mut command = match wrap.next() {
@@ -151,6 +152,17 @@ impl Operator {
             .filter(|l| l.starts_with("agentid_grants{") && !l.contains("phase=\"Active\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// The operator's live heap (its allocator's count; `agentid_heap_allocated_bytes`), in MiB.
+    fn heap_mib(&self) -> f64 {
+        self.get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("agentid_heap_allocated_bytes "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|b| b / (1024.0 * 1024.0))
+            .unwrap_or(0.0)
     }
 
     /// The most the process has held resident since it started.
@@ -788,7 +800,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let rss_idle = op.rss_mib();
     eprintln!("operator ready in {:.2}s; RSS idle {rss_idle:.1} MiB", ready.as_secs_f64());
-    let mut report = json!({"machine": machine(), "operatorReadySeconds": ready.as_secs_f64(), "rssIdleMiB": rss_idle});
+    let mut report = json!({"machine": machine(), "operatorReadySeconds": ready.as_secs_f64(), "rssIdleMiB": rss_idle, "heapIdleMiB": op.heap_mib()});
 
     let mut rows = Vec::new();
     for &n in &sizes {
@@ -828,6 +840,7 @@ async fn main() -> anyhow::Result<()> {
         );
         report["revocation"] = json!({"active": active, "burst": burst, "serviceAccountDeleted": d, "first401": r});
         report["rssAfterRevocationMiB"] = json!(op.rss_mib());
+        report["heapAfterRevocationMiB"] = json!(op.heap_mib());
         save(&report)?;
     }
 
@@ -836,7 +849,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(10)).await;
         // While the flood is worked off: every grant has its phase, but many are still waiting
         // to be settled out of the cache.
-        let (rss_scale, peak_scale) = (op.rss_mib(), op.peak_rss_mib());
+        let (rss_scale, peak_scale, heap_scale) = (op.rss_mib(), op.peak_rss_mib(), op.heap_mib());
         // Steady: the ended grants settled out of the cache, and 30 s for the allocator to give
         // back what the flood used (as after the restart below).
         let t = Instant::now();
@@ -845,7 +858,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let out_of_cache = t.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let rss_steady = op.rss_mib();
+        let (rss_steady, heap_steady) = (op.rss_mib(), op.heap_mib());
         op.stop();
         let mut op2 = Operator::start(&dir)?;
         let t = Instant::now();
@@ -855,15 +868,16 @@ async fn main() -> anyhow::Result<()> {
         }
         let first_reconcile = t.elapsed();
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let (rss_restart, peak_restart) = (op2.rss_mib(), op2.peak_rss_mib());
+        let (rss_restart, peak_restart, heap_restart) = (op2.rss_mib(), op2.peak_rss_mib(), op2.heap_mib());
         eprintln!(
-            "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB, peak {peak_scale:.1}; out of the cache {out_of_cache:.0}s later: RSS {rss_steady:.1} MiB (after restart {rss_restart:.1}, peak {peak_restart:.1}); restart → ready {:.2}s, first reconcile {:.2}s",
+            "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB (heap {heap_scale:.1}), peak {peak_scale:.1}; out of the cache {out_of_cache:.0}s later: RSS {rss_steady:.1} MiB (heap {heap_steady:.1}); after restart {rss_restart:.1} (heap {heap_restart:.1}), peak {peak_restart:.1}; restart → ready {:.2}s, first reconcile {:.2}s",
             ready.as_secs_f64(),
             first_reconcile.as_secs_f64()
         );
         report["scale"] = json!({
             "identities": identities, "grants": scale_grants, "settleSeconds": settle, "rssMiB": rss_scale,
             "outOfCacheSeconds": out_of_cache, "rssSteadyMiB": rss_steady,
+            "heapMiB": heap_scale, "heapSteadyMiB": heap_steady, "heapAfterRestartMiB": heap_restart,
             "rssAfterRestartMiB": rss_restart, "peakRssMiB": peak_scale, "peakRssAfterRestartMiB": peak_restart, "restartReadySeconds": ready.as_secs_f64(),
             "restartFirstReconcileSeconds": first_reconcile.as_secs_f64(),
         });

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Instant,
@@ -69,6 +69,30 @@ pub struct Metrics {
     pub standing_privilege_detections: Counter,
     /// 1 while this replica holds the leader Lease (or runs without leader election), else 0.
     pub leader: Gauge,
+    heap_allocated: Gauge,
+    heap_active: Gauge,
+    heap_resident: Gauge,
+}
+
+/// What the allocator holds, in bytes: `allocated` is what the program uses, `active` the pages
+/// that hold it (with the free parts of partly used pages: fragmentation), `resident` all of the
+/// allocator's pages in memory (with its bookkeeping and freed pages not yet returned).
+#[derive(Clone, Copy, Debug)]
+pub struct HeapStats {
+    /// Bytes in live allocations.
+    pub allocated: u64,
+    /// Bytes of pages in use by allocations.
+    pub active: u64,
+    /// Bytes of the allocator's pages resident in memory.
+    pub resident: u64,
+}
+
+static HEAP_STATS: OnceLock<fn() -> Option<HeapStats>> = OnceLock::new();
+
+/// Sets where the heap gauges are read from (the `agentid` binary: its allocator). Without it
+/// they are not exported. The first call wins.
+pub fn read_heap_with(read: fn() -> Option<HeapStats>) {
+    let _ = HEAP_STATS.set(read);
 }
 
 impl Default for Metrics {
@@ -100,7 +124,28 @@ impl Default for Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads (reconciles and writes), else 0", leader.clone());
+        let (heap_allocated, heap_active, heap_resident) = (Gauge::default(), Gauge::default(), Gauge::default());
+        if HEAP_STATS.get().is_some() {
+            registry.register(
+                "heap_allocated_bytes",
+                "Bytes in the operator's live allocations",
+                heap_allocated.clone(),
+            );
+            registry.register(
+                "heap_active_bytes",
+                "Bytes of the allocator's pages in use by live allocations (with their free parts)",
+                heap_active.clone(),
+            );
+            registry.register(
+                "heap_resident_bytes",
+                "Bytes of the operator's allocator pages resident in memory (allocated, plus freed but not yet returned, and fragmentation)",
+                heap_resident.clone(),
+            );
+        }
         Self {
+            heap_allocated,
+            heap_active,
+            heap_resident,
             registry,
             leader,
             reconcile_duration,
@@ -155,6 +200,11 @@ impl Metrics {
     /// The OpenMetrics text of every metric.
     pub fn encode(&self, grants: &Store<AccessGrant>) -> String {
         self.count_grants(grants);
+        if let Some(heap) = HEAP_STATS.get().and_then(|read| read()) {
+            self.heap_allocated.set(i64::try_from(heap.allocated).unwrap_or(i64::MAX));
+            self.heap_active.set(i64::try_from(heap.active).unwrap_or(i64::MAX));
+            self.heap_resident.set(i64::try_from(heap.resident).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -11,7 +11,6 @@ use k8s_openapi::api::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, ResourceExt,
-    api::ListParams,
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use tracing::{info, instrument, warn};
@@ -124,7 +123,13 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     let name = identity.name_any();
     let active = active_grants(identity, ctx).await?;
     let principals = exposure::principals(&home, &name, active.iter().map(|g| g.as_ref()));
-    let bindings = Bindings::current(ctx, &principals).await?;
+    // From the binding caches, which fill once this controller runs: until they hold their first
+    // list, look again shortly. (Each reconcile used to list every binding of the cluster
+    // instead; with many identities reconciled at once at start-up, those lists held hundreds
+    // of megabytes at a time.)
+    let Some(bindings) = Bindings::cached(ctx, &principals) else {
+        return Ok(Action::requeue(BINDINGS_FILLING_RETRY));
+    };
 
     let old = identity.status.clone().unwrap_or_default();
     let mut status = AgentIdentityStatus {
@@ -236,37 +241,23 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// The RoleBindings and ClusterRoleBindings that may reach an identity's ServiceAccounts: from
+/// How soon an identity reconciled before the binding caches were filled is looked at again.
+const BINDINGS_FILLING_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The RoleBindings and ClusterRoleBindings that may reach an identity's ServiceAccounts, from
 /// the caches (which hold a binding before the reconcile it triggers runs) through the binding
-/// index, or every binding, read from the apiserver, while the caches are still filling.
+/// index; None until the caches have their first full list.
 struct Bindings {
     role_bindings: Vec<Arc<RoleBinding>>,
     cluster_role_bindings: Vec<Arc<ClusterRoleBinding>>,
 }
 
 impl Bindings {
-    async fn current(ctx: &Context, principals: &[exposure::Principal]) -> Result<Self, Error> {
-        if let Some(view) = ctx.view.as_ref().filter(|v| v.bindings_ready()) {
-            let accounts: Vec<(&str, &str)> =
-                principals.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
-            let found = ctx.binding_index.candidates(&view.role_bindings, &view.cluster_role_bindings, &accounts);
-            return Ok(Self { role_bindings: found.role_bindings, cluster_role_bindings: found.cluster_role_bindings });
-        }
-        let lp = ListParams::default();
-        let role_bindings = Api::<RoleBinding>::all(ctx.client.clone())
-            .list(&lp)
-            .await
-            .map_err(kube_err("listing RoleBindings"))?
-            .items;
-        let cluster_role_bindings = Api::<ClusterRoleBinding>::all(ctx.client.clone())
-            .list(&lp)
-            .await
-            .map_err(kube_err("listing ClusterRoleBindings"))?
-            .items;
-        Ok(Self {
-            role_bindings: role_bindings.into_iter().map(Arc::new).collect(),
-            cluster_role_bindings: cluster_role_bindings.into_iter().map(Arc::new).collect(),
-        })
+    fn cached(ctx: &Context, principals: &[exposure::Principal]) -> Option<Self> {
+        let view = ctx.view.as_ref().filter(|v| v.bindings_ready())?;
+        let accounts: Vec<(&str, &str)> = principals.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
+        let found = ctx.binding_index.candidates(&view.role_bindings, &view.cluster_role_bindings, &accounts);
+        Some(Self { role_bindings: found.role_bindings, cluster_role_bindings: found.cluster_role_bindings })
     }
 }
 

@@ -283,6 +283,20 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
         .unwrap_or(0);
     assert!(count >= 1, "no revocation lag recorded:\n{metrics}");
     assert!(!metrics.contains("brief"), "metrics must not carry object names");
+    // And what the allocator holds: live allocations within the pages that hold them, within
+    // what is resident.
+    let gauge = |name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let (allocated, active, resident) = (
+        gauge("agentid_heap_allocated_bytes"),
+        gauge("agentid_heap_active_bytes"),
+        gauge("agentid_heap_resident_bytes"),
+    );
+    assert!(
+        0.0 < allocated && allocated <= active && active <= resident,
+        "heap gauges allocated {allocated}, active {active}, resident {resident}:\n{metrics}"
+    );
     s.cleanup().await
 }
 
