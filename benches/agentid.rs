@@ -154,7 +154,8 @@ impl Operator {
             .sum()
     }
 
-    /// The operator's live heap (its allocator's count; `agentid_heap_allocated_bytes`), in MiB.
+    /// The operator's live heap (its allocator's count; `agentid_heap_allocated_bytes`), in MiB;
+    /// NaN (null in the report) when it could not be read.
     fn heap_mib(&self) -> f64 {
         self.get("/metrics")
             .unwrap_or_default()
@@ -162,7 +163,7 @@ impl Operator {
             .find(|l| l.starts_with("agentid_heap_allocated_bytes "))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .map(|b| b / (1024.0 * 1024.0))
-            .unwrap_or(0.0)
+            .unwrap_or(f64::NAN)
     }
 
     /// The most the process has held resident since it started.
@@ -863,6 +864,8 @@ async fn main() -> anyhow::Result<()> {
         let mut op2 = Operator::start(&dir)?;
         let t = Instant::now();
         let ready = op2.wait_ready().await?;
+        // Any reconcile: a grant's, or an identity's — including one that only finds the binding
+        // caches not filled yet and looks again a second later.
         while op2.reconciles() < 1.0 && t.elapsed() < Duration::from_secs(600) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

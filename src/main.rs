@@ -270,11 +270,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// `arenas.bin.<bin>.<what>`, as jemalloc reports it.
+    #[allow(unsafe_code)]
+    fn bin(bin: u32, what: &str) -> usize {
+        let name = format!("arenas.bin.{bin}.{what}\0");
+        // SAFETY: both keys are `size_t`, as read; the name is NUL-terminated.
+        unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name.as_bytes()) }.expect(&name)
+    }
+
     #[test]
+    #[allow(unsafe_code)]
     fn jemalloc_starts_with_the_compiled_in_options() {
-        // The environment may override them; otherwise the symbol's name was found.
-        if std::env::var_os("_RJEM_MALLOC_CONF").is_none() {
-            assert_eq!(tikv_jemalloc_ctl::opt::narenas::read().ok(), Some(1));
+        // The environment may override them; otherwise the symbol's name was found. Both options
+        // differ from jemalloc's defaults on any machine: one arena is also the default on one
+        // CPU, but small size classes' slabs are several pages by default (80 bytes: five).
+        if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
+            return;
+        }
+        assert_eq!(tikv_jemalloc_ctl::opt::narenas::read().ok(), Some(1));
+        // SAFETY: `arenas.nbins` is an `unsigned`, `arenas.page` a `size_t`, as read.
+        let (bins, page) = unsafe {
+            (
+                tikv_jemalloc_ctl::raw::read::<u32>(b"arenas.nbins\0").expect("nbins"),
+                tikv_jemalloc_ctl::raw::read::<usize>(b"arenas.page\0").expect("page"),
+            )
+        };
+        let small: Vec<u32> = (0..bins).filter(|&b| bin(b, "size") <= 1024).collect();
+        assert!(small.len() > 10, "jemalloc's size classes up to 1 KiB: {small:?}");
+        for b in small {
+            assert_eq!(bin(b, "slab_size"), page, "the slab of the {}-byte class is one page", bin(b, "size"));
         }
     }
 }

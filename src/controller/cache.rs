@@ -47,6 +47,8 @@ pub struct ClusterView {
     pub role_bindings: Cache<RoleBinding>,
     /// Every ClusterRoleBinding.
     pub cluster_role_bindings: Cache<ClusterRoleBinding>,
+    /// When the watches began.
+    pub started: std::time::Instant,
 }
 
 /// Role, binding and Secret changes (deletions too), each yielded only once the caches hold it: a
@@ -207,6 +209,9 @@ where
     let stream = watcher(api, config)
         .modify(prepare)
         .default_backoff()
+        // The controller polling these streams drops their errors: say them here (a watch that
+        // can never list leaves its cache unfilled, and what waits on it waits).
+        .inspect_err(|e| warn!(watch = K::kind(&()).as_ref(), error = %e, "watch failed; retrying with backoff"))
         .map_ok(move |event| {
             observe(&event, &seen, true);
             filler.apply(&event);
@@ -294,7 +299,14 @@ impl ClusterView {
             |b| trim(b, Keep::BINDINGS),
             observer::<ClusterRoleBinding>(index),
         );
-        let view = Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings };
+        let view = Self {
+            roles,
+            cluster_roles,
+            secrets,
+            role_bindings,
+            cluster_role_bindings,
+            started: std::time::Instant::now(),
+        };
         let changes = Changes {
             roles: role_changes,
             role_bindings: role_binding_changes,

@@ -78,6 +78,12 @@ pub enum Error {
     /// Adding or removing a finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// The RoleBinding and ClusterRoleBinding caches never had a first list (or there are no
+    /// caches): standing privilege and exposure cannot be analysed.
+    #[error(
+        "the RoleBinding and ClusterRoleBinding caches have not been filled after {0} s, so standing privilege and exposure cannot be analysed: see this log's \"watch failed\" lines (agentid needs list and watch on both, cluster-wide)"
+    )]
+    BindingsNotCached(u64),
 }
 
 impl Error {
@@ -86,6 +92,7 @@ impl Error {
         match self {
             Self::Credentials(e) => e.category(),
             Self::Kube { .. } => "kube",
+            Self::BindingsNotCached(_) => "caches",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
                     e.category()
@@ -187,8 +194,8 @@ pub struct Context {
     /// Whether agentid's admission webhook is registered: only then are the requester and
     /// approver records on grants and Approvals trustworthy, so only then do Approvals count.
     pub(crate) admission_registered: bool,
-    /// Roles, ClusterRoles, bindings and Secret metadata, for drift and exposure analysis (None:
-    /// read from the apiserver, exposure not analysed).
+    /// Roles, ClusterRoles, bindings and Secret metadata, for drift and exposure analysis. An
+    /// identity is analysed only from these caches: without them (None) its reconciles fail.
     pub(crate) view: Option<cache::ClusterView>,
     /// Every AccessGrant, as the grant controller sees them (None: read from the apiserver).
     pub(crate) grants: Option<Store<AccessGrant>>,
@@ -344,14 +351,7 @@ impl Context {
         let (Some(owned), Some(view)) = (&self.owned, &self.view) else { return false };
         let ns = identity.namespace().unwrap_or_default();
         let name = identity.name_any();
-        let recent =
-            self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).get(&identity_key(&ns, &name)).is_some_and(
-                |(uid, generation, at)| {
-                    Some(uid) == identity.metadata.uid.as_ref()
-                        && Some(*generation) == identity.metadata.generation
-                        && at.elapsed() < BASE_REAPPLY
-                },
-            );
+        let recent = self.base_applied_recently(identity);
         let sa = ObjectRef::new(&names::identity_service_account(&name)).within(&ns);
         let secret = ObjectRef::new(&names::identity_credentials_secret(&name)).within(&ns);
         // The requester Role and its RoleBinding share a name.
@@ -374,6 +374,17 @@ impl Context {
     pub(crate) fn identity_secret(&self, ns: &str, identity: &str) -> Option<ObjectMeta> {
         let secret = ObjectRef::new(&names::identity_credentials_secret(identity)).within(ns);
         self.view.as_ref()?.secrets.iter().find_map(|s| s.get(&secret)).map(|m| m.metadata.clone())
+    }
+
+    /// Whether this process applied the identity's base objects for its uid and generation less
+    /// than a minute ago.
+    pub(crate) fn base_applied_recently(&self, identity: &AgentIdentity) -> bool {
+        let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
+        self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).get(&key).is_some_and(|(uid, generation, at)| {
+            Some(uid) == identity.metadata.uid.as_ref()
+                && Some(*generation) == identity.metadata.generation
+                && at.elapsed() < BASE_REAPPLY
+        })
     }
 
     /// Records that the identity's base objects were applied now.
