@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
@@ -108,12 +108,29 @@ pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Act
 /// off a grant that is still live (without it the watch keeps every grant, see `run`).
 async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     if ctx.admission_registered
-        && let Some(patch) = settle_patch(grant)
+        && let Some(patch) = settle_patch(&grant.metadata)
     {
-        Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
-            .patch_metadata(&grant.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
-            .await
-            .map_err(kube_err(format!("marking AccessGrant {} settled", grant.name_any())))?;
+        let api = Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
+        let name = grant.name_any();
+        let failed = || kube_err(format!("marking AccessGrant {name} settled"));
+        let params = PatchParams::default();
+        match api.patch_metadata(&name, &params, &Patch::<()>::Json(patch)).await {
+            Ok(_) => {}
+            // Refused as a whole, its test having seen other finalizers or another uid: the copy
+            // this reconcile ran on is older than the grant. Most often this process settled it
+            // moments ago and the watch has not taken it out of the cache yet (under a flood of
+            // grants, thousands of times, each a failed reconcile and a retry). Settle what the
+            // grant is now — the same grant only: one made again under its name is not this one.
+            Err(kube::Error::Api(refused)) if refused.code == 422 => {
+                let live = api.get_metadata_opt(&name).await.map_err(failed())?;
+                if let Some(patch) =
+                    live.filter(|m| m.metadata.uid == grant.metadata.uid).and_then(|m| settle_patch(&m.metadata))
+                {
+                    api.patch_metadata(&name, &params, &Patch::<()>::Json(patch)).await.map_err(failed())?;
+                }
+            }
+            Err(e) => return Err(failed()(e)),
+        }
         ctx.forget_grant(grant);
     }
     // As `reconcile_with_finalizer` does on success, which a settled grant no longer goes through.
@@ -121,22 +138,26 @@ async fn settle(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// The patch that marks `grant` settled and takes off its finalizer; None when it is already so.
-/// A JSON patch whose test fails (someone changed the finalizers meanwhile) is refused as a
-/// whole; the next try reads them again.
-fn settle_patch(grant: &AccessGrant) -> Option<json_patch::Patch> {
-    let labelled = grant.labels().get(names::SETTLED_LABEL).is_some_and(|v| v == "true");
-    let finalizer = grant.finalizers().iter().position(|f| f == names::GRANT_FINALIZER);
+/// The patch that marks the grant of `meta` settled and takes off its finalizer; None when it is
+/// already so. A JSON patch whose test fails (someone changed the finalizers meanwhile, or the
+/// name is another grant's now) is refused as a whole.
+fn settle_patch(meta: &ObjectMeta) -> Option<json_patch::Patch> {
+    let labelled = meta.labels.as_ref().and_then(|l| l.get(names::SETTLED_LABEL)).is_some_and(|v| v == "true");
+    let finalizer = meta.finalizers.iter().flatten().position(|f| f == names::GRANT_FINALIZER);
     if labelled && finalizer.is_none() {
         return None;
     }
     let mut ops = Vec::new();
+    if let Some(uid) = &meta.uid {
+        let path = PointerBuf::from_tokens(["metadata", "uid"]);
+        ops.push(PatchOperation::Test(TestOperation { path, value: uid.as_str().into() }));
+    }
     if let Some(i) = finalizer {
         let path = PointerBuf::from_tokens(["metadata".to_string(), "finalizers".to_string(), i.to_string()]);
         ops.push(PatchOperation::Test(TestOperation { path: path.clone(), value: names::GRANT_FINALIZER.into() }));
         ops.push(PatchOperation::Remove(RemoveOperation { path }));
     }
-    ops.push(PatchOperation::Add(match grant.metadata.labels {
+    ops.push(PatchOperation::Add(match meta.labels {
         Some(_) => AddOperation {
             path: PointerBuf::from_tokens(["metadata", "labels", names::SETTLED_LABEL]),
             value: "true".into(),
@@ -440,7 +461,7 @@ mod tests {
     /// The settle patch applied to `g` as the apiserver would: its labels and finalizers after.
     fn settled(g: &AccessGrant) -> (serde_json::Value, serde_json::Value) {
         let mut doc = serde_json::to_value(g).expect("a grant serializes");
-        if let Some(patch) = settle_patch(g) {
+        if let Some(patch) = settle_patch(&g.metadata) {
             json_patch::patch(&mut doc, &patch).expect("the patch applies");
         }
         (doc["metadata"]["labels"].clone(), doc["metadata"]["finalizers"].clone())
@@ -461,12 +482,20 @@ mod tests {
         // Already settled: nothing to write.
         g.metadata.labels = Some([(names::SETTLED_LABEL.to_string(), "true".to_string())].into());
         g.metadata.finalizers = Some(vec!["other/keep".into()]);
-        assert!(settle_patch(&g).is_none());
+        assert!(settle_patch(&g.metadata).is_none());
         // The test op guards the index: had the finalizers moved, the patch would be refused.
         g.metadata.finalizers = Some(vec![names::GRANT_FINALIZER.into()]);
-        let patch = settle_patch(&g).expect("a patch");
+        let patch = settle_patch(&g.metadata).expect("a patch");
         let mut moved = serde_json::to_value(&g).expect("serializes");
         moved["metadata"]["finalizers"] = json!(["someone/else"]);
         assert!(json_patch::patch(&mut moved, &patch).is_err());
+        // And the uid: a grant made again under the same name is not the one that ended.
+        g.metadata.uid = Some("uid-ended".into());
+        let patch = settle_patch(&g.metadata).expect("a patch");
+        let mut again = serde_json::to_value(&g).expect("serializes");
+        again["metadata"]["uid"] = json!("uid-new");
+        assert!(json_patch::patch(&mut again, &patch).is_err());
+        let mut same = serde_json::to_value(&g).expect("serializes");
+        assert!(json_patch::patch(&mut same, &patch).is_ok());
     }
 }

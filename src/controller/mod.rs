@@ -219,8 +219,9 @@ pub struct Context {
     /// Per identity (`namespace/name`): the uid and generation whose base objects were last
     /// applied, and when.
     base_applied: Mutex<HashMap<String, (String, i64, std::time::Instant)>>,
-    /// Consecutive failures per object, for per-object exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failures per object, for per-object exponential backoff. An object that
+    /// leaves the watch is forgotten (one that failed and then went, its retry dropped, stayed).
+    failures: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl Context {
@@ -248,7 +249,7 @@ impl Context {
             issuing: Mutex::default(),
             owned: None,
             base_applied: Mutex::default(),
-            failures: Mutex::default(),
+            failures: Arc::default(),
         }
     }
 
@@ -408,7 +409,7 @@ impl Context {
     }
 
     pub(crate) fn succeeded<K: Resource<DynamicType = ()>>(&self, obj: &K) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&Self::backoff_key(obj));
+        forget_failures(&self.failures, obj);
     }
 
     /// The delay before retrying `obj` after its `n`th consecutive failure: 1 s doubling to 5 min.
@@ -421,6 +422,11 @@ impl Context {
         }
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
     }
+}
+
+/// Forgets `obj`'s consecutive failures.
+fn forget_failures<K: Resource<DynamicType = ()>>(failures: &Mutex<HashMap<String, u32>>, obj: &K) {
+    failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&Context::backoff_key(obj));
 }
 
 /// The key of per-identity records: `namespace/name`.
@@ -600,10 +606,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             move |event| index.observe(event)
         })
         .reflect(grant_writer);
+    let failures = context.failures.clone();
     let grant_watch = async move {
         let mut grant_stream = std::pin::pin!(grant_stream);
         while let Some(event) = grant_stream.next().await {
             match event {
+                // Deleted, or settled out of the watch: no retry of it will run.
+                Ok(watcher::Event::Delete(grant)) => forget_failures(&failures, &grant),
                 Ok(event) => fan_out.send(&event).await,
                 Err(e) => warn!(watch = "AccessGrants", error = %e, "watch failed; retrying with backoff"),
             }
