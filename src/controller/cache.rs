@@ -47,8 +47,9 @@ pub struct ClusterView {
     pub role_bindings: Cache<RoleBinding>,
     /// Every ClusterRoleBinding.
     pub cluster_role_bindings: Cache<ClusterRoleBinding>,
-    /// When the watches began.
-    pub started: std::time::Instant,
+    /// When a reconcile first found the binding caches not filled: they fill only once the
+    /// identity controller runs, which with leader election may be long after they were made.
+    pub waiting_since: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// Role, binding and Secret changes (deletions too), each yielded only once the caches hold it: a
@@ -299,14 +300,8 @@ impl ClusterView {
             |b| trim(b, Keep::BINDINGS),
             observer::<ClusterRoleBinding>(index),
         );
-        let view = Self {
-            roles,
-            cluster_roles,
-            secrets,
-            role_bindings,
-            cluster_role_bindings,
-            started: std::time::Instant::now(),
-        };
+        let view =
+            Self { roles, cluster_roles, secrets, role_bindings, cluster_role_bindings, waiting_since: Arc::default() };
         let changes = Changes {
             roles: role_changes,
             role_bindings: role_binding_changes,

@@ -255,13 +255,13 @@ const BINDINGS_FILLING_RETRY: std::time::Duration = std::time::Duration::from_se
 const BINDINGS_FILL_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// An identity reconcile that found the binding caches not yet filled: look again shortly, or,
-/// once they have taken longer than [`BINDINGS_FILL_LIMIT`] (their watches cannot list), fail —
+/// once the wait has lasted longer than [`BINDINGS_FILL_LIMIT`] (their watches cannot list), fail —
 /// logged, counted and backed off like any failed reconcile — rather than wait in silence.
 fn bindings_not_cached(ctx: &Context) -> Result<Action, Error> {
-    waiting_for_bindings(ctx.view.as_ref().map(|v| v.started.elapsed()))
+    waiting_for_bindings(ctx.view.as_ref().map(|v| v.waiting_since.get_or_init(std::time::Instant::now).elapsed()))
 }
 
-/// [`bindings_not_cached`] for caches begun `waited` ago (None: there are none).
+/// [`bindings_not_cached`] for a wait begun `waited` ago (None: there are no caches).
 fn waiting_for_bindings(waited: Option<std::time::Duration>) -> Result<Action, Error> {
     match waited {
         Some(waited) if waited < BINDINGS_FILL_LIMIT => Ok(Action::requeue(BINDINGS_FILLING_RETRY)),
