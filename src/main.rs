@@ -18,7 +18,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// pages instead of each keeping its own — and small objects (up to 1 KiB) on one-page slabs, so
 /// that a page is given back as soon as its few objects are freed. After a flood of grants was
 /// worked off, the pages the flood left partly used held 40% on top of the live heap; these two
-/// cut that by half (docs/benchmarks.md).
+/// cut that by about 40 % at mid size (docs/benchmarks.md).
 // jemalloc reads this symbol as a C string: a NUL-terminated byte string, never written.
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
