@@ -15,7 +15,7 @@ use kube::{
 };
 use tracing::{info, instrument, warn};
 
-use super::{Context, Error, apply_status, cache, grant, kube_err, reconcile_with_finalizer, requeue_at};
+use super::{Context, Error, apply_status, grant, kube_err, reconcile_with_finalizer, requeue_at};
 use crate::credentials::{Object, create, server_side_apply};
 use crate::{
     api::{AccessGrant, AgentIdentity, AgentIdentityStatus, ExposureSummary, GrantPhase},
@@ -97,7 +97,7 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     // Waiting for the binding caches with the base objects applied moments ago: nothing to do
     // until the analysis can run (their own caches may not show them yet either, and applying
     // them again at every retry would compete with the listings waited for).
-    if ctx.base_applied_recently(identity) && !ctx.view.as_ref().is_some_and(cache::ClusterView::bindings_ready) {
+    if ctx.base_applied_recently(identity) && bindings_view(ctx).is_none() {
         return bindings_not_cached(ctx);
     }
     if !ctx.base_objects_current(identity) {
@@ -261,6 +261,11 @@ fn bindings_not_cached(ctx: &Context) -> Result<Action, Error> {
     waiting_for_bindings(ctx.view.as_ref().map(|v| v.waiting_since.get_or_init(std::time::Instant::now).elapsed()))
 }
 
+/// The caches, once the binding caches have had their first full list.
+fn bindings_view(ctx: &Context) -> Option<&super::cache::ClusterView> {
+    ctx.view.as_ref().filter(|v| v.bindings_ready())
+}
+
 /// [`bindings_not_cached`] for a wait begun `waited` ago (None: there are no caches).
 fn waiting_for_bindings(waited: Option<std::time::Duration>) -> Result<Action, Error> {
     match waited {
@@ -279,7 +284,7 @@ struct Bindings {
 
 impl Bindings {
     fn cached(ctx: &Context, principals: &[exposure::Principal]) -> Option<Self> {
-        let view = ctx.view.as_ref().filter(|v| v.bindings_ready())?;
+        let view = bindings_view(ctx)?;
         let accounts: Vec<(&str, &str)> = principals.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
         let found = ctx.binding_index.candidates(&view.role_bindings, &view.cluster_role_bindings, &accounts);
         Some(Self { role_bindings: found.role_bindings, cluster_role_bindings: found.cluster_role_bindings })
