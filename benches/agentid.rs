@@ -157,11 +157,24 @@ impl Operator {
     /// The operator's live heap (its allocator's count; `agentid_heap_allocated_bytes`), in MiB;
     /// NaN (null in the report) when it could not be read.
     fn heap_mib(&self) -> f64 {
+        self.bytes_gauge_mib("agentid_heap_allocated_bytes")
+    }
+
+    /// What the allocator holds: live heap, of it the caches' (their own arena), and the pages
+    /// holding the live heap, in MiB (NaN: not read).
+    fn heap(&self) -> serde_json::Value {
+        json!({
+            "allocatedMiB": self.heap_mib(),
+            "cachesMiB": self.bytes_gauge_mib("agentid_heap_caches_allocated_bytes"),
+            "activeMiB": self.bytes_gauge_mib("agentid_heap_active_bytes"),
+        })
+    }
+
+    fn bytes_gauge_mib(&self, name: &str) -> f64 {
         self.get("/metrics")
             .unwrap_or_default()
             .lines()
-            .find(|l| l.starts_with("agentid_heap_allocated_bytes "))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
             .map(|b| b / (1024.0 * 1024.0))
             .unwrap_or(f64::NAN)
     }
@@ -842,6 +855,7 @@ async fn main() -> anyhow::Result<()> {
         report["revocation"] = json!({"active": active, "burst": burst, "serviceAccountDeleted": d, "first401": r});
         report["rssAfterRevocationMiB"] = json!(op.rss_mib());
         report["heapAfterRevocationMiB"] = json!(op.heap_mib());
+        report["heapAfterRevocation"] = op.heap();
         save(&report)?;
     }
 
@@ -851,6 +865,7 @@ async fn main() -> anyhow::Result<()> {
         // While the flood is worked off: every grant has its phase, but many are still waiting
         // to be settled out of the cache.
         let (rss_scale, peak_scale, heap_scale) = (op.rss_mib(), op.peak_rss_mib(), op.heap_mib());
+        let heap_scale_parts = op.heap();
         // Steady: the ended grants settled out of the cache, and 30 s for the allocator to give
         // back what the flood used (as after the restart below).
         let t = Instant::now();
@@ -860,6 +875,7 @@ async fn main() -> anyhow::Result<()> {
         let out_of_cache = t.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(30)).await;
         let (rss_steady, heap_steady) = (op.rss_mib(), op.heap_mib());
+        let heap_steady_parts = op.heap();
         op.stop();
         let mut op2 = Operator::start(&dir)?;
         let t = Instant::now();
@@ -872,6 +888,7 @@ async fn main() -> anyhow::Result<()> {
         let first_reconcile = t.elapsed();
         tokio::time::sleep(Duration::from_secs(30)).await;
         let (rss_restart, peak_restart, heap_restart) = (op2.rss_mib(), op2.peak_rss_mib(), op2.heap_mib());
+        let heap_restart_parts = op2.heap();
         eprintln!(
             "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB (heap {heap_scale:.1}), peak {peak_scale:.1}; out of the cache {out_of_cache:.0}s later: RSS {rss_steady:.1} MiB (heap {heap_steady:.1}); after restart {rss_restart:.1} (heap {heap_restart:.1}), peak {peak_restart:.1}; restart → ready {:.2}s, first reconcile {:.2}s",
             ready.as_secs_f64(),
@@ -883,6 +900,7 @@ async fn main() -> anyhow::Result<()> {
             "heapMiB": heap_scale, "heapSteadyMiB": heap_steady, "heapAfterRestartMiB": heap_restart,
             "rssAfterRestartMiB": rss_restart, "peakRssMiB": peak_scale, "peakRssAfterRestartMiB": peak_restart, "restartReadySeconds": ready.as_secs_f64(),
             "restartFirstReconcileSeconds": first_reconcile.as_secs_f64(),
+            "heap": heap_scale_parts, "heapSteady": heap_steady_parts, "heapAfterRestart": heap_restart_parts,
         });
         op2.stop();
     } else {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod alloc;
 pub mod api;
 pub mod authz;
 pub mod cli;

@@ -1,17 +1,103 @@
 //! The `agentid` command.
 #![deny(unsafe_code)]
 
-use std::{io::Write, net::SocketAddr, path::PathBuf};
+use std::{
+    alloc::{GlobalAlloc, Layout},
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use agentid::{admission::register::Endpoint, api::ProtectedResource};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use tikv_jemallocator::Jemalloc;
 
 /// jemalloc, in every build: the release image is a static musl binary, whose own allocator is
 /// slow, and under glibc's the per-thread arenas held about half the operator's memory at scale
 /// (docs/benchmarks.md); one allocator everywhere means the benchmark measures what ships.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: Allocator = Allocator;
+
+/// jemalloc, with what the caches keep (allocations marked by `agentid::alloc::long_lived`) taken
+/// from an arena of its own once [`cache_arena`] has made it: what a flood of grants allocated
+/// then leaves whole pages behind to give back, not pages a cached object keeps partly used.
+struct Allocator;
+
+/// The caches' arena (jemalloc's index), or `NO_ARENA` until it is made.
+static CACHE_ARENA: AtomicU32 = AtomicU32::new(NO_ARENA);
+const NO_ARENA: u32 = u32::MAX;
+
+impl Allocator {
+    /// jemalloc's flags for an allocation aligned to `align` that the caches keep, or None for
+    /// any other (made as jemalloc's own allocator makes it). No thread cache: that would hand out
+    /// regions of the other arena.
+    #[inline]
+    fn cache_flags(align: usize) -> Option<std::ffi::c_int> {
+        use tikv_jemalloc_sys::{MALLOCX_ALIGN, MALLOCX_ARENA, MALLOCX_TCACHE_NONE};
+        let arena = CACHE_ARENA.load(Ordering::Relaxed);
+        (arena != NO_ARENA && agentid::alloc::is_long_lived())
+            .then(|| MALLOCX_ARENA(arena as usize) | MALLOCX_TCACHE_NONE | MALLOCX_ALIGN(align))
+    }
+}
+
+// SAFETY: every call is jemalloc's: either tikv-jemallocator's (which implements this trait) or
+// `mallocx`/`rallocx` with the layout's size and alignment and an arena that exists. Freeing is
+// always tikv-jemallocator's: jemalloc finds the arena of what it frees.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match Self::cache_flags(layout.align()) {
+            // SAFETY: the size is not zero (this trait's contract).
+            Some(flags) => unsafe { tikv_jemalloc_sys::mallocx(layout.size(), flags) }.cast(),
+            // SAFETY: as called.
+            None => unsafe { Jemalloc.alloc(layout) },
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match Self::cache_flags(layout.align()) {
+            // SAFETY: as in `alloc`.
+            Some(flags) => {
+                unsafe { tikv_jemalloc_sys::mallocx(layout.size(), flags | tikv_jemalloc_sys::MALLOCX_ZERO) }.cast()
+            }
+            // SAFETY: as called.
+            None => unsafe { Jemalloc.alloc_zeroed(layout) },
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as called; jemalloc made `ptr`, in whichever arena.
+        unsafe { Jemalloc.dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        match Self::cache_flags(layout.align()) {
+            // SAFETY: `ptr` is jemalloc's and live, `new_size` not zero (this trait's contract).
+            Some(flags) => unsafe { tikv_jemalloc_sys::rallocx(ptr.cast(), new_size, flags) }.cast(),
+            // SAFETY: as called.
+            None => unsafe { Jemalloc.realloc(ptr, layout, new_size) },
+        }
+    }
+}
+
+/// Makes the caches' arena (once; later calls return the same index). None: jemalloc would not
+/// make one, and the caches share the default arena.
+#[allow(unsafe_code)]
+fn cache_arena() -> Option<u32> {
+    static MADE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *MADE.get_or_init(|| {
+        // SAFETY: `arenas.create` is an `unsigned`, as read.
+        let arena = unsafe { tikv_jemalloc_ctl::raw::read::<u32>(b"arenas.create\0") }.ok()?;
+        CACHE_ARENA.store(arena, Ordering::Relaxed);
+        Some(arena)
+    })
+}
 
 /// jemalloc's options, read once when it starts (`_RJEM_MALLOC_CONF` in the environment still
 /// overrides them): one arena, not four per core — the operator's threads share its partly used
@@ -137,6 +223,9 @@ fn set_up_allocator() {
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!(error = %e, "jemalloc background threads unavailable; freed memory is returned more slowly");
     }
+    if cache_arena().is_none() {
+        tracing::warn!("jemalloc made no arena for the caches; they share the default one");
+    }
     agentid::metrics::read_heap_with(heap_stats);
 }
 
@@ -147,7 +236,19 @@ fn heap_stats() -> Option<agentid::metrics::HeapStats> {
         allocated: tikv_jemalloc_ctl::stats::allocated::read().ok()? as u64,
         active: tikv_jemalloc_ctl::stats::active::read().ok()? as u64,
         resident: tikv_jemalloc_ctl::stats::resident::read().ok()? as u64,
+        caches: cache_arena().and_then(arena_allocated).unwrap_or(0),
     })
+}
+
+/// The bytes in live allocations of arena `arena`, small and large (as of the last epoch).
+#[allow(unsafe_code)]
+fn arena_allocated(arena: u32) -> Option<u64> {
+    let read = |class: &str| {
+        let name = format!("stats.arenas.{arena}.{class}.allocated\0");
+        // SAFETY: both keys are `size_t`, as read; the name is NUL-terminated.
+        unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name.as_bytes()) }.ok()
+    };
+    Some((read("small")? + read("large")?) as u64)
 }
 
 fn crd(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -276,6 +377,59 @@ mod tests {
         let name = format!("arenas.bin.{bin}.{what}\0");
         // SAFETY: both keys are `size_t`, as read; the name is NUL-terminated.
         unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name.as_bytes()) }.expect(&name)
+    }
+
+    /// The arena jemalloc made `ptr` in (`arenas.lookup`).
+    #[allow(unsafe_code)]
+    fn arena_of<T: ?Sized>(ptr: *const T) -> u32 {
+        let mut arena: u32 = u32::MAX;
+        let mut len = std::mem::size_of::<u32>();
+        let mut ptr = ptr.cast::<std::ffi::c_void>();
+        // SAFETY: `arenas.lookup` takes a pointer and gives an `unsigned`, as passed; the name is
+        // NUL-terminated.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"arenas.lookup".as_ptr(),
+                (&raw mut arena).cast(),
+                &mut len,
+                (&raw mut ptr).cast(),
+                std::mem::size_of::<*const std::ffi::c_void>(),
+            )
+        };
+        assert_eq!(rc, 0, "arenas.lookup");
+        arena
+    }
+
+    #[test]
+    fn what_the_caches_keep_comes_from_their_own_arena() {
+        let arena = super::cache_arena().expect("jemalloc makes an arena");
+        assert_eq!(super::cache_arena(), Some(arena), "made once");
+        let before = Box::new([1u8; 48]);
+        let (small, zeroed, grown, string) = agentid::alloc::long_lived(|| {
+            let mut grown = Vec::with_capacity(1);
+            grown.extend(0..100_000u32);
+            (Box::new([1u8; 48]), vec![0u8; 1 << 20], grown, "a cached name".to_string())
+        });
+        let after = Box::new([1u8; 48]);
+        assert_eq!(arena_of(&*small), arena, "a small object");
+        assert_eq!(arena_of(zeroed.as_ptr()), arena, "a large zeroed one");
+        assert!(zeroed.iter().all(|&b| b == 0));
+        assert_eq!(arena_of(grown.as_ptr()), arena, "one grown by reallocation");
+        assert_eq!(
+            grown.iter().map(|&n| u64::from(n)).sum::<u64>(),
+            99_999 * 100_000 / 2,
+            "its contents moved with it"
+        );
+        assert_eq!(arena_of(string.as_ptr()), arena);
+        assert_ne!(arena_of(&*before), arena, "nothing before");
+        assert_ne!(arena_of(&*after), arena, "nor after");
+        tikv_jemalloc_ctl::epoch::advance().expect("epoch");
+        let counted = super::arena_allocated(arena).expect("the arena's count");
+        assert!(counted >= (1 << 20) + 400_000, "the arena counts what it holds: {counted}");
+        // Freed through the ordinary path, then made again in the same arena.
+        drop((small, zeroed, grown, string));
+        let again = agentid::alloc::long_lived(|| Box::new([2u8; 48]));
+        assert_eq!(arena_of(&*again), arena);
     }
 
     #[test]

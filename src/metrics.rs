@@ -72,6 +72,7 @@ pub struct Metrics {
     heap_allocated: Gauge,
     heap_active: Gauge,
     heap_resident: Gauge,
+    heap_caches: Gauge,
 }
 
 /// What the allocator holds, in bytes: `allocated` is what the program uses, `active` the pages
@@ -85,6 +86,8 @@ pub struct HeapStats {
     pub active: u64,
     /// Bytes of the allocator's pages resident in memory.
     pub resident: u64,
+    /// Of `allocated`, the bytes of the caches' arena (see [`crate::alloc`]).
+    pub caches: u64,
 }
 
 static HEAP_STATS: OnceLock<fn() -> Option<HeapStats>> = OnceLock::new();
@@ -124,7 +127,8 @@ impl Default for Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads (reconciles and writes), else 0", leader.clone());
-        let (heap_allocated, heap_active, heap_resident) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let (heap_allocated, heap_active, heap_resident, heap_caches) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         if HEAP_STATS.get().is_some() {
             registry.register(
                 "heap_allocated_bytes",
@@ -141,11 +145,17 @@ impl Default for Metrics {
                 "Bytes of the operator's allocator pages resident in memory (allocated, plus freed but not yet returned, and fragmentation)",
                 heap_resident.clone(),
             );
+            registry.register(
+                "heap_caches_allocated_bytes",
+                "Of the live allocations, the bytes the watch caches keep (their objects and indexes, allocated apart)",
+                heap_caches.clone(),
+            );
         }
         Self {
             heap_allocated,
             heap_active,
             heap_resident,
+            heap_caches,
             registry,
             leader,
             reconcile_duration,
@@ -204,6 +214,7 @@ impl Metrics {
             self.heap_allocated.set(i64::try_from(heap.allocated).unwrap_or(i64::MAX));
             self.heap_active.set(i64::try_from(heap.active).unwrap_or(i64::MAX));
             self.heap_resident.set(i64::try_from(heap.resident).unwrap_or(i64::MAX));
+            self.heap_caches.set(i64::try_from(heap.caches).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -213,10 +213,13 @@ where
         // The controller polling these streams drops their errors: say them here (a watch that
         // can never list leaves its cache unfilled, and what waits on it waits).
         .inspect_err(|e| warn!(watch = K::kind(&()).as_ref(), error = %e, "watch failed; retrying with backoff"))
+        // The cache's copy, and what the index files, are kept: made in the caches' arena.
         .map_ok(move |event| {
-            observe(&event, &seen, true);
-            filler.apply(&event);
-            observe(&event, &seen, false);
+            crate::alloc::long_lived(|| {
+                observe(&event, &seen, true);
+                filler.apply(&event);
+                observe(&event, &seen, false);
+            });
             event
         })
         .touched_objects();

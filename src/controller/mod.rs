@@ -715,11 +715,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .run(grant::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
-    let (identity_store, identity_writer) = reflector::store();
+    let (identity_store, mut identity_writer) = reflector::store();
     let identity_stream = watcher(identities, watcher::Config::default())
         .modify(cache::slim_identity)
         .default_backoff()
-        .reflect(identity_writer)
+        // What `reflect` does, with the store's copy made in the caches' arena (identities are
+        // kept for the operator's life; grants, which come and go in floods, are not).
+        .inspect_ok(move |event| crate::alloc::long_lived(|| identity_writer.apply_watcher_event(event)))
         .applied_objects();
     let identity_controller = Controller::for_stream(identity_stream, identity_store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(IDENTITY_WORKERS));

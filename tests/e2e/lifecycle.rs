@@ -297,6 +297,9 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
         0.0 < allocated && allocated <= active && active <= resident,
         "heap gauges allocated {allocated}, active {active}, resident {resident}:\n{metrics}"
     );
+    // Of the live heap, the caches' share (allocated apart): something, not everything.
+    let caches = gauge("agentid_heap_caches_allocated_bytes");
+    assert!(0.0 < caches && caches < allocated, "caches {caches} of allocated {allocated}:\n{metrics}");
     s.cleanup().await
 }
 
