@@ -390,12 +390,15 @@ impl Context {
 
     /// Records that the identity's base objects were applied now.
     pub(crate) fn base_objects_applied(&self, identity: &AgentIdentity) {
-        let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
-        let (Some(uid), Some(generation)) = (identity.metadata.uid.clone(), identity.metadata.generation) else {
+        let (Some(uid), Some(generation)) = (identity.metadata.uid.as_ref(), identity.metadata.generation) else {
             return;
         };
         let mut applied = self.base_applied.lock().unwrap_or_else(|e| e.into_inner());
-        applied.insert(key, (uid, generation, std::time::Instant::now()));
+        // Kept for the identity's life, like the caches.
+        crate::alloc::long_lived(|| {
+            let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
+            applied.insert(key, (uid.clone(), generation, std::time::Instant::now()));
+        });
     }
 
     /// Forgets a deleted identity.
@@ -605,7 +608,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             let index = context.grant_index.clone();
             move |event| index.observe(event)
         })
-        .reflect(grant_writer);
+        .inspect_ok({
+            let mut store = cache::FloodStore::new(grant_writer);
+            move |event| store.apply(event)
+        });
     let failures = context.failures.clone();
     let grant_watch = async move {
         let mut grant_stream = std::pin::pin!(grant_stream);
