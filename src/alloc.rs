@@ -5,7 +5,9 @@
 //! kept the flood's pages partly used after it was worked off, and the allocator cannot move
 //! them (docs/benchmarks.md). Code that fills a cache does so inside [`long_lived`]; the
 //! operator's allocator (`src/main.rs`) then takes those allocations from an arena of their own,
-//! so the flood's pages empty and are given back.
+//! so the flood's pages empty and are given back. The separation is by where allocations are
+//! made, not a guarantee: a region freed goes to the freeing thread's cache and may be handed to
+//! any allocation of its size, and a reallocation that fits in place stays where it is.
 //!
 //! This module only marks the allocations: without that allocator (the library's tests, other
 //! programs) nothing changes.
@@ -30,8 +32,7 @@ pub fn long_lived<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Whether this thread's allocations are marked long-lived now (false while the thread is
-/// being torn down).
+/// Whether this thread's allocations are marked long-lived now.
 #[inline]
 pub fn is_long_lived() -> bool {
     LONG_LIVED.try_with(Cell::get).unwrap_or(false)

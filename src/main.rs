@@ -31,8 +31,9 @@ const NO_ARENA: u32 = u32::MAX;
 
 impl Allocator {
     /// jemalloc's flags for an allocation aligned to `align` that the caches keep, or None for
-    /// any other (made as jemalloc's own allocator makes it). No thread cache: that would hand out
-    /// regions of the other arena.
+    /// any other (made as jemalloc's own allocator makes it). Not from the thread's cache, which
+    /// holds regions of either arena (freeing goes through it: a few of the caches' regions are
+    /// reused by other allocations, bounded by its size).
     #[inline]
     fn cache_flags(align: usize) -> Option<std::ffi::c_int> {
         use tikv_jemalloc_sys::{MALLOCX_ALIGN, MALLOCX_ARENA, MALLOCX_TCACHE_NONE};
@@ -43,8 +44,9 @@ impl Allocator {
 }
 
 // SAFETY: every call is jemalloc's: either tikv-jemallocator's (which implements this trait) or
-// `mallocx`/`rallocx` with the layout's size and alignment and an arena that exists. Freeing is
-// always tikv-jemallocator's: jemalloc finds the arena of what it frees.
+// `mallocx`/`rallocx` with the layout's size and alignment and an arena that exists (a
+// reallocation that fits in place stays in the arena it was made in). Freeing is always
+// tikv-jemallocator's: jemalloc finds the arena of what it frees.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
@@ -405,10 +407,13 @@ mod tests {
         let arena = super::cache_arena().expect("jemalloc makes an arena");
         assert_eq!(super::cache_arena(), Some(arena), "made once");
         let before = Box::new([1u8; 48]);
-        let (small, zeroed, grown, string) = agentid::alloc::long_lived(|| {
+        // A large block freed dirty in the arena, for the zeroed one to be made in its place.
+        drop(agentid::alloc::long_lived(|| vec![0xAAu8; 1 << 20]));
+        let zeroed = agentid::alloc::long_lived(|| vec![0u8; 1 << 20]);
+        let (small, grown, string) = agentid::alloc::long_lived(|| {
             let mut grown = Vec::with_capacity(1);
             grown.extend(0..100_000u32);
-            (Box::new([1u8; 48]), vec![0u8; 1 << 20], grown, "a cached name".to_string())
+            (Box::new([1u8; 48]), grown, "a cached name".to_string())
         });
         let after = Box::new([1u8; 48]);
         assert_eq!(arena_of(&*small), arena, "a small object");
