@@ -243,14 +243,17 @@ fn heap_stats() -> Option<agentid::metrics::HeapStats> {
 }
 
 /// The bytes in live allocations of arena `arena`, small and large (as of the last epoch).
-#[allow(unsafe_code)]
 fn arena_allocated(arena: u32) -> Option<u64> {
-    let read = |class: &str| {
-        let name = format!("stats.arenas.{arena}.{class}.allocated\0");
-        // SAFETY: both keys are `size_t`, as read; the name is NUL-terminated.
-        unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name.as_bytes()) }.ok()
-    };
+    let read = |class: &str| read_size(&format!("stats.arenas.{arena}.{class}.allocated"));
     Some((read("small")? + read("large")?) as u64)
+}
+
+/// The jemalloc key `name`, one of its `size_t` ones.
+#[allow(unsafe_code)]
+fn read_size(name: &str) -> Option<usize> {
+    let name = format!("{name}\0");
+    // SAFETY: the callers' keys are `size_t`, as read; the name is NUL-terminated.
+    unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name.as_bytes()) }.ok()
 }
 
 fn crd(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -373,12 +376,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    /// `arenas.bin.<bin>.<what>`, as jemalloc reports it.
-    #[allow(unsafe_code)]
+    /// `arenas.bin.<bin>.<what>` (`size` or `slab_size`), as jemalloc reports it.
     fn bin(bin: u32, what: &str) -> usize {
-        let name = format!("arenas.bin.{bin}.{what}\0");
-        // SAFETY: both keys are `size_t`, as read; the name is NUL-terminated.
-        unsafe { tikv_jemalloc_ctl::raw::read::<usize>(name.as_bytes()) }.expect(&name)
+        let name = format!("arenas.bin.{bin}.{what}");
+        super::read_size(&name).expect(&name)
     }
 
     /// The arena jemalloc made `ptr` in (`arenas.lookup`).

@@ -288,7 +288,8 @@ where
                 peak = self.peak,
                 "cache rebuilt after a flood drained"
             );
-            self.peak = self.store.len();
+            // The rebuilt table holds what the old one held.
+            self.peak = len;
             self.rebuilds += 1;
         }
     }
@@ -533,23 +534,19 @@ mod tests {
         }
         assert_eq!(flood.rebuilds, 0);
         assert_eq!(store.len(), FLOOD / 4 + 1);
-        let last = || {
-            kube::runtime::reflector::ObjectRef::new(&format!("g{}", FLOOD - 1))
-                .within(&format!("ns{}", (FLOOD - 1) % 3))
-        };
-        let kept = store.get(&last()).expect("held");
+        let at = |i: usize| kube::runtime::reflector::ObjectRef::new(&format!("g{i}")).within(&format!("ns{}", i % 3));
+        let kept = store.get(&at(FLOOD - 1)).expect("held");
         flood.apply(&watcher::Event::Delete(grant(FLOOD * 3 / 4 - 1)));
         assert_eq!(flood.rebuilds, 1, "rebuilt at a quarter");
         assert_eq!(store.len(), FLOOD / 4, "holding what it held");
         for i in 0..FLOOD {
-            let at = kube::runtime::reflector::ObjectRef::new(&format!("g{i}")).within(&format!("ns{}", i % 3));
-            let found = store.get(&at);
+            let found = store.get(&at(i));
             assert_eq!(found.is_some(), i >= FLOOD * 3 / 4, "g{i}");
             if let Some(g) = found {
                 assert_eq!(*g, grant(i), "the same object");
             }
         }
-        let copied = store.get(&last()).expect("held");
+        let copied = store.get(&at(FLOOD - 1)).expect("held");
         assert!(!Arc::ptr_eq(&kept, &copied), "a copy in a new table, not the old one moved");
         // Its new peak is what it holds: small churn after it rebuilds nothing.
         for i in 0..100 {
