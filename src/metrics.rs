@@ -69,6 +69,8 @@ pub struct Metrics {
     pub standing_privilege_detections: Counter,
     /// 1 while this replica holds the leader Lease (or runs without leader election), else 0.
     pub leader: Gauge,
+    /// Grants changed and waiting for a reconcile worker (not yet handed to the controller).
+    pub grants_waiting: Gauge,
     heap_allocated: Gauge,
     heap_active: Gauge,
     heap_resident: Gauge,
@@ -127,6 +129,12 @@ impl Default for Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads (reconciles and writes), else 0", leader.clone());
+        let grants_waiting = Gauge::default();
+        registry.register(
+            "grants_waiting",
+            "AccessGrants changed and waiting for a reconcile worker",
+            grants_waiting.clone(),
+        );
         let (heap_allocated, heap_active, heap_resident, heap_caches) =
             (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         if HEAP_STATS.get().is_some() {
@@ -158,6 +166,7 @@ impl Default for Metrics {
             heap_caches,
             registry,
             leader,
+            grants_waiting,
             reconcile_duration,
             reconcile_errors,
             issuance_latency,

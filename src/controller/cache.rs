@@ -241,6 +241,11 @@ pub struct FloodStore<K: Resource<DynamicType = ()> + Clone + 'static> {
     peak: usize,
     /// How many times the store was rebuilt.
     rebuilds: usize,
+    /// Which objects a rebuild copies into the caches' arena: those kept long (the rest of a
+    /// flood, still draining, would leave that arena's pages partly used when it goes).
+    lasting: fn(&K) -> bool,
+    /// How many objects the last rebuild copied into the caches' arena.
+    lasting_copied: usize,
 }
 
 /// The smallest peak after which a drained store is rebuilt.
@@ -258,9 +263,10 @@ impl<K> FloodStore<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    /// Applies events to `writer`'s store.
-    pub fn new(writer: Writer<K>) -> Self {
-        Self { store: writer.as_reader(), writer, peak: 0, rebuilds: 0 }
+    /// Applies events to `writer`'s store; a rebuild copies the objects `lasting` picks into the
+    /// caches' arena, and the others where any allocation goes.
+    pub fn new(writer: Writer<K>, lasting: fn(&K) -> bool) -> Self {
+        Self { store: writer.as_reader(), writer, peak: 0, rebuilds: 0, lasting, lasting_copied: 0 }
     }
 
     /// Applies one watch event, as kube's `reflect` does; then rebuilds the store if a flood
@@ -277,14 +283,21 @@ where
             // Each object is copied twice (the event's, freed at once, and the store's), on the
             // watch's task: a short pause of the grant watch once after a flood.
             self.writer.apply_watcher_event(&watcher::Event::Init);
+            self.lasting_copied = 0;
             for obj in self.store.state() {
                 let listed = watcher::Event::InitApply(K::clone(&obj));
-                crate::alloc::long_lived(|| self.writer.apply_watcher_event(&listed));
+                if (self.lasting)(&obj) {
+                    crate::alloc::long_lived(|| self.writer.apply_watcher_event(&listed));
+                    self.lasting_copied += 1;
+                } else {
+                    self.writer.apply_watcher_event(&listed);
+                }
             }
             self.writer.apply_watcher_event(&watcher::Event::InitDone);
             tracing::info!(
                 kind = K::kind(&()).as_ref(),
                 held = len,
+                lasting = self.lasting_copied,
                 peak = self.peak,
                 "cache rebuilt after a flood drained"
             );
@@ -514,15 +527,16 @@ mod tests {
 
     #[test]
     fn a_drained_flood_store_is_rebuilt_with_what_it_holds() {
-        let base = with(GrantPhase::Rejected, false);
+        let (base, active) = (with(GrantPhase::Rejected, false), with(GrantPhase::Active, false));
         let grant = |i: usize| {
-            let mut g = base.clone();
+            let mut g = if i.is_multiple_of(10) { active.clone() } else { base.clone() };
             g.metadata.name = Some(format!("g{i}"));
             g.metadata.namespace = Some(format!("ns{}", i % 3));
             g
         };
         let (store, writer) = kube::runtime::reflector::store::<AccessGrant>();
-        let mut flood = FloodStore::new(writer);
+        // Of the grants, every tenth holds a credential (and lasts).
+        let mut flood = FloodStore::new(writer, crate::controller::triggers::holds_credential);
         flood.apply(&watcher::Event::Init);
         flood.apply(&watcher::Event::InitDone);
         for i in 0..FLOOD {
@@ -538,6 +552,8 @@ mod tests {
         let kept = store.get(&at(FLOOD - 1)).expect("held");
         flood.apply(&watcher::Event::Delete(grant(FLOOD * 3 / 4 - 1)));
         assert_eq!(flood.rebuilds, 1, "rebuilt at a quarter");
+        let lasting = (FLOOD * 3 / 4..FLOOD).filter(|i| i.is_multiple_of(10)).count();
+        assert_eq!(flood.lasting_copied, lasting, "only the lasting grants into the caches' arena");
         assert_eq!(store.len(), FLOOD / 4, "holding what it held");
         for i in 0..FLOOD {
             let found = store.get(&at(i));
@@ -556,7 +572,7 @@ mod tests {
         assert_eq!(flood.rebuilds, 1);
         // Nor does a small store however much it drains.
         let (_, writer) = kube::runtime::reflector::store::<AccessGrant>();
-        let mut small = FloodStore::new(writer);
+        let mut small = FloodStore::new(writer, |_| true);
         for i in 0..FLOOD - 1 {
             small.apply(&watcher::Event::Apply(grant(i)));
         }
@@ -566,7 +582,7 @@ mod tests {
         assert_eq!(small.rebuilds, 0);
         // A re-listing makes a fresh table: what it drops needs no rebuild after.
         let (relisted, writer) = kube::runtime::reflector::store::<AccessGrant>();
-        let mut big = FloodStore::new(writer);
+        let mut big = FloodStore::new(writer, |_| true);
         for i in 0..FLOOD {
             big.apply(&watcher::Event::Apply(grant(i)));
         }

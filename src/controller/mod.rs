@@ -1,6 +1,7 @@
 //! The operator: one reconciler per kind. Each observes, asks `policy` what to do, applies it
 //! with server-side apply under one field manager, and writes status conditions.
 
+mod backlog;
 pub mod binding_index;
 pub mod cache;
 mod grant;
@@ -609,16 +610,21 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             move |event| index.observe(event)
         })
         .inspect_ok({
-            let mut store = cache::FloodStore::new(grant_writer);
+            let mut store = cache::FloodStore::new(grant_writer, triggers::holds_credential);
             move |event| store.apply(event)
         });
     let failures = context.failures.clone();
+    let handed = backlog::Handed::new(2 * usize::from(settings.grant_workers));
+    let deleted = handed.clone();
     let grant_watch = async move {
         let mut grant_stream = std::pin::pin!(grant_stream);
         while let Some(event) = grant_stream.next().await {
             match event {
                 // Deleted, or settled out of the watch: no retry of it will run.
-                Ok(watcher::Event::Delete(grant)) => forget_failures(&failures, &grant),
+                Ok(watcher::Event::Delete(grant)) => {
+                    forget_failures(&failures, &grant);
+                    deleted.done(&grant);
+                }
                 Ok(event) => fan_out.send(&event).await,
                 Err(e) => warn!(watch = "AccessGrants", error = %e, "watch failed; retrying with backoff"),
             }
@@ -639,6 +645,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let identities: Api<AgentIdentity> = Api::all(client.clone());
     let own = ctx.clone();
     let grant_events = grant_events.filter(move |g| futures::future::ready(!own.own_writes.is_own(g)));
+    // The backlog of a flood waits in a queue of ours that is dropped when it empties, not in
+    // the controller's scheduler, which keeps the size it grew to: the controller gets as many
+    // grants as its workers can start soon.
+    let grant_events = backlog::Backlog::new(
+        grant_events.boxed(),
+        grant_store.clone(),
+        handed.clone(),
+        metrics.grants_waiting.clone(),
+    );
     let grant_controller = Controller::for_shared_stream(grant_events, grant_store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.grant_workers));
 
@@ -718,7 +733,14 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             Some(ObjectRef::new(&approval.spec.grant).within(&approval.namespace().unwrap_or_default()))
         })
         .shutdown_on_signal()
-        .run(grant::reconcile, error_policy, ctx.clone())
+        .run(
+            move |grant, ctx| {
+                handed.done(&grant);
+                grant::reconcile(grant, ctx)
+            },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
 
     let (identity_store, mut identity_writer) = reflector::store();
