@@ -4,6 +4,7 @@
 
 mod approval;
 mod audit;
+mod backlog;
 mod capacity;
 mod chaos;
 mod chart;
