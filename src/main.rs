@@ -239,7 +239,14 @@ fn heap_stats() -> Option<agentid::metrics::HeapStats> {
         active: tikv_jemalloc_ctl::stats::active::read().ok()? as u64,
         resident: tikv_jemalloc_ctl::stats::resident::read().ok()? as u64,
         caches: cache_arena().and_then(arena_allocated).unwrap_or(0),
+        caches_active: cache_arena().and_then(arena_active).unwrap_or(0),
     })
+}
+
+/// The bytes of arena `arena`'s pages in use (as of the last epoch).
+fn arena_active(arena: u32) -> Option<u64> {
+    let pages = read_size(&format!("stats.arenas.{arena}.pactive"))?;
+    Some((pages * read_size("arenas.page")?) as u64)
 }
 
 /// The bytes in live allocations of arena `arena`, small and large (as of the last epoch).

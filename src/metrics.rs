@@ -75,6 +75,7 @@ pub struct Metrics {
     heap_active: Gauge,
     heap_resident: Gauge,
     heap_caches: Gauge,
+    heap_caches_active: Gauge,
 }
 
 /// What the allocator holds, in bytes: `allocated` is what the program uses, `active` the pages
@@ -90,6 +91,8 @@ pub struct HeapStats {
     pub resident: u64,
     /// Of `allocated`, the bytes of the caches' arena (see [`crate::alloc`]).
     pub caches: u64,
+    /// Of `active`, the caches' arena's pages.
+    pub caches_active: u64,
 }
 
 static HEAP_STATS: OnceLock<fn() -> Option<HeapStats>> = OnceLock::new();
@@ -135,8 +138,8 @@ impl Default for Metrics {
             "AccessGrants changed and waiting for a reconcile worker",
             grants_waiting.clone(),
         );
-        let (heap_allocated, heap_active, heap_resident, heap_caches) =
-            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let (heap_allocated, heap_active, heap_resident, heap_caches, heap_caches_active) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         if HEAP_STATS.get().is_some() {
             registry.register(
                 "heap_allocated_bytes",
@@ -158,12 +161,18 @@ impl Default for Metrics {
                 "Of the live allocations, the bytes the watch caches keep (their objects and indexes, allocated apart)",
                 heap_caches.clone(),
             );
+            registry.register(
+                "heap_caches_active_bytes",
+                "Of the allocator's pages in use, those of the watch caches' arena",
+                heap_caches_active.clone(),
+            );
         }
         Self {
             heap_allocated,
             heap_active,
             heap_resident,
             heap_caches,
+            heap_caches_active,
             registry,
             leader,
             grants_waiting,
@@ -224,6 +233,7 @@ impl Metrics {
             self.heap_active.set(i64::try_from(heap.active).unwrap_or(i64::MAX));
             self.heap_resident.set(i64::try_from(heap.resident).unwrap_or(i64::MAX));
             self.heap_caches.set(i64::try_from(heap.caches).unwrap_or(i64::MAX));
+            self.heap_caches_active.set(i64::try_from(heap.caches_active).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -300,6 +300,9 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
     // Of the live heap, the caches' share (allocated apart): something, not everything.
     let caches = gauge("agentid_heap_caches_allocated_bytes");
     assert!(0.0 < caches && caches < allocated, "caches {caches} of allocated {allocated}:\n{metrics}");
+    // In pages of their own, of all the pages in use.
+    let caches_active = gauge("agentid_heap_caches_active_bytes");
+    assert!(caches <= caches_active && caches_active < active, "caches' pages {caches_active}:\n{metrics}");
     s.cleanup().await
 }
 
