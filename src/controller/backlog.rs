@@ -11,6 +11,9 @@
 //! A grant waiting here is looked up in the cache when it is handed on, so it is reconciled as
 //! the cache then shows it; a change to a grant already handed on and not yet started needs
 //! nothing more (its reconcile reads the cache when it starts).
+//!
+//! Revocations do not wait behind a flood: a grant being deleted, or one that holds a credential
+//! (whose change may end it), goes ahead of the grants still to be decided.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -26,6 +29,7 @@ use kube::{
 };
 use prometheus_client::metrics::gauge::Gauge;
 
+use super::triggers::holds_credential;
 use crate::api::AccessGrant;
 
 /// A queue that has held more than this many grants is dropped when it empties, not kept.
@@ -71,6 +75,8 @@ pub(crate) struct Backlog {
     ended: bool,
     cache: Store<AccessGrant>,
     handed: Arc<Handed>,
+    /// Grants being deleted or holding a credential, handed on first.
+    urgent: VecDeque<ObjectRef<AccessGrant>>,
     queue: VecDeque<ObjectRef<AccessGrant>>,
     queued: HashSet<ObjectRef<AccessGrant>>,
     waiting: Gauge,
@@ -84,14 +90,28 @@ impl Backlog {
         handed: Arc<Handed>,
         waiting: Gauge,
     ) -> Self {
-        Self { changes, ended: false, cache, handed, queue: VecDeque::new(), queued: HashSet::new(), waiting }
+        Self {
+            changes,
+            ended: false,
+            cache,
+            handed,
+            urgent: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            waiting,
+        }
     }
 
     /// The next grant to hand on, if the controller has room; registers for a wake-up if not.
     fn hand_on(&mut self, cx: &mut Context<'_>) -> Option<Arc<AccessGrant>> {
         // Before looking: a place freed after the look wakes this task.
         self.handed.room.register(cx.waker());
-        while let Some(next) = self.queue.front() {
+        loop {
+            let lane = match self.urgent.is_empty() {
+                true => &mut self.queue,
+                false => &mut self.urgent,
+            };
+            let Some(next) = lane.front() else { break };
             let mut handed = self.handed.lock();
             if !handed.contains(next) && handed.len() >= self.handed.limit {
                 // Full: of grants that left the cache by a re-listing (no deletion was seen, so
@@ -101,7 +121,7 @@ impl Backlog {
                     return None;
                 }
             }
-            let next = self.queue.pop_front()?;
+            let next = lane.pop_front()?;
             self.queued.remove(&next);
             // Already handed on and not started (it was handed on again after it was queued):
             // that reconcile will see this change.
@@ -117,7 +137,8 @@ impl Backlog {
                 }
             }
         }
-        if self.queue.capacity() > KEPT_CAPACITY {
+        if self.queue.capacity() > KEPT_CAPACITY || self.urgent.capacity() > KEPT_CAPACITY {
+            self.urgent = VecDeque::new();
             self.queue = VecDeque::new();
             self.queued = HashSet::new();
         }
@@ -138,7 +159,10 @@ impl Stream for Backlog {
                     // Handed on and not started: that reconcile will see this change (the
                     // cache holds it before it is announced).
                     if !this.handed.lock().contains(&key) && this.queued.insert(key.clone()) {
-                        this.queue.push_back(key);
+                        match grant.metadata.deletion_timestamp.is_some() || holds_credential(&grant) {
+                            true => this.urgent.push_back(key),
+                            false => this.queue.push_back(key),
+                        }
                     }
                 }
                 Poll::Ready(None) => this.ended = true,
@@ -146,10 +170,10 @@ impl Stream for Backlog {
             }
         }
         let next = this.hand_on(cx);
-        this.waiting.set(i64::try_from(this.queue.len()).unwrap_or(i64::MAX));
+        this.waiting.set(i64::try_from(this.queued.len()).unwrap_or(i64::MAX));
         match next {
             Some(grant) => Poll::Ready(Some(grant)),
-            None if this.ended && this.queue.is_empty() => Poll::Ready(None),
+            None if this.ended && this.queued.is_empty() => Poll::Ready(None),
             None => Poll::Pending,
         }
     }
@@ -246,6 +270,28 @@ mod tests {
         // The queue that held the flood is not kept.
         assert!(f.backlog.queue.capacity() <= KEPT_CAPACITY, "{}", f.backlog.queue.capacity());
         assert!(f.backlog.queued.capacity() <= KEPT_CAPACITY, "{}", f.backlog.queued.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_revocation_goes_ahead_of_a_flood() {
+        let mut f = fixture(1);
+        for i in 0..100 {
+            f.change(grant(i)).await;
+        }
+        assert_eq!(f.ready(), ["g0"]);
+        let mut active = grant(100);
+        active.status.get_or_insert_default().phase = Some(crate::api::GrantPhase::Active);
+        f.change(active).await;
+        let mut deleted = grant(101);
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        f.change(deleted).await;
+        let mut order = Vec::new();
+        for i in [0, 100, 101] {
+            f.handed.done(&grant(i));
+            order.extend(f.ready());
+        }
+        assert_eq!(order, ["g100", "g101", "g1"], "ahead of the flood, after the one already handed on");
     }
 
     #[tokio::test]
