@@ -16,7 +16,7 @@
 //! (whose change may end it), goes ahead of the grants still to be decided.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -40,12 +40,12 @@ fn key(grant: &AccessGrant) -> ObjectRef<AccessGrant> {
     ObjectRef::new(&grant.name_any()).within(&grant.namespace().unwrap_or_default())
 }
 
-/// The grants handed on to the controller whose reconcile has not started yet, and at most how
-/// many there may be. Shared by the backlog, the reconciler (which says when one starts) and the
-/// watch (which says when one is deleted: the controller does not start a reconcile for a grant
-/// no longer in the cache).
+/// The grants handed on to the controller whose reconcile has not started yet (by name, with
+/// the uid handed on), and at most how many there may be. Shared by the backlog, the reconciler
+/// (which says when one starts) and the watch, which says when one is deleted or left the cache
+/// at a re-listing: the controller does not start a reconcile for a grant no longer in the cache.
 pub(crate) struct Handed {
-    grants: Mutex<HashSet<ObjectRef<AccessGrant>>>,
+    grants: Mutex<HashMap<ObjectRef<AccessGrant>, Option<String>>>,
     room: AtomicWaker,
     limit: usize,
 }
@@ -56,16 +56,37 @@ impl Handed {
         Arc::new(Self { grants: Mutex::default(), room: AtomicWaker::new(), limit: limit.max(1) })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<ObjectRef<AccessGrant>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<AccessGrant>, Option<String>>> {
         self.grants.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `grant`'s reconcile has started, or it is gone: its place is free.
+    /// `grant`'s reconcile has started (the controller reconciles by name: whichever object of
+    /// that name the cache holds), or it is gone: its place is free.
     pub(crate) fn done(&self, grant: &AccessGrant) {
-        if self.lock().remove(&key(grant)) {
+        if self.lock().remove(&key(grant)).is_some() {
             self.room.wake();
         }
     }
+
+    /// Frees the places of grants `cache` no longer holds as they were handed on: after a
+    /// re-listing, which shows no deletion of what went in between.
+    pub(crate) fn keep_cached(&self, cache: &Store<AccessGrant>) {
+        let mut handed = self.lock();
+        let before = handed.len();
+        handed.retain(|g, uid| still_cached(cache, g, uid));
+        if handed.len() < before {
+            self.room.wake();
+        }
+    }
+
+    /// Whether a reconcile of `grant` (as cached now) is already due and not started.
+    fn awaits(&self, grant: &AccessGrant) -> bool {
+        self.lock().get(&key(grant)).is_some_and(|uid| *uid == grant.metadata.uid)
+    }
+}
+
+fn still_cached(cache: &Store<AccessGrant>, grant: &ObjectRef<AccessGrant>, uid: &Option<String>) -> bool {
+    cache.get(grant).is_some_and(|g| g.metadata.uid == *uid)
 }
 
 /// The grants of `changes`, handed on as the controller has room (see [`Handed`]), each as the
@@ -78,7 +99,9 @@ pub(crate) struct Backlog {
     /// Grants being deleted or holding a credential, handed on first.
     urgent: VecDeque<ObjectRef<AccessGrant>>,
     queue: VecDeque<ObjectRef<AccessGrant>>,
-    queued: HashSet<ObjectRef<AccessGrant>>,
+    /// What waits, and whether in the urgent lane. A grant moved there also stays in the other
+    /// lane, where it is skipped (no longer here when reached).
+    queued: HashMap<ObjectRef<AccessGrant>, bool>,
     waiting: Gauge,
 }
 
@@ -97,8 +120,30 @@ impl Backlog {
             handed,
             urgent: VecDeque::new(),
             queue: VecDeque::new(),
-            queued: HashSet::new(),
+            queued: HashMap::new(),
             waiting,
+        }
+    }
+
+    /// Queues a change of `grant`, unless a reconcile of it is due and not started: that one
+    /// will see it (the cache holds a change before it is announced). A grant being deleted or
+    /// holding a credential goes to the urgent lane, also when it already waits in the other.
+    fn take_in(&mut self, grant: &AccessGrant) {
+        if self.handed.awaits(grant) {
+            return;
+        }
+        let urgent = grant.metadata.deletion_timestamp.is_some() || holds_credential(grant);
+        let key = key(grant);
+        match self.queued.get(&key) {
+            Some(true) => {}
+            Some(false) if !urgent => {}
+            _ => {
+                self.queued.insert(key.clone(), urgent);
+                match urgent {
+                    true => self.urgent.push_back(key),
+                    false => self.queue.push_back(key),
+                }
+            }
         }
     }
 
@@ -113,22 +158,24 @@ impl Backlog {
             };
             let Some(next) = lane.front() else { break };
             let mut handed = self.handed.lock();
-            if !handed.contains(next) && handed.len() >= self.handed.limit {
-                // Full: of grants that left the cache by a re-listing (no deletion was seen, so
-                // no reconcile will start for them), free the places.
-                handed.retain(|g| self.cache.get(g).is_some());
+            if handed.len() >= self.handed.limit {
+                // Full. A safety net (a re-listing frees these places at once): of grants no
+                // longer in the cache as handed on, no reconcile will start.
+                handed.retain(|g, uid| still_cached(&self.cache, g, uid));
                 if handed.len() >= self.handed.limit {
                     return None;
                 }
             }
             let next = lane.pop_front()?;
-            self.queued.remove(&next);
-            // Already handed on and not started (it was handed on again after it was queued):
-            // that reconcile will see this change.
-            if !handed.insert(next.clone()) {
+            // Moved to the urgent lane and handed on from there already.
+            if self.queued.remove(&next).is_none() {
                 continue;
             }
-            // Handed before the look, so that a deletion after the look frees the place.
+            // Handed on with the uid cached now (a grant deleted and made again under its name is
+            // another), then looked up again: a deletion in between, whose `done` may have come
+            // before the entry, must not leave its place taken.
+            let Some(grant) = self.cache.get(&next) else { continue };
+            handed.insert(next.clone(), grant.metadata.uid.clone());
             drop(handed);
             match self.cache.get(&next) {
                 Some(grant) => return Some(grant),
@@ -140,7 +187,7 @@ impl Backlog {
         if self.queue.capacity() > KEPT_CAPACITY || self.urgent.capacity() > KEPT_CAPACITY {
             self.urgent = VecDeque::new();
             self.queue = VecDeque::new();
-            self.queued = HashSet::new();
+            self.queued = HashMap::new();
         }
         None
     }
@@ -154,17 +201,7 @@ impl Stream for Backlog {
         // Everything that arrived, so that the watch feeding it is not held up.
         while !this.ended {
             match this.changes.poll_next_unpin(cx) {
-                Poll::Ready(Some(grant)) => {
-                    let key = key(&grant);
-                    // Handed on and not started: that reconcile will see this change (the
-                    // cache holds it before it is announced).
-                    if !this.handed.lock().contains(&key) && this.queued.insert(key.clone()) {
-                        match grant.metadata.deletion_timestamp.is_some() || holds_credential(&grant) {
-                            true => this.urgent.push_back(key),
-                            false => this.queue.push_back(key),
-                        }
-                    }
-                }
+                Poll::Ready(Some(grant)) => this.take_in(&grant),
                 Poll::Ready(None) => this.ended = true,
                 Poll::Pending => break,
             }
@@ -189,6 +226,7 @@ mod tests {
     fn grant(i: usize) -> AccessGrant {
         let mut g = crate::policy::testing::grant("read", "fixer", "15m", vec![]);
         g.metadata.name = Some(format!("g{i}"));
+        g.metadata.uid = Some(format!("u{i}"));
         g
     }
 
@@ -295,6 +333,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_grant_deleted_while_it_waits_goes_ahead_too() {
+        let mut f = fixture(1);
+        for i in 0..100 {
+            f.change(grant(i)).await;
+        }
+        assert_eq!(f.ready(), ["g0"]);
+        let mut deleted = grant(50);
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        f.change(deleted).await;
+        f.handed.done(&grant(0));
+        let mut order = Vec::new();
+        while order.len() < 99 {
+            let next = f.ready();
+            f.handed.done(&grant(next[0][1..].parse().expect("number")));
+            order.extend(next);
+        }
+        assert_eq!(order[..2], ["g50", "g1"], "ahead of the flood");
+        assert_eq!(order.iter().filter(|g| *g == "g50").count(), 1, "and not again from its old place");
+        assert_eq!((f.ready(), f.waiting.get()), (vec![], 0));
+    }
+
+    #[tokio::test]
     async fn a_grant_gone_from_the_cache_holds_no_place() {
         let mut f = fixture(2);
         for i in 0..4 {
@@ -321,10 +382,23 @@ mod tests {
         }
         f.writer.apply_watcher_event(&Event::InitDone);
         assert_eq!(f.ready(), names(4..5));
+        // Deleted and made again under its name during a re-listing: the new one is not taken
+        // for the one handed on (whose reconcile found nothing), and the re-listing frees the
+        // old one's place.
+        f.handed.done(&grant(3));
+        assert!(f.handed.lock().contains_key(&key(&grant(4))), "g4 handed on");
+        let mut again = grant(4);
+        again.metadata.uid = Some("u4-again".into());
+        f.writer.apply_watcher_event(&Event::Init);
+        f.writer.apply_watcher_event(&Event::InitApply(again.clone()));
+        f.writer.apply_watcher_event(&Event::InitDone);
+        f.handed.keep_cached(&f.backlog.cache);
+        assert!(f.handed.lock().is_empty(), "the old g4's place freed");
+        f.tx.send(Arc::new(again.clone())).await.expect("open");
+        assert_eq!(f.ready(), names(4..5), "the new g4 handed on");
         // The end of the changes ends the backlog once it is empty.
         drop(f.tx);
-        f.handed.done(&grant(3));
-        f.handed.done(&grant(4));
+        f.handed.done(&again);
         assert_eq!(f.backlog.next().await.map(|g| g.name_any()), None);
     }
 }

@@ -615,7 +615,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         });
     let failures = context.failures.clone();
     let handed = backlog::Handed::new(2 * usize::from(settings.grant_workers));
-    let deleted = handed.clone();
+    let (deleted, relisted) = (handed.clone(), grant_store.clone());
     let grant_watch = async move {
         let mut grant_stream = std::pin::pin!(grant_stream);
         while let Some(event) = grant_stream.next().await {
@@ -624,6 +624,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 Ok(watcher::Event::Delete(grant)) => {
                     forget_failures(&failures, &grant);
                     deleted.done(&grant);
+                }
+                // Grants gone in between show no deletion: the places of those handed on free.
+                Ok(watcher::Event::InitDone) => {
+                    deleted.keep_cached(&relisted);
+                    fan_out.send(&watcher::Event::InitDone).await;
                 }
                 Ok(event) => fan_out.send(&event).await,
                 Err(e) => warn!(watch = "AccessGrants", error = %e, "watch failed; retrying with backoff"),
