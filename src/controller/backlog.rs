@@ -156,7 +156,9 @@ impl Backlog {
                 true => &mut self.queue,
                 false => &mut self.urgent,
             };
-            let Some(next) = lane.front() else { break };
+            if lane.is_empty() {
+                break;
+            }
             let mut handed = self.handed.lock();
             if handed.len() >= self.handed.limit {
                 // Full. A safety net (a re-listing frees these places at once): of grants no
