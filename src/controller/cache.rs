@@ -231,8 +231,8 @@ where
 /// the table left by 50,000 grants made at once holds the 9,000 that stayed, with the flood's
 /// objects' pages around theirs. So once the store holds a quarter of its peak or less (a peak of
 /// [`FLOOD`] objects or more), it is rebuilt from itself as a re-listing would be — a table sized
-/// to what it holds, swapped in whole when complete (readers never see it half-filled), its
-/// objects copied into the caches' arena — without asking the apiserver and without telling any
+/// to what it holds, swapped in whole when complete (readers never see it half-filled), the
+/// objects that last (grants holding a credential) copied into the caches' arena — without asking the apiserver and without telling any
 /// controller (nothing changed).
 pub struct FloodStore<K: Resource<DynamicType = ()> + Clone + 'static> {
     writer: Writer<K>,
