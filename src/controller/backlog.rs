@@ -258,6 +258,28 @@ mod tests {
         fn ready(&mut self) -> Vec<String> {
             std::iter::from_fn(|| self.backlog.next().now_or_never().flatten()).map(|g| g.name_any()).collect()
         }
+
+        /// The reconcile of the grant named `name` (`g<i>`) starts.
+        fn started(&self, name: &str) {
+            self.handed.done(&grant(name[1..].parse().expect("g<number>")));
+        }
+    }
+
+    /// Room for one, 100 grants changed, and the first handed on.
+    async fn flood_of_100() -> Fixture {
+        let mut f = fixture(1);
+        for i in 0..100 {
+            f.change(grant(i)).await;
+        }
+        assert_eq!(f.ready(), ["g0"]);
+        f
+    }
+
+    fn being_deleted(i: usize) -> AccessGrant {
+        let mut g = grant(i);
+        g.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        g
     }
 
     #[derive(Default)]
@@ -298,7 +320,7 @@ mod tests {
             let ready = f.ready();
             assert!(!ready.is_empty(), "a place freed hands one on");
             for g in ready {
-                f.handed.done(&grant(g[1..].parse().expect("number")));
+                f.started(&g);
                 got.push(g);
             }
         }
@@ -314,18 +336,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_revocation_goes_ahead_of_a_flood() {
-        let mut f = fixture(1);
-        for i in 0..100 {
-            f.change(grant(i)).await;
-        }
-        assert_eq!(f.ready(), ["g0"]);
+        let mut f = flood_of_100().await;
         let mut active = grant(100);
         active.status.get_or_insert_default().phase = Some(crate::api::GrantPhase::Active);
         f.change(active).await;
-        let mut deleted = grant(101);
-        deleted.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-        f.change(deleted).await;
+        f.change(being_deleted(101)).await;
         let mut order = Vec::new();
         for i in [0, 100, 101] {
             f.handed.done(&grant(i));
@@ -336,20 +351,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_grant_deleted_while_it_waits_goes_ahead_too() {
-        let mut f = fixture(1);
-        for i in 0..100 {
-            f.change(grant(i)).await;
-        }
-        assert_eq!(f.ready(), ["g0"]);
-        let mut deleted = grant(50);
-        deleted.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-        f.change(deleted).await;
-        f.handed.done(&grant(0));
+        let mut f = flood_of_100().await;
+        f.change(being_deleted(50)).await;
+        f.started("g0");
         let mut order = Vec::new();
         while order.len() < 99 {
             let next = f.ready();
-            f.handed.done(&grant(next[0][1..].parse().expect("number")));
+            f.started(&next[0]);
             order.extend(next);
         }
         assert_eq!(order[..2], ["g50", "g1"], "ahead of the flood");

@@ -9,34 +9,17 @@ use std::time::{Duration, Instant};
 use agentid::api::{AccessGrant, GrantPhase};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{Api, ResourceExt, api::PostParams};
-use serde_json::json;
+use kube::{Api, ResourceExt};
 
-use crate::{
-    fixtures::*,
-    harness::{Operator, PrivateCluster, TestNamespace},
-};
-
-/// The value of gauge `name` in `metrics`.
-fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
+use crate::fixtures::*;
 
 #[tokio::test]
 async fn a_flood_past_the_workers_room_is_issued_whole_and_the_backlog_drains() -> anyhow::Result<()> {
     const GRANTS: usize = 60;
-    let cluster = PrivateCluster::start("backlog").await?;
-    let admin = cluster.admin().await?;
     // One worker: room for two grants handed on and not started.
-    let operator = Operator::start(&cluster.dir, &[("AGENTID_GRANT_WORKERS", "1")])?;
-    operator.wait_ready().await?;
-    let agents = TestNamespace::new(&admin, "flood-a").await?;
-    let target = TestNamespace::new(&admin, "flood-t").await?;
-    let (a, t) = (agents.name.as_str(), target.name.as_str());
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
-    Api::<ConfigMap>::namespaced(admin.clone(), t).create(&PostParams::default(), &cm).await?;
-    create(&admin, a, &identity("busy", &[t])).await?;
-    wait_identity_ready(&admin, a, "busy").await?;
+    let own = OwnOperator::start("backlog", &[("AGENTID_GRANT_WORKERS", "1")], "flood").await?;
+    let (admin, operator) = (own.admin.clone(), &own.operator);
+    let (a, t) = (own.agents.name.as_str(), own.target.name.as_str());
     assert_eq!(gauge(&operator.metrics()?, "agentid_grants_waiting"), Some(0.0), "nothing waits before");
 
     let reader = || vec![rule(t, "", &["configmaps"], &["get"], &["settings"])];

@@ -6,30 +6,15 @@
 
 use agentid::api::{AccessGrant, GrantPhase};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{
-    Api, ResourceExt,
-    api::{DeleteParams, PostParams},
-};
-use serde_json::json;
+use kube::{Api, ResourceExt, api::DeleteParams};
 
-use crate::{
-    fixtures::*,
-    harness::{Operator, PrivateCluster, TestNamespace},
-};
+use crate::fixtures::*;
 
 #[tokio::test]
 async fn grants_past_the_cap_are_rejected_even_when_they_arrive_together() -> anyhow::Result<()> {
-    let cluster = PrivateCluster::start("capacity").await?;
-    let admin = cluster.admin().await?;
-    let operator = Operator::start(&cluster.dir, &[("AGENTID_MAX_ACTIVE_GRANTS_PER_IDENTITY", "3")])?;
-    operator.wait_ready().await?;
-    let agents = TestNamespace::new(&admin, "cap-a").await?;
-    let target = TestNamespace::new(&admin, "cap-t").await?;
-    let (a, t) = (agents.name.as_str(), target.name.as_str());
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
-    Api::<ConfigMap>::namespaced(admin.clone(), t).create(&PostParams::default(), &cm).await?;
-    create(&admin, a, &identity("busy", &[t])).await?;
-    wait_identity_ready(&admin, a, "busy").await?;
+    let own = OwnOperator::start("capacity", &[("AGENTID_MAX_ACTIVE_GRANTS_PER_IDENTITY", "3")], "cap").await?;
+    let admin = own.admin.clone();
+    let (a, t) = (own.agents.name.as_str(), own.target.name.as_str());
 
     // Six at once: the operator reconciles them concurrently, and none is issued in any cache
     // when the others are decided.

@@ -348,3 +348,39 @@ pub async fn create_namespaces(admin: &Client, names: &[&str]) -> anyhow::Result
     }
     Ok(())
 }
+
+/// The value of gauge `name` in the metrics text `metrics`.
+pub fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A control plane and operator of a test's own (for a flag of the operator), with an agents
+/// and a target namespace, a `settings` ConfigMap in the target, and identity `busy` ready.
+/// Fields drop in order: the namespaces while their cluster still runs.
+pub struct OwnOperator {
+    pub target: crate::harness::TestNamespace,
+    pub agents: crate::harness::TestNamespace,
+    pub operator: crate::harness::Operator,
+    pub admin: Client,
+    /// Held for its life: stopped when dropped.
+    _cluster: crate::harness::PrivateCluster,
+}
+
+impl OwnOperator {
+    /// Starts it all, the operator with extra environment variables `env`, namespaces
+    /// `{prefix}-a` and `{prefix}-t`.
+    pub async fn start(name: &str, env: &[(&str, &str)], prefix: &str) -> anyhow::Result<Self> {
+        let cluster = crate::harness::PrivateCluster::start(name).await?;
+        let admin = cluster.admin().await?;
+        let operator = crate::harness::Operator::start(&cluster.dir, env)?;
+        operator.wait_ready().await?;
+        let agents = crate::harness::TestNamespace::new(&admin, &format!("{prefix}-a")).await?;
+        let target = crate::harness::TestNamespace::new(&admin, &format!("{prefix}-t")).await?;
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "settings"}, "data": {"k": "v"}}))?;
+        Api::namespaced(admin.clone(), &target.name).create(&PostParams::default(), &cm).await?;
+        create(&admin, &agents.name, &identity("busy", &[&target.name])).await?;
+        wait_identity_ready(&admin, &agents.name, "busy").await?;
+        Ok(Self { target, agents, operator, admin, _cluster: cluster })
+    }
+}

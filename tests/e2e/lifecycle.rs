@@ -285,23 +285,21 @@ async fn short_grant_stops_working_on_time_and_leaves_nothing() -> anyhow::Resul
     assert!(!metrics.contains("brief"), "metrics must not carry object names");
     // And what the allocator holds: live allocations within the pages that hold them, within
     // what is resident.
-    let gauge = |name: &str| {
-        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).unwrap_or(0.0)
-    };
+    let bytes = |name: &str| gauge(&metrics, name).unwrap_or(0.0);
     let (allocated, active, resident) = (
-        gauge("agentid_heap_allocated_bytes"),
-        gauge("agentid_heap_active_bytes"),
-        gauge("agentid_heap_resident_bytes"),
+        bytes("agentid_heap_allocated_bytes"),
+        bytes("agentid_heap_active_bytes"),
+        bytes("agentid_heap_resident_bytes"),
     );
     assert!(
         0.0 < allocated && allocated <= active && active <= resident,
         "heap gauges allocated {allocated}, active {active}, resident {resident}:\n{metrics}"
     );
     // Of the live heap, the caches' share (allocated apart): something, not everything.
-    let caches = gauge("agentid_heap_caches_allocated_bytes");
+    let caches = bytes("agentid_heap_caches_allocated_bytes");
     assert!(0.0 < caches && caches < allocated, "caches {caches} of allocated {allocated}:\n{metrics}");
     // In pages of their own, of all the pages in use.
-    let caches_active = gauge("agentid_heap_caches_active_bytes");
+    let caches_active = bytes("agentid_heap_caches_active_bytes");
     assert!(caches <= caches_active && caches_active < active, "caches' pages {caches_active}:\n{metrics}");
     s.cleanup().await
 }
