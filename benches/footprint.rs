@@ -100,9 +100,10 @@ enum In {
 
 /// The fixture `file` (an object as the apiserver sent it), [`copies`] times with distinct names and
 /// uids, each given to `prepare` and then to a cache: the bytes held per object.
-fn per_object<K>(file: &str, prepare: impl Fn(&mut K), held_in: In) -> f64
+fn per_object<K, S>(file: &str, prepare: impl Fn(&mut K), held_in: In) -> f64
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Send + Sync + 'static,
+    S: store::Stored<Object = K>,
 {
     let path = format!("{}/benches/footprint/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
@@ -120,7 +121,7 @@ where
         })
         .collect();
     let (store, mut writer) = reflector::store::<K>();
-    let (cache, mut filler) = store::cache::<K>();
+    let (cache, mut filler) = store::cache::<S>();
     let before = LIVE.load(Ordering::Relaxed);
     for text in &texts {
         let mut obj: K = serde_json::from_str(text).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -180,12 +181,14 @@ struct Row {
     received: f64,
 }
 
-fn row<K>(what: &'static str, per: &'static str, file: &str, prepare: impl Fn(&mut K), held_in: In) -> Row
+/// A row for objects of kind `K`, cached as `S` (in the lean store: `held_in` is `Lean`).
+fn row<K, S>(what: &'static str, per: &'static str, file: &str, prepare: impl Fn(&mut K), held_in: In) -> Row
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Send + Sync + 'static,
+    S: store::Stored<Object = K>,
 {
-    let cached = per_object::<K>(file, prepare, held_in);
-    Row { what, per, cached, received: per_object::<K>(file, |_| {}, In::Reflector) }
+    let cached = per_object::<K, S>(file, prepare, held_in);
+    Row { what, per, cached, received: per_object::<K, K>(file, |_| {}, In::Reflector) }
 }
 
 fn main() {
@@ -193,29 +196,35 @@ fn main() {
     type SecretMeta = PartialObjectMeta<Secret>;
     let index = |what, per, file| Row { what, per, cached: index_entry(file), received: 0.0 };
     let rows = vec![
-        row::<AgentIdentity>(
+        row::<AgentIdentity, AgentIdentity>(
             "AgentIdentity (with status)",
             "identity",
             "identity.json",
             cache::slim_identity,
             In::Reflector,
         ),
-        row::<SaMeta>(
+        row::<SaMeta, store::Meta<ServiceAccount>>(
             "base ServiceAccount (metadata)",
             "identity",
             "identity-serviceaccount.json",
             |o| cache::trim_meta(o, Keep::OWNED),
             In::Lean,
         ),
-        row::<SecretMeta>(
+        row::<SecretMeta, store::Meta<Secret>>(
             "credentials Secret (metadata)",
             "identity",
             "identity-secret.json",
             |o| cache::trim_meta(o, Keep::SECRETS),
             In::Lean,
         ),
-        row::<Role>("requester Role", "identity", "requester-role.json", |o| cache::trim(o, Keep::ROLES), In::Lean),
-        row::<RoleBinding>(
+        row::<Role, Role>(
+            "requester Role",
+            "identity",
+            "requester-role.json",
+            |o| cache::trim(o, Keep::ROLES),
+            In::Lean,
+        ),
+        row::<RoleBinding, RoleBinding>(
             "requester RoleBinding",
             "identity",
             "requester-binding.json",
@@ -223,22 +232,22 @@ fn main() {
             In::Lean,
         ),
         index("requester RoleBinding: its binding index entry", "identity", "requester-binding.json"),
-        row::<AccessGrant>(
+        row::<AccessGrant, AccessGrant>(
             "AccessGrant (Active)",
             "active grant",
             "grant-active.json",
             cache::slim_grant,
             In::Reflector,
         ),
-        row::<Role>("grant Role", "active grant", "grant-role.json", |o| cache::trim(o, Keep::ROLES), In::Lean),
-        row::<RoleBinding>(
+        row::<Role, Role>("grant Role", "active grant", "grant-role.json", |o| cache::trim(o, Keep::ROLES), In::Lean),
+        row::<RoleBinding, RoleBinding>(
             "grant RoleBinding",
             "active grant",
             "grant-binding.json",
             |o| cache::trim(o, Keep::BINDINGS),
             In::Lean,
         ),
-        row::<SecretMeta>(
+        row::<SecretMeta, store::Meta<Secret>>(
             "grant Secret (metadata)",
             "active grant",
             "grant-secret.json",

@@ -217,7 +217,6 @@ async fn exposure(client: &Client, ns: &str, name: &str) -> anyhow::Result<rende
         .into_iter()
         .map(|s| s.metadata)
         .collect();
-    let secrets: Vec<_> = secrets.iter().collect();
     let rbac = exposure::Rbac {
         roles: &roles,
         cluster_roles: &cluster_roles,
@@ -228,7 +227,7 @@ async fn exposure(client: &Client, ns: &str, name: &str) -> anyhow::Result<rende
     Ok(render::ExposureReport {
         namespace: ns.into(),
         identity: name.into(),
-        findings: exposure::exposure(ns, name, &principals, &rbac, &secrets),
+        findings: exposure::exposure(ns, name, &principals, &rbac, &secrets[..]),
     })
 }
 

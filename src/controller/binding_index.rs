@@ -105,7 +105,7 @@ pub(crate) struct Candidates {
 }
 
 /// What the index needs of a binding kind.
-pub trait Indexed: Resource<DynamicType = ()> + Clone {
+pub trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + 'static {
     /// 0 for RoleBindings, 1 for ClusterRoleBindings.
     const SLOT: usize;
     fn subjects(&self) -> &[Subject];
@@ -393,8 +393,8 @@ mod tests {
                     cluster_role_bindings: &c.cluster_role_bindings,
                 };
                 assert_eq!(
-                    exposure::exposure("agents", identity, &principals, &whole, &[&secret]),
-                    exposure::exposure("agents", identity, &principals, &narrowed, &[&secret]),
+                    exposure::exposure("agents", identity, &principals, &whole, &[&secret][..]),
+                    exposure::exposure("agents", identity, &principals, &narrowed, &[&secret][..]),
                     "exposure, seed {seed}"
                 );
             }

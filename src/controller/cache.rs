@@ -42,7 +42,7 @@ pub struct ClusterView {
     pub cluster_roles: Cache<ClusterRole>,
     /// Secret metadata: one cache for the whole cluster, or one per namespace of a confined
     /// installation (its RBAC reaches no further).
-    pub secrets: Vec<Cache<PartialObjectMeta<Secret>>>,
+    pub secrets: Vec<Cache<store::Meta<Secret>>>,
     /// Every RoleBinding.
     pub role_bindings: Cache<RoleBinding>,
     /// Every ClusterRoleBinding.
@@ -181,29 +181,32 @@ pub fn trim_meta<K: Resource<DynamicType = ()>>(obj: &mut PartialObjectMeta<K>, 
     trim(obj, keep);
 }
 
-/// A watch of `api` that fills a cache (each object first passed to `prepare`, which trims it)
-/// and yields each touched object after the cache has it.
-pub fn cached<K>(
+/// A watch of `api` that fills a cache (each object first passed to `prepare`, which trims it;
+/// the cache keeps its [`store::Stored`] form `S`) and yields each touched object after the
+/// cache has it.
+pub fn cached<K, S>(
     api: Api<K>,
     config: watcher::Config,
     prepare: impl FnMut(&mut K) + Send + 'static,
-) -> (Cache<K>, BoxStream<'static, watcher::Result<K>>)
+) -> (Cache<S>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    S: store::Stored<Object = K>,
 {
     cached_observed(api, config, prepare, |_, _, _| {})
 }
 
 /// [`cached`], with `observe` given each watch event and the cache twice: just before the
 /// cache applies it (`true`), and just after (`false`).
-fn cached_observed<K>(
+fn cached_observed<K, S>(
     api: Api<K>,
     config: watcher::Config,
     prepare: impl FnMut(&mut K) + Send + 'static,
-    observe: impl Fn(&watcher::Event<K>, &Cache<K>, bool) + Send + 'static,
-) -> (Cache<K>, BoxStream<'static, watcher::Result<K>>)
+    observe: impl Fn(&watcher::Event<K>, &Cache<S>, bool) + Send + 'static,
+) -> (Cache<S>, BoxStream<'static, watcher::Result<K>>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    S: store::Stored<Object = K>,
 {
     let (cache, mut filler) = store::cache();
     let seen = cache.clone();

@@ -369,7 +369,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 ctx.write_grant_status(grant, &status).await?;
                 crate::failpoint::hit("issue:after-intent");
             }
-            ctx.issuer.issue(grant, expires_at, now, ctx.identity_secret(&ns, &grant.spec.identity)).await?;
+            ctx.issuer.issue(grant, expires_at, now, ctx.identity_secret_uid(&ns, &grant.spec.identity)).await?;
             let issued_at = Timestamp::now();
             status.phase = Some(GrantPhase::Active);
             status.issued_at = Some(Time(issued_at));

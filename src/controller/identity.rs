@@ -318,15 +318,23 @@ fn credential_exposure(
     cluster_roles.extend(
         bindings.cluster_role_bindings.iter().filter_map(|b| view.cluster_roles.get(&ObjectRef::new(&b.role_ref.name))),
     );
-    let secrets: Vec<_> = view.secrets.iter().flat_map(|store| store.state()).collect();
-    let secrets: Vec<&ObjectMeta> = secrets.iter().map(|s| &s.metadata).collect();
     let rbac = exposure::Rbac {
         roles: &roles,
         cluster_roles: &cluster_roles,
         role_bindings: &bindings.role_bindings,
         cluster_role_bindings: &bindings.cluster_role_bindings,
     };
-    Some(exposure::exposure(&ns, &name, principals, &rbac, &secrets))
+    Some(exposure::exposure(&ns, &name, principals, &rbac, &CachedSecrets(&view.secrets)))
+}
+
+/// The Secret caches, walked in place (each reconcile used to copy a pointer to every cached
+/// Secret of the cluster, whether or not the identity could read any).
+struct CachedSecrets<'a>(&'a [super::store::Cache<super::store::Meta<Secret>>]);
+
+impl exposure::Secrets for CachedSecrets<'_> {
+    fn each(&self, f: &mut dyn FnMut(exposure::SecretRef<'_>)) {
+        self.0.iter().for_each(|cache| cache.for_each(|s| f(s.as_secret())));
+    }
 }
 
 fn exposure_condition(found: &[exposure::Exposed], identity: &str) -> Desired<'static> {

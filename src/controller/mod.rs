@@ -140,12 +140,25 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct OwnedCaches {
     /// The base ServiceAccounts, metadata only: only whether each exists is read.
-    pub service_accounts: store::Cache<PartialObjectMeta<ServiceAccount>>,
+    pub service_accounts: store::Cache<store::Meta<ServiceAccount>>,
 }
 
-/// How long an identity's base objects, once applied, are trusted from the caches before they
-/// are applied again.
-const BASE_REAPPLY: Duration = Duration::from_secs(60);
+/// How long an identity's base objects, once applied (or first found made by this process), are
+/// trusted from the caches before they are applied again. The caches show on every reconcile
+/// what safety rests on — each object there and the identity's, the Role's rules and the
+/// binding's subjects as made — and any change to those wakes the identity; applying again
+/// restores the rest (labels, the ServiceAccount's automount setting). At once a minute, 10,000
+/// identities each looked at every five minutes cost the apiserver 200 requests a second, and a
+/// restarted operator applied every identity's objects again before anything else.
+const BASE_REAPPLY: Duration = Duration::from_secs(30 * 60);
+
+/// A share of `period` picked by `uid`: the same for an identity each time, spread evenly over
+/// identities.
+fn spread(uid: &str, period: Duration) -> Duration {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(uid);
+    period.mul_f64((hash % 10_000) as f64 / 10_000.0)
+}
 
 /// How many identities are reconciled at once (grants: `Settings::grant_workers`). Unbounded, a
 /// flood of thousands of new grants opened a connection to the apiserver per request in flight
@@ -343,25 +356,25 @@ impl Context {
         Ok(outcome)
     }
 
-    /// Whether the identity's base objects (ServiceAccount, credentials Secret, requester Role and
-    /// RoleBinding) were applied for this generation less than a minute ago and the caches still
-    /// show all four as made (owned by the identity; the Role's rules and the binding's subjects
-    /// unchanged): then a reconcile (most come from its grants changing) need not apply them
-    /// again. One deleted, replaced or edited is made again at once: its change wakes the
-    /// identity, and this says no.
+    /// Whether the caches show the identity's base objects (ServiceAccount, credentials Secret,
+    /// requester Role and RoleBinding) as made (owned by the identity; the Role's rules and the
+    /// binding's subjects unchanged), and they were applied for this generation less than
+    /// [`BASE_REAPPLY`] ago: then a reconcile (most come from its grants changing) need not apply
+    /// them again. One deleted, replaced or edited is made again at once: its change wakes the
+    /// identity, and this says no. Found made by a process that has not applied them yet (it
+    /// started since), they count as applied at a time spread over the last [`BASE_REAPPLY`] by
+    /// the identity's uid, so that a restart does not apply every identity's objects again at
+    /// once, nor all of them again at the same moment later.
     pub(crate) fn base_objects_current(&self, identity: &AgentIdentity) -> bool {
         let (Some(owned), Some(view)) = (&self.owned, &self.view) else { return false };
         let ns = identity.namespace().unwrap_or_default();
         let name = identity.name_any();
-        let recent = self.base_applied_recently(identity);
         let sa = ObjectRef::new(&names::identity_service_account(&name)).within(&ns);
         let secret = ObjectRef::new(&names::identity_credentials_secret(&name)).within(&ns);
         // The requester Role and its RoleBinding share a name.
         let requester = names::identity_requester_role(&name);
-        let ours = |meta: &ObjectMeta| names::owned_by(meta, "AgentIdentity", &name);
-        recent
-            && owned.service_accounts.get(&sa).is_some_and(|m| ours(&m.metadata))
-            && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| ours(&m.metadata)))
+        owned.service_accounts.get(&sa).is_some_and(|m| m.owned_by_identity(&name))
+            && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| m.owned_by_identity(&name)))
             && view
                 .roles
                 .get(&ObjectRef::new(&requester).within(&ns))
@@ -370,12 +383,15 @@ impl Context {
                 .role_bindings
                 .get(&ObjectRef::new(&requester).within(&ns))
                 .is_some_and(|b| desired::requester_binding_current(identity, &b))
+            && (self.base_applied_recently(identity) || self.base_found_made(identity))
     }
 
-    /// The metadata of identity `identity`'s credentials Secret in `ns`, as the cache shows it.
-    pub(crate) fn identity_secret(&self, ns: &str, identity: &str) -> Option<ObjectMeta> {
+    /// The uid of identity `identity`'s credentials Secret in `ns` where the cache shows it as
+    /// agentid's, made for that identity.
+    pub(crate) fn identity_secret_uid(&self, ns: &str, identity: &str) -> Option<String> {
         let secret = ObjectRef::new(&names::identity_credentials_secret(identity)).within(ns);
-        self.view.as_ref()?.secrets.iter().find_map(|s| s.get(&secret)).map(|m| m.metadata.clone())
+        let cached = self.view.as_ref()?.secrets.iter().find_map(|s| s.get(&secret))?;
+        cached.owned_by_identity(identity).then(|| cached.uid().map(String::from)).flatten()
     }
 
     /// Whether this process applied the identity's base objects for its uid and generation less
@@ -387,6 +403,23 @@ impl Context {
                 && Some(*generation) == identity.metadata.generation
                 && at.elapsed() < BASE_REAPPLY
         })
+    }
+
+    /// Records, if nothing is recorded for the identity yet, that its base objects were applied
+    /// at a time spread over the last [`BASE_REAPPLY`]; true if so.
+    fn base_found_made(&self, identity: &AgentIdentity) -> bool {
+        let (Some(uid), Some(generation)) = (identity.metadata.uid.as_ref(), identity.metadata.generation) else {
+            return false;
+        };
+        let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
+        let mut applied = self.base_applied.lock().unwrap_or_else(|e| e.into_inner());
+        if applied.contains_key(&key) {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let at = now.checked_sub(spread(uid, BASE_REAPPLY)).unwrap_or(now);
+        crate::alloc::long_lived(|| applied.insert(key, (uid.clone(), generation, at)));
+        true
     }
 
     /// Records that the identity's base objects were applied now.
@@ -880,5 +913,89 @@ mod tests {
         let long = event_name(&"g".repeat(253), now);
         assert_eq!(long.len(), 253, "{long}");
         assert!(long.ends_with(&format!(".{:x}", now.as_nanosecond())));
+    }
+
+    /// A context with the caches the identity controller reads, filled with `identity`'s base
+    /// objects as agentid makes them; no apiserver behind its client.
+    fn context_with_base_objects(identity: &AgentIdentity) -> Context {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a URL"));
+        let client = Client::try_from(config).expect("a client");
+        let access = desired::ClusterAccess { server: String::new(), ca_pem: String::new() };
+        let mut ctx = Context::new(client, access, vec![], Arc::default());
+        let meta = |obj: ObjectMeta| -> serde_json::Value { json!({"metadata": obj}) };
+        let (service_accounts, mut sa_filler) = store::cache();
+        let mut sa = desired::identity_service_account(identity).metadata;
+        sa.uid = Some("sa-uid".into());
+        sa_filler.apply(&watcher::Event::Apply(serde_json::from_value(meta(sa)).expect("metadata")));
+        let (secrets, mut secret_filler) = store::cache();
+        let mut secret = desired::identity_credentials_secret(identity).metadata;
+        secret.uid = Some("secret-uid".into());
+        secret_filler.apply(&watcher::Event::Apply(serde_json::from_value(meta(secret)).expect("metadata")));
+        let (roles, mut role_filler) = store::cache();
+        role_filler.apply(&watcher::Event::Apply(desired::identity_requester_role(identity)));
+        let (role_bindings, mut binding_filler) = store::cache();
+        binding_filler.apply(&watcher::Event::Apply(desired::identity_requester_binding(identity)));
+        ctx.owned = Some(OwnedCaches { service_accounts });
+        ctx.view = Some(cache::ClusterView {
+            roles,
+            cluster_roles: store::cache().0,
+            secrets: vec![secrets],
+            role_bindings,
+            cluster_role_bindings: store::cache().0,
+            waiting_since: Arc::default(),
+        });
+        ctx
+    }
+
+    #[tokio::test]
+    async fn base_objects_found_made_are_trusted_until_their_spread_reapply_time() {
+        let mut identity = crate::policy::testing::identity("fixer", &["staging"]);
+        identity.metadata.generation = Some(1);
+        let ctx = context_with_base_objects(&identity);
+        assert_eq!(ctx.identity_secret_uid("agents", "fixer").as_deref(), Some("secret-uid"));
+        assert_eq!(ctx.identity_secret_uid("agents", "other"), None, "not made for that identity");
+
+        // A process that has applied nothing yet trusts what the caches show, recorded as applied
+        // at a time spread by uid: not every identity's objects applied again after a restart.
+        assert!(ctx.base_objects_current(&identity));
+        let key = identity_key("agents", "fixer");
+        let at = |ctx: &Context| ctx.base_applied.lock().expect("lock").get(&key).map(|(_, _, at)| *at);
+        let recorded = at(&ctx).expect("recorded");
+        assert!(recorded.elapsed() < BASE_REAPPLY);
+        assert!(ctx.base_objects_current(&identity), "still trusted");
+        assert_eq!(at(&ctx), Some(recorded), "recorded once, not moved on each look");
+
+        // Due again once that time is BASE_REAPPLY ago.
+        let long_ago = std::time::Instant::now().checked_sub(BASE_REAPPLY + Duration::from_secs(1));
+        if let Some(long_ago) = long_ago {
+            ctx.base_applied.lock().expect("lock").insert(key.clone(), ("uid-fixer".into(), 1, long_ago));
+            assert!(!ctx.base_objects_current(&identity), "applied again");
+        }
+        ctx.base_objects_applied(&identity);
+        assert!(ctx.base_objects_current(&identity));
+
+        // A new generation, or the identity made again under its name, applies them again.
+        let mut changed = identity.clone();
+        changed.metadata.generation = Some(2);
+        assert!(!ctx.base_objects_current(&changed));
+        let mut remade = identity.clone();
+        remade.metadata.uid = Some("uid-fixer-2".into());
+        assert!(!ctx.base_objects_current(&remade));
+
+        // What the caches show decides first: an object missing or not the identity's is made
+        // again at once, whatever is recorded.
+        let other = crate::policy::testing::identity("other", &["staging"]);
+        assert!(!ctx.base_objects_current(&other), "no objects of its own cached");
+        assert!(ctx.base_applied.lock().expect("lock").get(&identity_key("agents", "other")).is_none());
+    }
+
+    #[test]
+    fn reapply_times_spread_over_the_period_and_stay_put() {
+        let period = Duration::from_secs(1800);
+        let spreads: Vec<Duration> = (0..1000).map(|i| spread(&format!("uid-{i}"), period)).collect();
+        assert!(spreads.iter().all(|s| *s < period));
+        assert_eq!(spread("uid-7", period), spreads[7], "the same for an identity each time");
+        let early = spreads.iter().filter(|s| **s < period / 2).count();
+        assert!((400..600).contains(&early), "about half in the first half: {early}");
     }
 }

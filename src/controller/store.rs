@@ -7,9 +7,14 @@
 //! read from the object itself: its table holds one pointer an object. It applies watch events
 //! as kube's does (a re-listing is gathered aside and replaces the contents when it is complete,
 //! so readers never see a half-listed cache) and tells when its first listing is in.
+//!
+//! What it keeps of each object is its [`Stored`] form: the object itself, or for Secrets and
+//! ServiceAccounts, known by metadata only, a [`Meta`] — the few fields read, without the
+//! `ObjectMeta` around them (some 400 bytes of empty fields an object).
 
 use std::{
     hash::BuildHasher,
+    marker::PhantomData,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -17,137 +22,238 @@ use std::{
 };
 
 use hashbrown::HashTable;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{
     Resource,
+    api::PartialObjectMeta,
     runtime::{reflector::ObjectRef, watcher},
 };
 
-/// Objects by namespace and name.
-struct Table<K> {
-    objects: HashTable<Arc<K>>,
+use crate::policy::{exposure, names};
+
+/// What a cache keeps of each object of a kind, and how it is found.
+pub trait Stored: Sized + Send + Sync + 'static {
+    /// The kind watched.
+    type Object: Resource<DynamicType = ()>;
+    /// The copy kept of `obj` (already trimmed to what is read).
+    fn stored(obj: &Self::Object) -> Self;
+    /// Its namespace and name.
+    fn key(&self) -> (Option<&str>, &str);
 }
 
-impl<K: Resource> Table<K> {
+impl<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static> Stored for K {
+    type Object = K;
+
+    fn stored(obj: &K) -> K {
+        obj.clone()
+    }
+
+    fn key(&self) -> (Option<&str>, &str) {
+        key_of(self.meta())
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> (Option<&str>, &str) {
+    (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default())
+}
+
+/// The metadata the caches keep of a Secret or ServiceAccount of kind `K` (watched by metadata
+/// only: the operator never holds Secret data): its name and namespace; the AgentIdentities
+/// among its owners (an identity's object wakes it, and is written only when it is the
+/// identity's); the uid, where the watch's trimming kept it; and the ServiceAccount a legacy
+/// token Secret names. Each is a boxed string: about a quarter of the `ObjectMeta` it comes from.
+pub struct Meta<K> {
+    namespace: Option<Box<str>>,
+    name: Box<str>,
+    /// The names of the AgentIdentities (of agentid's API group) it is owned by.
+    owners: Box<[Box<str>]>,
+    uid: Option<Box<str>>,
+    legacy_token_of: Option<Box<str>>,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Meta<K> {
+    /// Its namespace.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or_default()
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the AgentIdentity `identity` (of its namespace) owns it ([`names::owned_by`]).
+    pub fn owned_by_identity(&self, identity: &str) -> bool {
+        self.owners.iter().any(|o| **o == *identity)
+    }
+
+    /// Its uid, where kept.
+    pub fn uid(&self) -> Option<&str> {
+        self.uid.as_deref()
+    }
+
+    /// The name exposure analysis reads it by.
+    pub fn as_secret(&self) -> exposure::SecretRef<'_> {
+        exposure::SecretRef {
+            namespace: self.namespace(),
+            name: self.name(),
+            legacy_token_of: self.legacy_token_of.as_deref(),
+        }
+    }
+}
+
+impl<K> Stored for Meta<K>
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+{
+    type Object = PartialObjectMeta<K>;
+
+    fn stored(obj: &PartialObjectMeta<K>) -> Self {
+        let meta = &obj.metadata;
+        let boxed = |s: &String| Box::<str>::from(s.as_str());
+        let owners = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o: &&OwnerReference| o.kind == "AgentIdentity" && names::agentid_api_version(&o.api_version))
+            .map(|o| boxed(&o.name))
+            .collect();
+        Meta {
+            namespace: meta.namespace.as_ref().map(boxed),
+            name: meta.name.as_ref().map(boxed).unwrap_or_default(),
+            owners,
+            uid: meta.uid.as_ref().map(boxed),
+            legacy_token_of: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(exposure::LEGACY_TOKEN_ANNOTATION))
+                .map(boxed),
+            kind: PhantomData,
+        }
+    }
+
+    fn key(&self) -> (Option<&str>, &str) {
+        (self.namespace.as_deref(), &self.name)
+    }
+}
+
+/// Objects by namespace and name.
+struct Table<S> {
+    objects: HashTable<Arc<S>>,
+}
+
+impl<S: Stored> Table<S> {
     fn new() -> Self {
         Self { objects: HashTable::new() }
     }
 
-    fn hash(state: &std::hash::RandomState, namespace: Option<&str>, name: &str) -> u64 {
+    fn hash(state: &std::hash::RandomState, (namespace, name): (Option<&str>, &str)) -> u64 {
         state.hash_one((namespace, name))
     }
 
-    fn key(obj: &K) -> (Option<&str>, &str) {
-        let meta = obj.meta();
-        (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default())
+    fn find(&self, state: &std::hash::RandomState, key: (Option<&str>, &str)) -> Option<&Arc<S>> {
+        self.objects.find(Self::hash(state, key), |o| o.key() == key)
     }
 
-    fn find(&self, state: &std::hash::RandomState, namespace: Option<&str>, name: &str) -> Option<&Arc<K>> {
-        self.objects.find(Self::hash(state, namespace, name), |o| Self::key(o) == (namespace, name))
-    }
-
-    fn insert(&mut self, state: &std::hash::RandomState, obj: K) {
-        let (namespace, name) = Self::key(&obj);
-        let hash = Self::hash(state, namespace, name);
-        let entry = self.objects.entry(
-            hash,
-            |o| Self::key(o) == (namespace, name),
-            |o| {
-                let (ns, n) = Self::key(o);
-                Self::hash(state, ns, n)
-            },
-        );
+    fn insert(&mut self, state: &std::hash::RandomState, obj: &S::Object) {
+        let stored = S::stored(obj);
+        let key = stored.key();
+        let entry = self.objects.entry(Self::hash(state, key), |o| o.key() == key, |o| Self::hash(state, o.key()));
         match entry {
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = Arc::new(obj),
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = Arc::new(stored),
             hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(Arc::new(obj));
+                e.insert(Arc::new(stored));
             }
         }
     }
 
-    fn remove(&mut self, state: &std::hash::RandomState, obj: &K) {
-        let (namespace, name) = Self::key(obj);
-        if let Ok(e) =
-            self.objects.find_entry(Self::hash(state, namespace, name), |o| Self::key(o) == (namespace, name))
-        {
+    fn remove(&mut self, state: &std::hash::RandomState, obj: &S::Object) {
+        let key = key_of(obj.meta());
+        if let Ok(e) = self.objects.find_entry(Self::hash(state, key), |o| o.key() == key) {
             e.remove();
         }
     }
 }
 
-struct Shared<K> {
-    table: RwLock<Table<K>>,
+struct Shared<S> {
+    table: RwLock<Table<S>>,
     /// One hasher for every table of this cache (a re-listing's too).
     state: std::hash::RandomState,
     ready: AtomicBool,
 }
 
 /// The read side of a cache: cheap to clone, shared with its [`Filler`].
-pub struct Cache<K> {
-    shared: Arc<Shared<K>>,
+pub struct Cache<S> {
+    shared: Arc<Shared<S>>,
 }
 
-impl<K> Clone for Cache<K> {
+impl<S> Clone for Cache<S> {
     fn clone(&self) -> Self {
         Self { shared: self.shared.clone() }
     }
 }
 
 /// The write side of a cache: applies watch events.
-pub struct Filler<K> {
-    shared: Arc<Shared<K>>,
+pub struct Filler<S> {
+    shared: Arc<Shared<S>>,
     /// A re-listing being gathered.
-    listing: Option<Table<K>>,
+    listing: Option<Table<S>>,
 }
 
 /// An empty cache and what fills it.
-pub fn cache<K: Resource>() -> (Cache<K>, Filler<K>) {
+pub fn cache<S: Stored>() -> (Cache<S>, Filler<S>) {
     let shared =
         Arc::new(Shared { table: RwLock::new(Table::new()), state: Default::default(), ready: AtomicBool::new(false) });
     (Cache { shared: shared.clone() }, Filler { shared, listing: None })
 }
 
-impl<K: Resource> Cache<K> {
+impl<S: Stored> Cache<S> {
     /// The object `at` refers to (by namespace and name), if cached.
-    pub fn get(&self, at: &ObjectRef<K>) -> Option<Arc<K>> {
-        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
-        table.find(&self.shared.state, at.namespace.as_deref(), &at.name).cloned()
+    pub fn get(&self, at: &ObjectRef<S::Object>) -> Option<Arc<S>> {
+        self.read().find(&self.shared.state, (at.namespace.as_deref(), &at.name)).cloned()
     }
 
     /// Every cached object.
-    pub fn state(&self) -> Vec<Arc<K>> {
-        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
-        table.objects.iter().cloned().collect()
+    pub fn state(&self) -> Vec<Arc<S>> {
+        self.read().objects.iter().cloned().collect()
+    }
+
+    /// Calls `f` with each cached object, copying nothing (the cache is not updated meanwhile).
+    pub fn for_each(&self, mut f: impl FnMut(&S)) {
+        self.read().objects.iter().for_each(|o| f(o));
     }
 
     /// Whether the first listing is in.
     pub fn is_ready(&self) -> bool {
         self.shared.ready.load(Ordering::Acquire)
     }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table<S>> {
+        self.shared.table.read().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-impl<K: Resource> Filler<K> {
+impl<S: Stored> Filler<S> {
     /// Applies one watch event.
-    pub fn apply(&mut self, event: &watcher::Event<K>)
-    where
-        K: Clone,
-    {
+    pub fn apply(&mut self, event: &watcher::Event<S::Object>) {
         let state = &self.shared.state;
         match event {
             watcher::Event::Init => self.listing = Some(Table::new()),
             // (A listing's objects without its start, never seen: gathered all the same.)
-            watcher::Event::InitApply(obj) => self.listing.get_or_insert_with(Table::new).insert(state, obj.clone()),
+            watcher::Event::InitApply(obj) => self.listing.get_or_insert_with(Table::new).insert(state, obj),
             watcher::Event::InitDone => {
                 if let Some(listing) = self.listing.take() {
                     *self.write() = listing;
                 }
                 self.shared.ready.store(true, Ordering::Release);
             }
-            watcher::Event::Apply(obj) => self.write().insert(state, obj.clone()),
+            watcher::Event::Apply(obj) => self.write().insert(state, obj),
             watcher::Event::Delete(obj) => self.write().remove(state, obj),
         }
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table<K>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table<S>> {
         self.shared.table.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -227,5 +333,49 @@ mod tests {
             let found = cache.get(&ObjectRef::new(&format!("r{i}")).within(&format!("ns{}", i % 7))).is_some();
             assert_eq!(found, i % 2 == 1, "r{i}");
         }
+    }
+
+    #[test]
+    fn metadata_is_kept_compact_with_what_is_read() {
+        use k8s_openapi::api::core::v1::Secret;
+        let secret = |name: &str, owners: serde_json::Value, annotations: serde_json::Value| {
+            serde_json::from_value::<PartialObjectMeta<Secret>>(serde_json::json!({
+                "metadata": {"name": name, "namespace": "agents", "uid": format!("uid-{name}"),
+                    "ownerReferences": owners, "annotations": annotations}
+            }))
+            .expect("metadata")
+        };
+        let identity = |api_version: &str, name: &str| serde_json::json!({"apiVersion": api_version, "kind": "AgentIdentity", "name": name, "uid": "u0"});
+        let (cache, mut filler) = cache::<Meta<Secret>>();
+        filler.apply(&Event::Apply(secret(
+            "agentid-fixer-credentials",
+            serde_json::json!([identity("agentid.dev/v1alpha1", "fixer"), identity("example.com/v1", "other")]),
+            serde_json::json!({}),
+        )));
+        filler.apply(&Event::Apply(secret(
+            "db-token",
+            serde_json::json!([]),
+            serde_json::json!({exposure::LEGACY_TOKEN_ANNOTATION: "db", "note": "x"}),
+        )));
+        let at = |name: &str| cache.get(&ObjectRef::new(name).within("agents"));
+        let credentials = at("agentid-fixer-credentials").expect("cached");
+        assert_eq!((credentials.namespace(), credentials.name()), ("agents", "agentid-fixer-credentials"));
+        assert_eq!(credentials.uid(), Some("uid-agentid-fixer-credentials"));
+        assert!(credentials.owned_by_identity("fixer"));
+        assert!(!credentials.owned_by_identity("other"), "an owner of that kind from another API group is not one");
+        assert!(!credentials.owned_by_identity("fix"), "by whole name");
+        assert_eq!(credentials.as_secret().legacy_token_of, None);
+        let token = at("db-token").expect("cached");
+        assert_eq!(
+            token.as_secret(),
+            exposure::SecretRef { namespace: "agents", name: "db-token", legacy_token_of: Some("db") }
+        );
+        assert!(!token.owned_by_identity("fixer"));
+        let mut walked = Vec::new();
+        cache.for_each(|m| walked.push(m.name().to_string()));
+        walked.sort();
+        assert_eq!(walked, ["agentid-fixer-credentials", "db-token"]);
+        filler.apply(&Event::Delete(secret("db-token", serde_json::json!([]), serde_json::json!({}))));
+        assert!(at("db-token").is_none() && at("agentid-fixer-credentials").is_some());
     }
 }

@@ -16,7 +16,6 @@ use k8s_openapi::{
         core::v1::{Secret, ServiceAccount},
         rbac::v1::{Role, RoleBinding},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -108,14 +107,15 @@ impl KubernetesIssuer {
     }
 
     /// Makes (or completes) the grant's credential, valid until `expires_at`. The token is
-    /// written only into Secrets; it is never returned, logged or put in status. `cached`: the
-    /// identity's credentials Secret's metadata as a cache shows it (read live when None).
+    /// written only into Secrets; it is never returned, logged or put in status. `cached_uid`: the
+    /// uid of the identity's credentials Secret where a cache shows it as agentid's, made for
+    /// this identity (read live when None).
     pub async fn issue(
         &self,
         grant: &AccessGrant,
         expires_at: Timestamp,
         now: Timestamp,
-        cached: Option<ObjectMeta>,
+        cached_uid: Option<String>,
     ) -> Result<(), Error> {
         let objects = GrantObjects::new(grant);
         let ns = &objects.namespace;
@@ -155,14 +155,14 @@ impl KubernetesIssuer {
         // objects: they carry no credential until the TokenRequest.
         let identity = &grant.spec.identity;
         let identity_secret_uid = async {
-            let meta = match cached.filter(|m| names::owned_by(m, "AgentIdentity", identity)) {
-                Some(meta) => Some(meta),
-                None => secrets
-                    .get_metadata_opt(&identity_secret)
-                    .await
-                    .doing(|| format!("reading Secret {identity_secret}"))?
-                    .map(|m| m.metadata),
-            };
+            if let Some(uid) = cached_uid {
+                return Ok(uid);
+            }
+            let meta = secrets
+                .get_metadata_opt(&identity_secret)
+                .await
+                .doing(|| format!("reading Secret {identity_secret}"))?
+                .map(|m| m.metadata);
             match meta {
                 None => Err(Error::NotReady(format!(
                     "the identity's credentials Secret {identity_secret} does not exist yet"

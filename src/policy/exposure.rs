@@ -326,18 +326,60 @@ fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<Strin
     out
 }
 
+/// A Secret as exposure reads it — metadata only, never data: its namespace and name, and for
+/// a legacy ServiceAccount token the ServiceAccount its [`LEGACY_TOKEN_ANNOTATION`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretRef<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// The ServiceAccount it is a long-lived token of.
+    pub legacy_token_of: Option<&'a str>,
+}
+
+impl<'a> SecretRef<'a> {
+    /// The Secret whose metadata is `meta`.
+    pub fn of(meta: &'a ObjectMeta) -> Self {
+        SecretRef {
+            namespace: meta.namespace.as_deref().unwrap_or_default(),
+            name: meta.name.as_deref().unwrap_or_default(),
+            legacy_token_of: meta.annotations.as_ref().and_then(|a| a.get(LEGACY_TOKEN_ANNOTATION)).map(String::as_str),
+        }
+    }
+}
+
+/// The Secrets of the cluster, walked only for a principal that can read Secrets (most cannot:
+/// an identity's analysis then never touches them).
+pub trait Secrets {
+    /// Calls `f` with each Secret.
+    fn each(&self, f: &mut dyn FnMut(SecretRef<'_>));
+}
+
+impl Secrets for [ObjectMeta] {
+    fn each(&self, f: &mut dyn FnMut(SecretRef<'_>)) {
+        self.iter().for_each(|m| f(SecretRef::of(m)));
+    }
+}
+
+impl Secrets for [&ObjectMeta] {
+    fn each(&self, f: &mut dyn FnMut(SecretRef<'_>)) {
+        self.iter().for_each(|m| f(SecretRef::of(m)));
+    }
+}
+
 /// Whether a Secret is the identity's own: its credentials Secret, or the Secret of one of its
 /// active grants (`principals`; a grant's Secret has its ServiceAccount's name), in the
 /// identity's namespace, and never a ServiceAccount token. Known by name, not by labels: a label
 /// would let anyone hide a Secret from this analysis.
-fn own_secret(meta: &ObjectMeta, ns: &str, identity: &str, principals: &[Principal]) -> bool {
-    let name = meta.name.as_deref().unwrap_or_default();
-    meta.namespace.as_deref() == Some(ns)
+fn own_secret(secret: SecretRef<'_>, ns: &str, identity: &str, principals: &[Principal]) -> bool {
+    let name = secret.name;
+    secret.namespace == ns
         && (name == names::identity_credentials_secret(identity)
             || principals
                 .iter()
                 .any(|p| p.namespace == ns && p.name == name && name.starts_with(names::GRANT_OBJECT_PREFIX)))
-        && !meta.annotations.iter().flatten().any(|(k, _)| k == LEGACY_TOKEN_ANNOTATION)
+        && secret.legacy_token_of.is_none()
 }
 
 /// Everything the identity `identity` of namespace `ns` can reach through `principals` (its base
@@ -348,7 +390,7 @@ pub fn exposure(
     identity: &str,
     principals: &[Principal],
     rbac: &Rbac<'_>,
-    secrets: &[&ObjectMeta],
+    secrets: &(impl Secrets + ?Sized),
 ) -> Vec<Exposed> {
     // Which ServiceAccounts hold rights scans every binding: only when some principal can start
     // or enter pods.
@@ -365,24 +407,23 @@ pub fn exposure(
         };
 
         let read = reach(&rules, &["get", "list", "watch"], "", "secrets");
-        for meta in secrets.iter().filter(|_| !read.is_empty()) {
-            let (secret_ns, name) =
-                (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
-            if own_secret(meta, ns, identity, principals) || !allowed_in(&read, secret_ns, name) {
-                continue;
-            }
-            let (secret_ns, name) = (secret_ns.to_string(), name.to_string());
-            let annotation = |k: &str| meta.annotations.as_ref().and_then(|a| a.get(k));
-            let (kind, detail) = if let Some(sa) = annotation(LEGACY_TOKEN_ANNOTATION) {
-                (Kind::LegacyToken, format!("long-lived token of ServiceAccount {secret_ns}/{sa}"))
-            } else if let Some(whose) = names::credentials_secret_identity(&name) {
-                (Kind::AgentCredentials, format!("agentid credentials of identity {secret_ns}/{whose}"))
-            } else if name.starts_with(names::GRANT_OBJECT_PREFIX) {
-                (Kind::AgentCredentials, "agentid credentials of a grant".to_string())
-            } else {
-                (Kind::Secret, "readable Secret".to_string())
-            };
-            out.insert(finding(kind, secret_ns, name, detail));
+        if !read.is_empty() {
+            secrets.each(&mut |secret| {
+                let SecretRef { namespace: secret_ns, name, legacy_token_of } = secret;
+                if own_secret(secret, ns, identity, principals) || !allowed_in(&read, secret_ns, name) {
+                    return;
+                }
+                let (kind, detail) = if let Some(sa) = legacy_token_of {
+                    (Kind::LegacyToken, format!("long-lived token of ServiceAccount {secret_ns}/{sa}"))
+                } else if let Some(whose) = names::credentials_secret_identity(name) {
+                    (Kind::AgentCredentials, format!("agentid credentials of identity {secret_ns}/{whose}"))
+                } else if name.starts_with(names::GRANT_OBJECT_PREFIX) {
+                    (Kind::AgentCredentials, "agentid credentials of a grant".to_string())
+                } else {
+                    (Kind::Secret, "readable Secret".to_string())
+                };
+                out.insert(finding(kind, secret_ns.to_string(), name.to_string(), detail));
+            });
         }
 
         for (scope, names) in reach(&rules, &["create"], "", "serviceaccounts/token") {
@@ -511,7 +552,7 @@ mod tests {
             ),
             secret("staging", "elsewhere", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "x"})),
         ];
-        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets.iter().collect::<Vec<_>>());
+        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets[..]);
         let got: Vec<(Kind, &str, &str)> = found.iter().map(|f| (f.kind, f.target.as_str(), f.via.as_str())).collect();
         assert_eq!(
             got,
@@ -550,7 +591,7 @@ mod tests {
             secret("agents", "db-password", ours.clone(), json!({})),
             secret("agents", "agentid-grant-h-5678abcd", ours, json!({})),
         ];
-        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets.iter().collect::<Vec<_>>());
+        let found = exposure("agents", "fixer", &[base(), grant()], &rbac, &secrets[..]);
         let got: Vec<(Kind, &str)> = found.iter().map(|f| (f.kind, f.target.as_str())).collect();
         assert_eq!(
             got,
@@ -603,7 +644,7 @@ mod tests {
         let rbac =
             Rbac { roles: &roles, cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [secret("a", "s-a", json!({}), json!({})), secret("b", "s-b", json!({}), json!({}))];
-        let found = exposure("agents", "fixer", &principals, &rbac, &secrets.iter().collect::<Vec<_>>());
+        let found = exposure("agents", "fixer", &principals, &rbac, &secrets[..]);
         let of = |kind: Kind| {
             let mut via: Vec<(String, String)> =
                 found.iter().filter(|f| f.kind == kind).map(|f| (f.via.clone(), f.namespace.clone())).collect();
@@ -633,7 +674,7 @@ mod tests {
             secret("prod", "tls", json!({}), json!({})),
             secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"})),
         ];
-        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets.iter().collect::<Vec<_>>());
+        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets[..]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].target, "tls");
     }
@@ -664,7 +705,7 @@ mod tests {
         let crbs = shared(&crbs);
         let rbac =
             Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &crbs };
-        let found = exposure("agents", "fixer", &[base()], &rbac, &[]);
+        let found = exposure("agents", "fixer", &[base()], &rbac, &[] as &[ObjectMeta]);
         let kinds: Vec<(Kind, &str)> = found.iter().map(|f| (f.kind, f.namespace.as_str())).collect();
         assert_eq!(
             kinds,
@@ -698,7 +739,7 @@ mod tests {
         let bindings = shared(&bindings);
         let rbac =
             Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
-        let found = exposure("agents", "fixer", &[base()], &rbac, &[]);
+        let found = exposure("agents", "fixer", &[base()], &rbac, &[] as &[ObjectMeta]);
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].namespace.as_str(), found[0].target.as_str()), ("busy", "operator"));
         assert_eq!(found[0].detail, "can exec into pods in busy, where ServiceAccount(s) operator hold rights");
@@ -713,7 +754,7 @@ mod tests {
         let bindings = shared(&bindings);
         let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [secret("agents", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"}))];
-        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets.iter().collect::<Vec<_>>());
+        let found = exposure("agents", "fixer", &[base()], &rbac, &secrets[..]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].kind, Kind::LegacyToken);
     }
@@ -734,6 +775,6 @@ mod tests {
         let bindings = shared(&bindings);
         let rbac = Rbac { roles: &roles, cluster_roles: &[], role_bindings: &bindings, cluster_role_bindings: &[] };
         let secrets = [secret("prod", "db-token", json!({}), json!({LEGACY_TOKEN_ANNOTATION: "db"}))];
-        assert!(exposure("agents", "fixer", &[base()], &rbac, &secrets.iter().collect::<Vec<_>>()).is_empty());
+        assert!(exposure("agents", "fixer", &[base()], &rbac, &secrets[..]).is_empty());
     }
 }
