@@ -217,7 +217,7 @@ fn main() {
             |o| cache::trim_meta(o, Keep::SECRETS),
             In::Lean,
         ),
-        row::<Role, Role>(
+        row::<Role, store::CachedRole>(
             "requester Role",
             "identity",
             "requester-role.json",
@@ -239,7 +239,13 @@ fn main() {
             cache::slim_grant,
             In::Reflector,
         ),
-        row::<Role, Role>("grant Role", "active grant", "grant-role.json", |o| cache::trim(o, Keep::ROLES), In::Lean),
+        row::<Role, store::CachedRole>(
+            "grant Role",
+            "active grant",
+            "grant-role.json",
+            |o| cache::trim(o, Keep::ROLES),
+            In::Lean,
+        ),
         row::<RoleBinding, RoleBinding>(
             "grant RoleBinding",
             "active grant",

@@ -37,7 +37,7 @@ use crate::{
 #[derive(Clone)]
 pub struct ClusterView {
     /// Every Role.
-    pub roles: Cache<Role>,
+    pub roles: Cache<store::CachedRole>,
     /// Every ClusterRole.
     pub cluster_roles: Cache<ClusterRole>,
     /// Secret metadata: one cache for the whole cluster, or one per namespace of a confined

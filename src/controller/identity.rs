@@ -318,7 +318,7 @@ fn credential_exposure(
     cluster_roles.extend(
         bindings.cluster_role_bindings.iter().filter_map(|b| view.cluster_roles.get(&ObjectRef::new(&b.role_ref.name))),
     );
-    let rbac = exposure::Rbac {
+    let rbac = exposure::Rbac::<super::store::CachedRole> {
         roles: &roles,
         cluster_roles: &cluster_roles,
         role_bindings: &bindings.role_bindings,

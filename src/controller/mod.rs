@@ -56,6 +56,7 @@ use crate::{
     policy::{
         desired::{self, ClusterAccess},
         drift::Shape,
+        exposure::HasRules as _,
         install::Installation,
         names,
     },
@@ -378,7 +379,7 @@ impl Context {
             && view
                 .roles
                 .get(&ObjectRef::new(&requester).within(&ns))
-                .is_some_and(|r| desired::requester_role_current(identity, &r))
+                .is_some_and(|r| r.owned_by_identity(&name) && desired::requester_rules_current(r.rules()))
             && view
                 .role_bindings
                 .get(&ObjectRef::new(&requester).within(&ns))

@@ -8,28 +8,32 @@
 //! as kube's does (a re-listing is gathered aside and replaces the contents when it is complete,
 //! so readers never see a half-listed cache) and tells when its first listing is in.
 //!
-//! What it keeps of each object is its [`Stored`] form: the object itself, or for Secrets and
+//! What it keeps of each object is its [`Stored`] form: the object itself; for Secrets and
 //! ServiceAccounts, known by metadata only, a [`Meta`] — the few fields read, without the
-//! `ObjectMeta` around them (some 400 bytes of empty fields an object).
+//! `ObjectMeta` around them (some 400 bytes of empty fields an object); for Roles a
+//! [`CachedRole`], a `Meta` and the rules.
 
 use std::{
     hash::BuildHasher,
     marker::PhantomData,
     sync::{
-        Arc, RwLock,
+        Arc, LazyLock, RwLock,
         atomic::{AtomicBool, Ordering},
     },
 };
 
 use hashbrown::HashTable;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::{
+    api::rbac::v1::{PolicyRule, Role},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
 use kube::{
     Resource,
     api::PartialObjectMeta,
     runtime::{reflector::ObjectRef, watcher},
 };
 
-use crate::policy::{exposure, names};
+use crate::policy::{desired, exposure, names};
 
 /// What a cache keeps of each object of a kind, and how it is found.
 pub trait Stored: Sized + Send + Sync + 'static {
@@ -110,7 +114,17 @@ where
     type Object = PartialObjectMeta<K>;
 
     fn stored(obj: &PartialObjectMeta<K>) -> Self {
-        let meta = &obj.metadata;
+        Meta::of(&obj.metadata)
+    }
+
+    fn key(&self) -> (Option<&str>, &str) {
+        (self.namespace.as_deref(), &self.name)
+    }
+}
+
+impl<K> Meta<K> {
+    /// What is kept of `meta`.
+    fn of(meta: &ObjectMeta) -> Self {
         let boxed = |s: &String| Box::<str>::from(s.as_str());
         let owners = meta
             .owner_references
@@ -132,9 +146,57 @@ where
             kind: PhantomData,
         }
     }
+}
+
+/// What the Role cache keeps of a Role: its metadata as a [`Meta`] (the identities owning it),
+/// and its rules — for every identity's requester Role one copy shared by all
+/// ([`desired::requester_rules`]; some 600 bytes each otherwise).
+pub struct CachedRole {
+    meta: Meta<Role>,
+    rules: Arc<[PolicyRule]>,
+}
+
+/// The requester Roles' rules, shared.
+static REQUESTER_RULES: LazyLock<Arc<[PolicyRule]>> = LazyLock::new(|| desired::requester_rules().into());
+
+impl CachedRole {
+    /// Whether the AgentIdentity `identity` (of its namespace) owns it.
+    pub fn owned_by_identity(&self, identity: &str) -> bool {
+        self.meta.owned_by_identity(identity)
+    }
+
+    /// Whether its rules are the copy shared by requester Roles.
+    pub fn shares_requester_rules(&self) -> bool {
+        Arc::ptr_eq(&self.rules, &REQUESTER_RULES)
+    }
+}
+
+impl Stored for CachedRole {
+    type Object = Role;
+
+    fn stored(role: &Role) -> Self {
+        let rules = role.rules.as_deref().unwrap_or_default();
+        // Exactly equal (a list left out and an empty one are told apart): what is read is what
+        // the apiserver holds.
+        let rules = match role.rules.is_some() && rules == &REQUESTER_RULES[..] {
+            true => REQUESTER_RULES.clone(),
+            false => rules.into(),
+        };
+        CachedRole { meta: Meta::of(&role.metadata), rules }
+    }
 
     fn key(&self) -> (Option<&str>, &str) {
-        (self.namespace.as_deref(), &self.name)
+        self.meta.key()
+    }
+}
+
+impl exposure::HasRules for CachedRole {
+    fn key(&self) -> (&str, &str) {
+        (self.meta.namespace(), self.meta.name())
+    }
+
+    fn rules(&self) -> &[PolicyRule] {
+        &self.rules
     }
 }
 
@@ -377,5 +439,30 @@ mod tests {
         assert_eq!(walked, ["agentid-fixer-credentials", "db-token"]);
         filler.apply(&Event::Delete(secret("db-token", serde_json::json!([]), serde_json::json!({}))));
         assert!(at("db-token").is_none() && at("agentid-fixer-credentials").is_some());
+    }
+
+    #[test]
+    fn requester_roles_share_one_copy_of_their_rules() {
+        use crate::policy::exposure::HasRules;
+        let identity = crate::policy::testing::identity("fixer", &["staging"]);
+        let (cache, mut filler) = cache::<CachedRole>();
+        filler.apply(&Event::Apply(desired::identity_requester_role(&identity)));
+        let mut widened = desired::identity_requester_role(&crate::policy::testing::identity("other", &[]));
+        widened.rules.iter_mut().flatten().for_each(|r| r.verbs.push("delete".into()));
+        filler.apply(&Event::Apply(widened.clone()));
+        filler.apply(&Event::Apply(role("agents", "plain", "get")));
+        let at = |name: &str| cache.get(&ObjectRef::new(name).within("agents")).expect("cached");
+
+        let requester = at("agentid-fixer-requester");
+        assert!(requester.shares_requester_rules());
+        assert!(requester.owned_by_identity("fixer") && !requester.owned_by_identity("other"));
+        assert_eq!(requester.rules(), desired::requester_rules().as_slice());
+        assert_eq!(HasRules::key(requester.as_ref()), ("agents", "agentid-fixer-requester"));
+        let widened_cached = at("agentid-other-requester");
+        assert!(!widened_cached.shares_requester_rules(), "rules that differ are kept as they are");
+        assert_eq!(widened_cached.rules(), widened.rules.as_deref().expect("rules"));
+        let plain = at("plain");
+        assert_eq!((plain.rules().len(), plain.rules()[0].verbs.as_slice()), (1, ["get".to_string()].as_slice()));
+        assert!(!plain.owned_by_identity("fixer"));
     }
 }

@@ -70,15 +70,20 @@ pub fn identity_credentials_secret(identity: &AgentIdentity) -> Secret {
     }
 }
 
-/// The one standing right of an identity: create AccessGrants and read them, in its namespace.
-pub fn identity_requester_role(identity: &AgentIdentity) -> Role {
-    let name = identity.name_any();
+/// The rules of every identity's requester Role: create AccessGrants and read them.
+pub fn requester_rules() -> Vec<PolicyRule> {
     let rule = |resources: &[&str], verbs: &[&str]| PolicyRule {
         api_groups: Some(vec![crate::api::GROUP.into()]),
         resources: Some(resources.iter().map(|r| r.to_string()).collect()),
         verbs: verbs.iter().map(|v| v.to_string()).collect(),
         ..Default::default()
     };
+    vec![rule(&["accessgrants"], &["create", "get", "list", "watch"]), rule(&["accessgrants/status"], &["get"])]
+}
+
+/// The one standing right of an identity: create AccessGrants and read them, in its namespace.
+pub fn identity_requester_role(identity: &AgentIdentity) -> Role {
+    let name = identity.name_any();
     Role {
         metadata: meta(
             names::identity_requester_role(&name),
@@ -86,10 +91,7 @@ pub fn identity_requester_role(identity: &AgentIdentity) -> Role {
             names::identity_labels(&name),
             owner_ref(identity),
         ),
-        rules: Some(vec![
-            rule(&["accessgrants"], &["create", "get", "list", "watch"]),
-            rule(&["accessgrants/status"], &["get"]),
-        ]),
+        rules: Some(requester_rules()),
     }
 }
 
@@ -122,10 +124,15 @@ pub fn identity_requester_binding(identity: &AgentIdentity) -> RoleBinding {
 /// the identity and holding exactly those rules. An edited one is applied again at once; until
 /// then drift takes its binding for agentid's own.
 pub fn requester_role_current(identity: &AgentIdentity, role: &Role) -> bool {
-    let rules = |r: &Role| -> Vec<[Vec<String>; 5]> {
-        r.rules
+    names::owned_by(&role.metadata, "AgentIdentity", &identity.name_any())
+        && requester_rules_current(role.rules.as_deref().unwrap_or_default())
+}
+
+/// Whether `rules` are [`requester_rules`] (a list left out and an empty one alike).
+pub fn requester_rules_current(rules: &[PolicyRule]) -> bool {
+    let normal = |rules: &[PolicyRule]| -> Vec<[Vec<String>; 5]> {
+        rules
             .iter()
-            .flatten()
             .map(|p| {
                 let list = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
                 [
@@ -138,8 +145,7 @@ pub fn requester_role_current(identity: &AgentIdentity, role: &Role) -> bool {
             })
             .collect()
     };
-    names::owned_by(&role.metadata, "AgentIdentity", &identity.name_any())
-        && rules(role) == rules(&identity_requester_role(identity))
+    normal(rules) == normal(&requester_rules())
 }
 
 /// Whether `binding` (as a cache holds it) still binds what [`identity_requester_binding`]

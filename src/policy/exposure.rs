@@ -81,12 +81,39 @@ pub fn principals<'a>(
     std::iter::once(base).chain(grant_sas).collect()
 }
 
+/// A Role (or ClusterRole) as exposure reads it: where it is and its rules.
+pub trait HasRules {
+    /// Its namespace (empty for a ClusterRole) and name.
+    fn key(&self) -> (&str, &str);
+    /// Its rules.
+    fn rules(&self) -> &[PolicyRule];
+}
+
+impl HasRules for Role {
+    fn key(&self) -> (&str, &str) {
+        (self.metadata.namespace.as_deref().unwrap_or_default(), self.metadata.name.as_deref().unwrap_or_default())
+    }
+
+    fn rules(&self) -> &[PolicyRule] {
+        self.rules.as_deref().unwrap_or_default()
+    }
+}
+
+impl HasRules for ClusterRole {
+    fn key(&self) -> (&str, &str) {
+        ("", self.metadata.name.as_deref().unwrap_or_default())
+    }
+
+    fn rules(&self) -> &[PolicyRule] {
+        self.rules.as_deref().unwrap_or_default()
+    }
+}
+
 /// The RBAC objects of the cluster (shared, as a watch cache holds them: reading them copies
-/// nothing).
-#[derive(Debug, Clone, Copy)]
-pub struct Rbac<'a> {
+/// nothing); Roles as `R`, whole or as a cache keeps them.
+pub struct Rbac<'a, R = Role> {
     /// Roles.
-    pub roles: &'a [Arc<Role>],
+    pub roles: &'a [Arc<R>],
     /// ClusterRoles.
     pub cluster_roles: &'a [Arc<ClusterRole>],
     /// RoleBindings.
@@ -118,18 +145,14 @@ impl Scope {
     }
 }
 
-impl<'a> Rbac<'a> {
+impl<'a, R: HasRules> Rbac<'a, R> {
     /// For each of `principals`, every rule that applies to it, with where it applies. One pass
     /// over the bindings for all principals (an identity with a hundred grants has a hundred and
     /// one), and roles found by name, not searched for.
     fn rules_of_all(&self, principals: &[Principal]) -> Vec<Vec<(Scope, &'a PolicyRule)>> {
-        let key = |meta: &'a ObjectMeta| {
-            (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
-        };
-        let cluster_roles: HashMap<&str, &'a ClusterRole> =
-            self.cluster_roles.iter().map(|r| (key(&r.metadata).1, r.as_ref())).collect();
-        let roles: HashMap<(&str, &str), &'a Role> =
-            self.roles.iter().map(|r| (key(&r.metadata), r.as_ref())).collect();
+        let cluster_roles: HashMap<&str, &'a [PolicyRule]> =
+            self.cluster_roles.iter().map(|r| (r.key().1, r.rules())).collect();
+        let roles: HashMap<(&str, &str), &'a [PolicyRule]> = self.roles.iter().map(|r| (r.key(), r.rules())).collect();
         let by_name: HashMap<(&str, &str), usize> =
             principals.iter().enumerate().map(|(i, p)| ((p.namespace.as_str(), p.name.as_str()), i)).collect();
         let mut out = vec![Vec::new(); principals.len()];
@@ -153,7 +176,7 @@ impl<'a> Rbac<'a> {
             }
             let Some(role) = cluster_roles.get(b.role_ref.name.as_str()) else { continue };
             for i in who {
-                out[i].extend(role.rules.iter().flatten().map(|r| (Scope::Cluster, r)));
+                out[i].extend(role.iter().map(|r| (Scope::Cluster, r)));
             }
         }
         for b in self.role_bindings.iter() {
@@ -163,8 +186,8 @@ impl<'a> Rbac<'a> {
                 continue;
             }
             let rules = match b.role_ref.kind.as_str() {
-                "ClusterRole" => cluster_roles.get(b.role_ref.name.as_str()).and_then(|r| r.rules.as_ref()),
-                "Role" => roles.get(&(ns, b.role_ref.name.as_str())).and_then(|r| r.rules.as_ref()),
+                "ClusterRole" => cluster_roles.get(b.role_ref.name.as_str()).copied(),
+                "Role" => roles.get(&(ns, b.role_ref.name.as_str())).copied(),
                 _ => None,
             };
             for i in who {
@@ -308,7 +331,7 @@ pub fn counts(findings: &[Exposed]) -> Counts {
 /// (known by its shape, not its labels: [`drift::agentids_own`]; agentid makes no
 /// ClusterRoleBindings). agentid's own ServiceAccounts are left out: admission keeps pods from
 /// running as them.
-fn powerful_service_accounts(rbac: &Rbac<'_>) -> BTreeMap<String, BTreeSet<String>> {
+fn powerful_service_accounts<R>(rbac: &Rbac<'_, R>) -> BTreeMap<String, BTreeSet<String>> {
     // (subject, the binding's namespace): a RoleBinding's ServiceAccount subject without a
     // namespace is in the binding's namespace.
     let subjects = rbac
@@ -385,11 +408,11 @@ fn own_secret(secret: SecretRef<'_>, ns: &str, identity: &str, principals: &[Pri
 /// Everything the identity `identity` of namespace `ns` can reach through `principals` (its base
 /// ServiceAccount and its active grants' ServiceAccounts) that yields a credential, sorted.
 /// `secrets` is Secret metadata only.
-pub fn exposure(
+pub fn exposure<R: HasRules>(
     ns: &str,
     identity: &str,
     principals: &[Principal],
-    rbac: &Rbac<'_>,
+    rbac: &Rbac<'_, R>,
     secrets: &(impl Secrets + ?Sized),
 ) -> Vec<Exposed> {
     // Which ServiceAccounts hold rights scans every binding: only when some principal can start
@@ -703,8 +726,12 @@ mod tests {
         let cluster_roles = shared(&cluster_roles);
         let bindings = shared(&bindings);
         let crbs = shared(&crbs);
-        let rbac =
-            Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &crbs };
+        let rbac = Rbac::<Role> {
+            roles: &[],
+            cluster_roles: &cluster_roles,
+            role_bindings: &bindings,
+            cluster_role_bindings: &crbs,
+        };
         let found = exposure("agents", "fixer", &[base()], &rbac, &[] as &[ObjectMeta]);
         let kinds: Vec<(Kind, &str)> = found.iter().map(|f| (f.kind, f.namespace.as_str())).collect();
         assert_eq!(
@@ -737,8 +764,12 @@ mod tests {
         ];
         let cluster_roles = shared(&cluster_roles);
         let bindings = shared(&bindings);
-        let rbac =
-            Rbac { roles: &[], cluster_roles: &cluster_roles, role_bindings: &bindings, cluster_role_bindings: &[] };
+        let rbac = Rbac::<Role> {
+            roles: &[],
+            cluster_roles: &cluster_roles,
+            role_bindings: &bindings,
+            cluster_role_bindings: &[],
+        };
         let found = exposure("agents", "fixer", &[base()], &rbac, &[] as &[ObjectMeta]);
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].namespace.as_str(), found[0].target.as_str()), ("busy", "operator"));
