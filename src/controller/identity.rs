@@ -197,11 +197,22 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     let retire_at = identity.spec.retire_at.as_ref().map(|t| t.0).filter(|t| *t > now);
     let drift_recheck = (!findings.is_empty()).then(|| now + jiff::SignedDuration::from_secs(60));
     // Exposure also changes with Roles and Secrets not its own, which do not trigger a reconcile:
-    // look again every five minutes, or soon while the caches are still filling.
-    let exposure_recheck = now + jiff::SignedDuration::from_secs(if exposed.is_some() { 300 } else { 5 });
+    // look again every five minutes and up to a minute more (by uid: identities made together,
+    // thousands at once from GitOps, do not all look again in the same seconds), or soon while
+    // the caches are still filling.
+    let exposure_recheck = match exposed {
+        Some(_) => now + EXPOSURE_RECHECK + super::spread(&identity.uid().unwrap_or_default(), EXPOSURE_RECHECK_SPREAD),
+        None => now + std::time::Duration::from_secs(5),
+    };
     let next = [retire_at, drift_recheck, Some(exposure_recheck)].into_iter().flatten().min();
     Ok(requeue_at(next, now))
 }
+
+/// How often an identity's exposure is looked at again, at least ...
+const EXPOSURE_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// ... and up to how much later, by identity.
+const EXPOSURE_RECHECK_SPREAD: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Marks the identity Stalled (a human must change something) and looks again in a minute.
 async fn stall(

@@ -155,7 +155,7 @@ const BASE_REAPPLY: Duration = Duration::from_secs(30 * 60);
 
 /// A share of `period` picked by `uid`: the same for an identity each time, spread evenly over
 /// identities.
-fn spread(uid: &str, period: Duration) -> Duration {
+pub(crate) fn spread(uid: &str, period: Duration) -> Duration {
     use std::hash::{BuildHasher, BuildHasherDefault};
     let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(uid);
     period.mul_f64((hash % 10_000) as f64 / 10_000.0)
