@@ -141,7 +141,7 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct OwnedCaches {
     /// The base ServiceAccounts, metadata only: only whether each exists is read.
-    pub service_accounts: store::Cache<store::Meta<ServiceAccount>>,
+    pub service_accounts: store::Cache<store::BaseServiceAccount>,
 }
 
 /// How long an identity's base objects, once applied (or first found made by this process), are
@@ -374,8 +374,10 @@ impl Context {
         let secret = ObjectRef::new(&names::identity_credentials_secret(&name)).within(&ns);
         // The requester Role and its RoleBinding share a name.
         let requester = names::identity_requester_role(&name);
-        owned.service_accounts.get(&sa).is_some_and(|m| m.owned_by_identity(&name))
-            && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| m.owned_by_identity(&name)))
+        owned.service_accounts.get(&sa).is_some_and(|m| {
+            m.owned_by_identity(&name)
+                && m.automount_token() == desired::identity_service_account(identity).automount_service_account_token
+        }) && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| m.owned_by_identity(&name)))
             && view
                 .roles
                 .get(&ObjectRef::new(&requester).within(&ns))
@@ -611,14 +613,14 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     context.installation = settings.installation.clone();
     context.max_active_grants = settings.max_active_grants;
 
-    // The identities' base ServiceAccounts, by metadata. Their credentials Secrets are in the
-    // cluster view's Secret cache (metadata only: the operator never caches Secret data), which
-    // every installation's reaches their namespaces.
+    // The identities' base ServiceAccounts: of each, its owner and whether it mounts its token.
+    // Their credentials Secrets are in the cluster view's Secret cache (metadata only: the
+    // operator never caches Secret data), which every installation's reaches their namespaces.
     let base_selector = format!("{}={},{}=base", names::MANAGED_BY_LABEL, names::MANAGED_BY, names::COMPONENT_LABEL);
     let (service_accounts, sa_changes) = cache::cached(
-        Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
+        Api::<ServiceAccount>::all(client.clone()),
         watcher::Config::default().labels(&base_selector),
-        |sa| cache::trim_meta(sa, cache::Keep::OWNED),
+        |sa| cache::trim(sa, cache::Keep::OWNED),
     );
     context.owned = Some(OwnedCaches { service_accounts });
 
@@ -918,16 +920,17 @@ mod tests {
 
     /// A context with the caches the identity controller reads, filled with `identity`'s base
     /// objects as agentid makes them; no apiserver behind its client.
-    fn context_with_base_objects(identity: &AgentIdentity) -> Context {
+    fn context_with_base_objects(identity: &AgentIdentity, edit_sa: impl FnOnce(&mut ServiceAccount)) -> Context {
         let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a URL"));
         let client = Client::try_from(config).expect("a client");
         let access = desired::ClusterAccess { server: String::new(), ca_pem: String::new() };
         let mut ctx = Context::new(client, access, vec![], Arc::default());
         let meta = |obj: ObjectMeta| -> serde_json::Value { json!({"metadata": obj}) };
         let (service_accounts, mut sa_filler) = store::cache();
-        let mut sa = desired::identity_service_account(identity).metadata;
-        sa.uid = Some("sa-uid".into());
-        sa_filler.apply(&watcher::Event::Apply(serde_json::from_value(meta(sa)).expect("metadata")));
+        let mut sa = desired::identity_service_account(identity);
+        sa.metadata.uid = Some("sa-uid".into());
+        edit_sa(&mut sa);
+        sa_filler.apply(&watcher::Event::Apply(sa));
         let (secrets, mut secret_filler) = store::cache();
         let mut secret = desired::identity_credentials_secret(identity).metadata;
         secret.uid = Some("secret-uid".into());
@@ -952,7 +955,7 @@ mod tests {
     async fn base_objects_found_made_are_trusted_until_their_spread_reapply_time() {
         let mut identity = crate::policy::testing::identity("fixer", &["staging"]);
         identity.metadata.generation = Some(1);
-        let ctx = context_with_base_objects(&identity);
+        let ctx = context_with_base_objects(&identity, |_| {});
         assert_eq!(ctx.identity_secret_uid("agents", "fixer").as_deref(), Some("secret-uid"));
         assert_eq!(ctx.identity_secret_uid("agents", "other"), None, "not made for that identity");
 
@@ -988,6 +991,14 @@ mod tests {
         let other = crate::policy::testing::identity("other", &["staging"]);
         assert!(!ctx.base_objects_current(&other), "no objects of its own cached");
         assert!(ctx.base_applied.lock().expect("lock").get(&identity_key("agents", "other")).is_none());
+
+        // Its ServiceAccount edited to mount its token (or to stop saying it does not): made
+        // again at once, however recently applied.
+        for automount in [Some(true), None] {
+            let ctx = context_with_base_objects(&identity, |sa| sa.automount_service_account_token = automount);
+            ctx.base_objects_applied(&identity);
+            assert!(!ctx.base_objects_current(&identity), "automount {automount:?}");
+        }
     }
 
     #[test]

@@ -24,7 +24,10 @@ use std::{
 
 use hashbrown::HashTable;
 use k8s_openapi::{
-    api::rbac::v1::{PolicyRule, Role},
+    api::{
+        core::v1::ServiceAccount,
+        rbac::v1::{PolicyRule, Role},
+    },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::{
@@ -145,6 +148,38 @@ impl<K> Meta<K> {
                 .map(boxed),
             kind: PhantomData,
         }
+    }
+}
+
+/// What the cache of identities' base ServiceAccounts keeps of one: its metadata as a [`Meta`]
+/// (the identity owning it), and whether it lets pods mount its token — a ServiceAccount edited to
+/// mount it is made again at once, as one deleted is.
+pub struct BaseServiceAccount {
+    meta: Meta<ServiceAccount>,
+    automount_token: Option<bool>,
+}
+
+impl BaseServiceAccount {
+    /// Whether the AgentIdentity `identity` (of its namespace) owns it.
+    pub fn owned_by_identity(&self, identity: &str) -> bool {
+        self.meta.owned_by_identity(identity)
+    }
+
+    /// Its `automountServiceAccountToken`.
+    pub fn automount_token(&self) -> Option<bool> {
+        self.automount_token
+    }
+}
+
+impl Stored for BaseServiceAccount {
+    type Object = ServiceAccount;
+
+    fn stored(sa: &ServiceAccount) -> Self {
+        BaseServiceAccount { meta: Meta::of(&sa.metadata), automount_token: sa.automount_service_account_token }
+    }
+
+    fn key(&self) -> (Option<&str>, &str) {
+        self.meta.key()
     }
 }
 
