@@ -192,7 +192,6 @@ where
 }
 
 fn main() {
-    type SaMeta = PartialObjectMeta<ServiceAccount>;
     type SecretMeta = PartialObjectMeta<Secret>;
     let index = |what, per, file| Row { what, per, cached: index_entry(file), received: 0.0 };
     let rows = vec![
@@ -203,11 +202,11 @@ fn main() {
             cache::slim_identity,
             In::Reflector,
         ),
-        row::<SaMeta, store::Meta<ServiceAccount>>(
-            "base ServiceAccount (metadata)",
+        row::<ServiceAccount, store::BaseServiceAccount>(
+            "base ServiceAccount",
             "identity",
             "identity-serviceaccount.json",
-            |o| cache::trim_meta(o, Keep::OWNED),
+            |o| cache::trim(o, Keep::OWNED),
             In::Lean,
         ),
         row::<SecretMeta, store::Meta<Secret>>(
