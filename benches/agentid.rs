@@ -877,9 +877,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let (rss_steady, heap_steady) = (op.rss_mib(), op.heap_mib());
         let heap_steady_parts = op.heap();
-        // And once every identity has been looked at again (each is every five minutes): what
-        // the flood left in the allocator's pages that is replaced in that time.
-        tokio::time::sleep(Duration::from_secs(330)).await;
+        // And once every identity has been looked at again (each is every five to six minutes):
+        // what the flood left in the allocator's pages that is replaced in that time.
+        tokio::time::sleep(Duration::from_secs(390)).await;
         let (rss_rechecked, heap_rechecked) = (op.rss_mib(), op.heap());
         op.stop();
         let mut op2 = Operator::start(&dir)?;
@@ -895,7 +895,7 @@ async fn main() -> anyhow::Result<()> {
         let (rss_restart, peak_restart, heap_restart) = (op2.rss_mib(), op2.peak_rss_mib(), op2.heap_mib());
         let heap_restart_parts = op2.heap();
         eprintln!(
-            "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB (heap {heap_scale:.1}), peak {peak_scale:.1}; out of the cache {out_of_cache:.0}s later: RSS {rss_steady:.1} MiB (heap {heap_steady:.1}), 5.5 min later {rss_rechecked:.1}; after restart {rss_restart:.1} (heap {heap_restart:.1}), peak {peak_restart:.1}; restart → ready {:.2}s, first reconcile {:.2}s",
+            "scale {identities} identities / {scale_grants} grants: settled in {settle:.0}s; RSS {rss_scale:.1} MiB (heap {heap_scale:.1}), peak {peak_scale:.1}; out of the cache {out_of_cache:.0}s later: RSS {rss_steady:.1} MiB (heap {heap_steady:.1}), 6.5 min later {rss_rechecked:.1}; after restart {rss_restart:.1} (heap {heap_restart:.1}), peak {peak_restart:.1}; restart → ready {:.2}s, first reconcile {:.2}s",
             ready.as_secs_f64(),
             first_reconcile.as_secs_f64()
         );

@@ -112,7 +112,8 @@ impl Keep {
     /// by name), and the uid and owners of an identity's credentials Secret.
     pub const SECRETS: Keep =
         Keep { labels: &[], annotations: &[exposure::LEGACY_TOKEN_ANNOTATION], uid: true, owners: true };
-    /// Identities' base ServiceAccounts: only whether each exists, and its owner to wake.
+    /// Identities' base ServiceAccounts (watched whole, for their automount setting): whether
+    /// each exists, and its owner to wake.
     pub const OWNED: Keep = Keep { labels: &[], annotations: &[], uid: false, owners: true };
 }
 
@@ -129,7 +130,7 @@ pub fn trim<K: Resource>(obj: &mut K, keep: Keep) {
     // A map costs its first node (some 600 bytes) however few entries it has, an owner reference
     // a few hundred: most cached objects keep neither.
     let owners = meta.owner_references.take().filter(|_| keep.owners).map(|mut owners| {
-        owners.retain(|o| o.kind == "AgentIdentity" && names::agentid_api_version(&o.api_version));
+        owners.retain(names::is_identity_owner);
         owners
     });
     let owners = owners.filter(|o| !o.is_empty());

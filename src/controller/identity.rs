@@ -94,7 +94,7 @@ async fn apply(identity: &AgentIdentity, ctx: &Context) -> Result<Action, Error>
     if let Err(message) = ctx.installation.check_identity(&home, &identity.spec.allowed_namespaces) {
         return stall(identity, ctx, "OutsideInstallation", message, now).await;
     }
-    // Waiting for the binding caches with the base objects applied moments ago: nothing to do
+    // Waiting for the binding caches with the base objects applied (or found made) lately: nothing to do
     // until the analysis can run (their own caches may not show them yet either, and applying
     // them again at every retry would compete with the listings waited for).
     if ctx.base_applied_recently(identity) && bindings_view(ctx).is_none() {
@@ -338,13 +338,16 @@ fn credential_exposure(
     Some(exposure::exposure(&ns, &name, principals, &rbac, &CachedSecrets(&view.secrets)))
 }
 
-/// The Secret caches, walked in place (each reconcile used to copy a pointer to every cached
-/// Secret of the cluster, whether or not the identity could read any).
+/// The Secret caches, read only for a principal that can read Secrets (each reconcile used to
+/// copy a pointer to every cached Secret of the cluster, whether or not the identity could read
+/// any). The pointers are copied first, so that no cache stays locked while they are analysed.
 struct CachedSecrets<'a>(&'a [super::store::Cache<super::store::Meta<Secret>>]);
 
 impl exposure::Secrets for CachedSecrets<'_> {
     fn each(&self, f: &mut dyn FnMut(exposure::SecretRef<'_>)) {
-        self.0.iter().for_each(|cache| cache.for_each(|s| f(s.as_secret())));
+        for cache in self.0 {
+            cache.state().iter().for_each(|s| f(s.as_secret()));
+        }
     }
 }
 
@@ -483,5 +486,123 @@ mod tests {
             assert!(!error.is_permanent(), "retried, with backoff");
             assert!(error.to_string().contains("watch failed"), "says where to look: {error}");
         }
+    }
+
+    /// The operator's exposure analysis reads compact cached forms (Roles as `CachedRole`,
+    /// Secrets as `Meta` in one cache per namespace); the CLI whole objects. Both must find the
+    /// same.
+    #[test]
+    fn exposure_from_the_caches_finds_what_it_finds_from_whole_objects() {
+        use crate::controller::store::{self, CachedRole, Meta};
+        use k8s_openapi::api::rbac::v1::ClusterRole;
+        use kube::api::PartialObjectMeta;
+        use kube::runtime::watcher::Event;
+
+        let identity = crate::policy::testing::identity("fixer", &["prod"]);
+        let grant_sa = "agentid-grant-g-1234abcd";
+        let role = |ns: &str, name: &str, rules: serde_json::Value| -> Role {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": ns}, "rules": rules}))
+                .expect("a Role")
+        };
+        let roles = vec![
+            desired::identity_requester_role(&identity),
+            role(
+                "prod",
+                "read-secrets",
+                serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]),
+            ),
+            role(
+                "agents",
+                "read-one",
+                serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"], "resourceNames": ["agentid-other-credentials"]}]),
+            ),
+        ];
+        let binding = |ns: &str, role: &str, sa: &str| -> RoleBinding {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{role}-{sa}"), "namespace": ns},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": "agents"}]
+            }))
+            .expect("a RoleBinding")
+        };
+        let bindings: Vec<Arc<RoleBinding>> = [
+            desired::identity_requester_binding(&identity),
+            binding("prod", "read-secrets", grant_sa),
+            binding("agents", "read-one", "agentid-fixer"),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let secret = |ns: &str, name: &str, annotations: serde_json::Value| -> PartialObjectMeta<Secret> {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "namespace": ns, "annotations": annotations}}),
+            )
+            .expect("metadata")
+        };
+        let (legacy, plain) =
+            (serde_json::json!({crate::policy::exposure::LEGACY_TOKEN_ANNOTATION: "db"}), serde_json::json!({}));
+        // Two caches, as a confined installation has one per namespace.
+        let per_cache = [
+            vec![secret("prod", "db-token", legacy.clone()), secret("prod", "tls", plain.clone())],
+            vec![
+                secret("agents", "agentid-other-credentials", plain.clone()),
+                secret("agents", "agentid-fixer-credentials", plain.clone()),
+                secret("agents", grant_sa, plain.clone()),
+                secret("agents", "unrelated", legacy.clone()),
+            ],
+        ];
+
+        let (role_cache, mut role_filler) = store::cache::<CachedRole>();
+        roles.iter().for_each(|r| role_filler.apply(&Event::Apply(r.clone())));
+        let secret_caches: Vec<store::Cache<Meta<Secret>>> = per_cache
+            .iter()
+            .map(|secrets| {
+                let (cache, mut filler) = store::cache::<Meta<Secret>>();
+                secrets.iter().for_each(|s| filler.apply(&Event::Apply(s.clone())));
+                cache
+            })
+            .collect();
+        let mut grant = crate::policy::testing::grant("g", "fixer", "15m", vec![]);
+        grant.status =
+            Some(crate::api::AccessGrantStatus { service_account_name: Some(grant_sa.into()), ..Default::default() });
+        let principals = exposure::principals("agents", "fixer", [&grant]);
+        let no_cluster: [Arc<ClusterRole>; 0] = [];
+
+        let cached_roles = role_cache.state();
+        let from_caches = exposure::exposure(
+            "agents",
+            "fixer",
+            &principals,
+            &exposure::Rbac::<CachedRole> {
+                roles: &cached_roles,
+                cluster_roles: &no_cluster,
+                role_bindings: &bindings,
+                cluster_role_bindings: &[],
+            },
+            &CachedSecrets(&secret_caches),
+        );
+        let whole_roles: Vec<Arc<Role>> = roles.into_iter().map(Arc::new).collect();
+        let metas: Vec<ObjectMeta> = per_cache.iter().flatten().map(|s| s.metadata.clone()).collect();
+        let from_objects = exposure::exposure(
+            "agents",
+            "fixer",
+            &principals,
+            &exposure::Rbac::<Role> {
+                roles: &whole_roles,
+                cluster_roles: &no_cluster,
+                role_bindings: &bindings,
+                cluster_role_bindings: &[],
+            },
+            &metas[..],
+        );
+        let found: Vec<(&str, &str)> = from_caches.iter().map(|f| (f.namespace.as_str(), f.target.as_str())).collect();
+        assert_eq!(
+            found,
+            // By kind: a legacy token, another identity's credentials, a Secret; not its own
+            // Secrets, nor one it may not read.
+            [("prod", "db-token"), ("agents", "agentid-other-credentials"), ("prod", "tls")],
+            "{from_caches:#?}"
+        );
+        assert_eq!(from_caches, from_objects);
     }
 }

@@ -140,15 +140,15 @@ pub struct Settings {
 /// cluster view does not hold already (its credentials Secret is in [`cache::ClusterView::secrets`]).
 #[derive(Clone)]
 pub struct OwnedCaches {
-    /// The base ServiceAccounts, metadata only: only whether each exists is read.
+    /// The base ServiceAccounts: whether each exists, its owner, and whether it mounts its token.
     pub service_accounts: store::Cache<store::BaseServiceAccount>,
 }
 
 /// How long an identity's base objects, once applied (or first found made by this process), are
 /// trusted from the caches before they are applied again. The caches show on every reconcile
-/// what safety rests on — each object there and the identity's, the Role's rules and the
-/// binding's subjects as made — and any change to those wakes the identity; applying again
-/// restores the rest (labels, the ServiceAccount's automount setting). At once a minute, 10,000
+/// what safety rests on — each object there and the identity's, the ServiceAccount not mounting
+/// its token, the Role's rules and the binding's subjects as made — and any change to those wakes
+/// the identity; applying again restores the rest (labels). At once a minute, 10,000
 /// identities each looked at every five minutes cost the apiserver 200 requests a second, and a
 /// restarted operator applied every identity's objects again before anything else.
 const BASE_REAPPLY: Duration = Duration::from_secs(30 * 60);
@@ -375,13 +375,13 @@ impl Context {
         // The requester Role and its RoleBinding share a name.
         let requester = names::identity_requester_role(&name);
         owned.service_accounts.get(&sa).is_some_and(|m| {
-            m.owned_by_identity(&name)
+            m.meta().owned_by_identity(&name)
                 && m.automount_token() == desired::identity_service_account(identity).automount_service_account_token
         }) && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| m.owned_by_identity(&name)))
             && view
                 .roles
                 .get(&ObjectRef::new(&requester).within(&ns))
-                .is_some_and(|r| r.owned_by_identity(&name) && desired::requester_rules_current(r.rules()))
+                .is_some_and(|r| r.meta().owned_by_identity(&name) && desired::requester_rules_current(r.rules()))
             && view
                 .role_bindings
                 .get(&ObjectRef::new(&requester).within(&ns))
@@ -397,8 +397,8 @@ impl Context {
         cached.owned_by_identity(identity).then(|| cached.uid().map(String::from)).flatten()
     }
 
-    /// Whether this process applied the identity's base objects for its uid and generation less
-    /// than a minute ago.
+    /// Whether this process applied the identity's base objects for its uid and generation (or
+    /// found them made, see [`Self::base_objects_current`]) less than [`BASE_REAPPLY`] ago.
     pub(crate) fn base_applied_recently(&self, identity: &AgentIdentity) -> bool {
         let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
         self.base_applied.lock().unwrap_or_else(|e| e.into_inner()).get(&key).is_some_and(|(uid, generation, at)| {
@@ -411,31 +411,38 @@ impl Context {
     /// Records, if nothing is recorded for the identity yet, that its base objects were applied
     /// at a time spread over the last [`BASE_REAPPLY`]; true if so.
     fn base_found_made(&self, identity: &AgentIdentity) -> bool {
-        let (Some(uid), Some(generation)) = (identity.metadata.uid.as_ref(), identity.metadata.generation) else {
-            return false;
-        };
-        let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
-        let mut applied = self.base_applied.lock().unwrap_or_else(|e| e.into_inner());
-        if applied.contains_key(&key) {
-            return false;
-        }
-        let now = std::time::Instant::now();
-        let at = now.checked_sub(spread(uid, BASE_REAPPLY)).unwrap_or(now);
-        crate::alloc::long_lived(|| applied.insert(key, (uid.clone(), generation, at)));
-        true
+        self.record_base_applied(identity, true, |uid| {
+            let now = std::time::Instant::now();
+            now.checked_sub(spread(uid, BASE_REAPPLY)).unwrap_or(now)
+        })
     }
 
     /// Records that the identity's base objects were applied now.
     pub(crate) fn base_objects_applied(&self, identity: &AgentIdentity) {
+        self.record_base_applied(identity, false, |_| std::time::Instant::now());
+    }
+
+    /// Records the identity's base objects as applied at `at` (given its uid) — with `first`,
+    /// only if nothing is recorded for it yet; true if recorded.
+    fn record_base_applied(
+        &self,
+        identity: &AgentIdentity,
+        first: bool,
+        at: impl FnOnce(&str) -> std::time::Instant,
+    ) -> bool {
         let (Some(uid), Some(generation)) = (identity.metadata.uid.as_ref(), identity.metadata.generation) else {
-            return;
+            return false;
         };
-        let mut applied = self.base_applied.lock().unwrap_or_else(|e| e.into_inner());
         // Kept for the identity's life, like the caches.
         crate::alloc::long_lived(|| {
             let key = identity_key(&identity.namespace().unwrap_or_default(), &identity.name_any());
-            applied.insert(key, (uid.clone(), generation, std::time::Instant::now()));
-        });
+            let mut applied = self.base_applied.lock().unwrap_or_else(|e| e.into_inner());
+            if first && applied.contains_key(&key) {
+                return false;
+            }
+            applied.insert(key, (uid.clone(), generation, at(uid)));
+            true
+        })
     }
 
     /// Forgets a deleted identity.
@@ -920,7 +927,11 @@ mod tests {
 
     /// A context with the caches the identity controller reads, filled with `identity`'s base
     /// objects as agentid makes them; no apiserver behind its client.
-    fn context_with_base_objects(identity: &AgentIdentity, edit_sa: impl FnOnce(&mut ServiceAccount)) -> Context {
+    /// `edit` changes the ServiceAccount, the Secret's metadata and the Role before they are cached.
+    fn context_with_base_objects(
+        identity: &AgentIdentity,
+        edit: impl FnOnce(&mut ServiceAccount, &mut ObjectMeta, &mut k8s_openapi::api::rbac::v1::Role),
+    ) -> Context {
         let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a URL"));
         let client = Client::try_from(config).expect("a client");
         let access = desired::ClusterAccess { server: String::new(), ca_pem: String::new() };
@@ -929,14 +940,15 @@ mod tests {
         let (service_accounts, mut sa_filler) = store::cache();
         let mut sa = desired::identity_service_account(identity);
         sa.metadata.uid = Some("sa-uid".into());
-        edit_sa(&mut sa);
-        sa_filler.apply(&watcher::Event::Apply(sa));
-        let (secrets, mut secret_filler) = store::cache();
         let mut secret = desired::identity_credentials_secret(identity).metadata;
         secret.uid = Some("secret-uid".into());
+        let mut role = desired::identity_requester_role(identity);
+        edit(&mut sa, &mut secret, &mut role);
+        sa_filler.apply(&watcher::Event::Apply(sa));
+        let (secrets, mut secret_filler) = store::cache();
         secret_filler.apply(&watcher::Event::Apply(serde_json::from_value(meta(secret)).expect("metadata")));
         let (roles, mut role_filler) = store::cache();
-        role_filler.apply(&watcher::Event::Apply(desired::identity_requester_role(identity)));
+        role_filler.apply(&watcher::Event::Apply(role));
         let (role_bindings, mut binding_filler) = store::cache();
         binding_filler.apply(&watcher::Event::Apply(desired::identity_requester_binding(identity)));
         ctx.owned = Some(OwnedCaches { service_accounts });
@@ -955,9 +967,9 @@ mod tests {
     async fn base_objects_found_made_are_trusted_until_their_spread_reapply_time() {
         let mut identity = crate::policy::testing::identity("fixer", &["staging"]);
         identity.metadata.generation = Some(1);
-        let ctx = context_with_base_objects(&identity, |_| {});
+        let ctx = context_with_base_objects(&identity, |_, _, _| {});
         assert_eq!(ctx.identity_secret_uid("agents", "fixer").as_deref(), Some("secret-uid"));
-        assert_eq!(ctx.identity_secret_uid("agents", "other"), None, "not made for that identity");
+        assert_eq!(ctx.identity_secret_uid("agents", "other"), None, "no Secret of its own cached");
 
         // A process that has applied nothing yet trusts what the caches show, recorded as applied
         // at a time spread by uid: not every identity's objects applied again after a restart.
@@ -995,10 +1007,27 @@ mod tests {
         // Its ServiceAccount edited to mount its token (or to stop saying it does not): made
         // again at once, however recently applied.
         for automount in [Some(true), None] {
-            let ctx = context_with_base_objects(&identity, |sa| sa.automount_service_account_token = automount);
+            let ctx = context_with_base_objects(&identity, |sa, _, _| sa.automount_service_account_token = automount);
             ctx.base_objects_applied(&identity);
             assert!(!ctx.base_objects_current(&identity), "automount {automount:?}");
         }
+
+        // One not the identity's (an owner of another identity, or none): made again, and a
+        // credentials Secret not made for it is never written into from the cache's word.
+        let other = crate::policy::testing::identity("other", &[]);
+        let other_owner = || other.controller_owner_ref(&()).map(|o| vec![o]);
+        let ctx = context_with_base_objects(&identity, |_, secret, _| secret.owner_references = other_owner());
+        ctx.base_objects_applied(&identity);
+        assert!(!ctx.base_objects_current(&identity));
+        assert_eq!(ctx.identity_secret_uid("agents", "fixer"), None, "read live instead");
+        let ctx = context_with_base_objects(&identity, |_, secret, _| secret.owner_references = None);
+        assert_eq!(ctx.identity_secret_uid("agents", "fixer"), None);
+        let ctx = context_with_base_objects(&identity, |_, _, role| role.metadata.owner_references = other_owner());
+        ctx.base_objects_applied(&identity);
+        assert!(!ctx.base_objects_current(&identity));
+        let ctx = context_with_base_objects(&identity, |sa, _, _| sa.metadata.owner_references = None);
+        ctx.base_objects_applied(&identity);
+        assert!(!ctx.base_objects_current(&identity));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use k8s_openapi::{
         core::v1::ServiceAccount,
         rbac::v1::{PolicyRule, Role},
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Resource,
@@ -64,8 +64,9 @@ fn key_of(meta: &ObjectMeta) -> (Option<&str>, &str) {
     (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default())
 }
 
-/// The metadata the caches keep of a Secret or ServiceAccount of kind `K` (watched by metadata
-/// only: the operator never holds Secret data): its name and namespace; the AgentIdentities
+/// The metadata the caches keep of an object of kind `K` — of a Secret (watched by metadata
+/// only: the operator never holds Secret data), and inside [`BaseServiceAccount`] and
+/// [`CachedRole`]: its name and namespace; the AgentIdentities
 /// among its owners (an identity's object wakes it, and is written only when it is the
 /// identity's); the uid, where the watch's trimming kept it; and the ServiceAccount a legacy
 /// token Secret names. Each is a boxed string: about a quarter of the `ObjectMeta` it comes from.
@@ -128,24 +129,20 @@ where
 impl<K> Meta<K> {
     /// What is kept of `meta`.
     fn of(meta: &ObjectMeta) -> Self {
-        let boxed = |s: &String| Box::<str>::from(s.as_str());
+        let boxed = |s: &str| Box::<str>::from(s);
         let owners = meta
             .owner_references
             .iter()
             .flatten()
-            .filter(|o: &&OwnerReference| o.kind == "AgentIdentity" && names::agentid_api_version(&o.api_version))
+            .filter(|o| names::is_identity_owner(o))
             .map(|o| boxed(&o.name))
             .collect();
         Meta {
-            namespace: meta.namespace.as_ref().map(boxed),
-            name: meta.name.as_ref().map(boxed).unwrap_or_default(),
+            namespace: meta.namespace.as_deref().map(boxed),
+            name: boxed(meta.name.as_deref().unwrap_or_default()),
             owners,
-            uid: meta.uid.as_ref().map(boxed),
-            legacy_token_of: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(exposure::LEGACY_TOKEN_ANNOTATION))
-                .map(boxed),
+            uid: meta.uid.as_deref().map(boxed),
+            legacy_token_of: exposure::SecretRef::of(meta).legacy_token_of.map(boxed),
             kind: PhantomData,
         }
     }
@@ -160,9 +157,9 @@ pub struct BaseServiceAccount {
 }
 
 impl BaseServiceAccount {
-    /// Whether the AgentIdentity `identity` (of its namespace) owns it.
-    pub fn owned_by_identity(&self, identity: &str) -> bool {
-        self.meta.owned_by_identity(identity)
+    /// Its metadata.
+    pub fn meta(&self) -> &Meta<ServiceAccount> {
+        &self.meta
     }
 
     /// Its `automountServiceAccountToken`.
@@ -195,9 +192,9 @@ pub struct CachedRole {
 static REQUESTER_RULES: LazyLock<Arc<[PolicyRule]>> = LazyLock::new(|| desired::requester_rules().into());
 
 impl CachedRole {
-    /// Whether the AgentIdentity `identity` (of its namespace) owns it.
-    pub fn owned_by_identity(&self, identity: &str) -> bool {
-        self.meta.owned_by_identity(identity)
+    /// Its metadata.
+    pub fn meta(&self) -> &Meta<Role> {
+        &self.meta
     }
 
     /// Whether its rules are the copy shared by requester Roles.
@@ -314,11 +311,6 @@ impl<S: Stored> Cache<S> {
     /// Every cached object.
     pub fn state(&self) -> Vec<Arc<S>> {
         self.read().objects.iter().cloned().collect()
-    }
-
-    /// Calls `f` with each cached object, copying nothing (the cache is not updated meanwhile).
-    pub fn for_each(&self, mut f: impl FnMut(&S)) {
-        self.read().objects.iter().for_each(|o| f(o));
     }
 
     /// Whether the first listing is in.
@@ -468,8 +460,7 @@ mod tests {
             exposure::SecretRef { namespace: "agents", name: "db-token", legacy_token_of: Some("db") }
         );
         assert!(!token.owned_by_identity("fixer"));
-        let mut walked = Vec::new();
-        cache.for_each(|m| walked.push(m.name().to_string()));
+        let mut walked: Vec<String> = cache.state().iter().map(|m| m.name().to_string()).collect();
         walked.sort();
         assert_eq!(walked, ["agentid-fixer-credentials", "db-token"]);
         filler.apply(&Event::Delete(secret("db-token", serde_json::json!([]), serde_json::json!({}))));
@@ -490,7 +481,7 @@ mod tests {
 
         let requester = at("agentid-fixer-requester");
         assert!(requester.shares_requester_rules());
-        assert!(requester.owned_by_identity("fixer") && !requester.owned_by_identity("other"));
+        assert!(requester.meta().owned_by_identity("fixer") && !requester.meta().owned_by_identity("other"));
         assert_eq!(requester.rules(), desired::requester_rules().as_slice());
         assert_eq!(HasRules::key(requester.as_ref()), ("agents", "agentid-fixer-requester"));
         let widened_cached = at("agentid-other-requester");
@@ -498,6 +489,6 @@ mod tests {
         assert_eq!(widened_cached.rules(), widened.rules.as_deref().expect("rules"));
         let plain = at("plain");
         assert_eq!((plain.rules().len(), plain.rules()[0].verbs.as_slice()), (1, ["get".to_string()].as_slice()));
-        assert!(!plain.owned_by_identity("fixer"));
+        assert!(!plain.meta().owned_by_identity("fixer"));
     }
 }

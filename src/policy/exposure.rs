@@ -379,15 +379,9 @@ pub trait Secrets {
     fn each(&self, f: &mut dyn FnMut(SecretRef<'_>));
 }
 
-impl Secrets for [ObjectMeta] {
+impl<M: std::borrow::Borrow<ObjectMeta>> Secrets for [M] {
     fn each(&self, f: &mut dyn FnMut(SecretRef<'_>)) {
-        self.iter().for_each(|m| f(SecretRef::of(m)));
-    }
-}
-
-impl Secrets for [&ObjectMeta] {
-    fn each(&self, f: &mut dyn FnMut(SecretRef<'_>)) {
-        self.iter().for_each(|m| f(SecretRef::of(m)));
+        self.iter().for_each(|m| f(SecretRef::of(m.borrow())));
     }
 }
 

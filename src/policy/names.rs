@@ -97,6 +97,11 @@ pub fn grant_labels(grant_namespace: &str, grant: &str, uid: &str, identity: &st
     ])
 }
 
+/// Whether `owner` is an AgentIdentity of agentid's API group.
+pub fn is_identity_owner(owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference) -> bool {
+    owner.kind == "AgentIdentity" && agentid_api_version(&owner.api_version)
+}
+
 /// Whether an existing object is owned by the agentid object `kind`/`name` (an AgentIdentity or an
 /// AccessGrant). agentid never adopts an object it did not make: a pre-existing ServiceAccount of
 /// the same name could hold privileges, or a pre-existing Secret could be readable by others.

@@ -235,14 +235,23 @@ async fn an_identitys_objects_deleted_by_hand_are_made_again_at_once() -> anyhow
     println!("made again after {took:?}");
     wait_identity_ready(&admin, &a, "fixer").await?;
 
-    // Edited by hand: the requester Role made to allow deleting grants too, the binding given
-    // to every ServiceAccount of the namespace, and the base ServiceAccount made to mount its
-    // token into pods. All three are put back, at once (not at the next periodic apply, half an
-    // hour away).
+    // Edited by hand, alone: the base ServiceAccount made to mount its token into pods. Put back
+    // at once (not at the next periodic apply, half an hour away).
     let service_accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), &a);
     service_accounts
         .patch("agentid-fixer", &PatchParams::default(), &Patch::Merge(json!({"automountServiceAccountToken": true})))
         .await?;
+    poll_until(Duration::from_secs(10), "the base ServiceAccount not to mount its token again", || {
+        let service_accounts = service_accounts.clone();
+        async move {
+            let sa = service_accounts.get("agentid-fixer").await?;
+            Ok((sa.automount_service_account_token == Some(false)).then_some(()))
+        }
+    })
+    .await?;
+
+    // Edited by hand: the requester Role made to allow deleting grants too, and the binding
+    // given to every ServiceAccount of the namespace. Both are put back.
     let roles: Api<Role> = Api::namespaced(admin.clone(), &a);
     let rules = roles.get("agentid-fixer-requester").await?.rules;
     let mut wider = rules.clone().unwrap_or_default();
@@ -255,17 +264,12 @@ async fn an_identitys_objects_deleted_by_hand_are_made_again_at_once() -> anyhow
     bindings
         .patch("agentid-fixer-requester", &PatchParams::default(), &Patch::Merge(json!({"subjects": subjects})))
         .await?;
-    poll_until(Duration::from_secs(10), "the requester Role, RoleBinding and ServiceAccount to be put back", || {
+    poll_until(Duration::from_secs(10), "the requester Role and RoleBinding to be put back", || {
         let (roles, bindings, rules, one) = (roles.clone(), bindings.clone(), rules.clone(), one.clone());
-        let service_accounts = service_accounts.clone();
         async move {
             let role = roles.get("agentid-fixer-requester").await?;
             let binding = bindings.get("agentid-fixer-requester").await?;
-            let sa = service_accounts.get("agentid-fixer").await?;
-            Ok((role.rules == rules
-                && binding.subjects.unwrap_or_default() == one
-                && sa.automount_service_account_token == Some(false))
-            .then_some(()))
+            Ok((role.rules == rules && binding.subjects.unwrap_or_default() == one).then_some(()))
         }
     })
     .await?;
