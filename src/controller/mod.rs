@@ -358,10 +358,10 @@ impl Context {
     }
 
     /// Whether the caches show the identity's base objects (ServiceAccount, credentials Secret,
-    /// requester Role and RoleBinding) as made (owned by the identity; the Role's rules and the
-    /// binding's subjects unchanged), and they were applied for this generation less than
-    /// [`BASE_REAPPLY`] ago: then a reconcile (most come from its grants changing) need not apply
-    /// them again. One deleted, replaced or edited is made again at once: its change wakes the
+    /// requester Role and RoleBinding) as made (owned by the identity; the ServiceAccount not
+    /// mounting its token; the Role's rules and the binding's subjects unchanged), and they were
+    /// applied for this generation less than [`BASE_REAPPLY`] ago: then a reconcile (most come
+    /// from its grants changing) need not apply them again. One deleted, replaced or edited is made again at once: its change wakes the
     /// identity, and this says no. Found made by a process that has not applied them yet (it
     /// started since), they count as applied at a time spread over the last [`BASE_REAPPLY`] by
     /// the identity's uid, so that a restart does not apply every identity's objects again at
