@@ -335,19 +335,28 @@ fn credential_exposure(
         role_bindings: &bindings.role_bindings,
         cluster_role_bindings: &bindings.cluster_role_bindings,
     };
-    Some(exposure::exposure(&ns, &name, principals, &rbac, &CachedSecrets(&view.secrets)))
+    Some(exposure::exposure(&ns, &name, principals, &rbac, &CachedSecrets::new(&view.secrets)))
 }
 
 /// The Secret caches, read only for a principal that can read Secrets (each reconcile used to
 /// copy a pointer to every cached Secret of the cluster, whether or not the identity could read
-/// any). The pointers are copied first, so that no cache stays locked while they are analysed.
-struct CachedSecrets<'a>(&'a [super::store::Cache<super::store::Meta<Secret>>]);
+/// any). The pointers are copied once, at the first such principal, so that no cache stays
+/// locked while they are analysed and every principal of the reconcile reads the same Secrets.
+struct CachedSecrets<'a> {
+    caches: &'a [super::store::Cache<super::store::Meta<Secret>>],
+    copied: std::cell::OnceCell<Vec<Arc<super::store::Meta<Secret>>>>,
+}
+
+impl<'a> CachedSecrets<'a> {
+    fn new(caches: &'a [super::store::Cache<super::store::Meta<Secret>>]) -> Self {
+        Self { caches, copied: std::cell::OnceCell::new() }
+    }
+}
 
 impl exposure::Secrets for CachedSecrets<'_> {
     fn each(&self, f: &mut dyn FnMut(exposure::SecretRef<'_>)) {
-        for cache in self.0 {
-            cache.state().iter().for_each(|s| f(s.as_secret()));
-        }
+        let copied = self.copied.get_or_init(|| self.caches.iter().flat_map(|cache| cache.state()).collect());
+        copied.iter().for_each(|s| f(s.as_secret()));
     }
 }
 
@@ -579,7 +588,7 @@ mod tests {
                 role_bindings: &bindings,
                 cluster_role_bindings: &[],
             },
-            &CachedSecrets(&secret_caches),
+            &CachedSecrets::new(&secret_caches),
         );
         let whole_roles: Vec<Arc<Role>> = roles.into_iter().map(Arc::new).collect();
         let metas: Vec<ObjectMeta> = per_cache.iter().flatten().map(|s| s.metadata.clone()).collect();

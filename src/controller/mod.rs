@@ -374,10 +374,11 @@ impl Context {
         let secret = ObjectRef::new(&names::identity_credentials_secret(&name)).within(&ns);
         // The requester Role and its RoleBinding share a name.
         let requester = names::identity_requester_role(&name);
-        owned.service_accounts.get(&sa).is_some_and(|m| {
-            m.meta().owned_by_identity(&name)
-                && m.automount_token() == desired::identity_service_account(identity).automount_service_account_token
-        }) && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| m.owned_by_identity(&name)))
+        owned
+            .service_accounts
+            .get(&sa)
+            .is_some_and(|m| m.meta().owned_by_identity(&name) && m.automount_token() == desired::BASE_AUTOMOUNT_TOKEN)
+            && view.secrets.iter().any(|s| s.get(&secret).is_some_and(|m| m.owned_by_identity(&name)))
             && view
                 .roles
                 .get(&ObjectRef::new(&requester).within(&ns))

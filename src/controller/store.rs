@@ -8,10 +8,11 @@
 //! as kube's does (a re-listing is gathered aside and replaces the contents when it is complete,
 //! so readers never see a half-listed cache) and tells when its first listing is in.
 //!
-//! What it keeps of each object is its [`Stored`] form: the object itself; for Secrets and
-//! ServiceAccounts, known by metadata only, a [`Meta`] — the few fields read, without the
-//! `ObjectMeta` around them (some 400 bytes of empty fields an object); for Roles a
-//! [`CachedRole`], a `Meta` and the rules.
+//! What it keeps of each object is its [`Stored`] form: the object itself; for Secrets, known by
+//! metadata only, a [`Meta`] — the few fields read, without the `ObjectMeta` around them (some
+//! 400 bytes of empty fields an object); for identities' base ServiceAccounts a
+//! [`BaseServiceAccount`], a `Meta` and the automount setting; for Roles a [`CachedRole`], a
+//! `Meta` and the rules.
 
 use std::{
     hash::BuildHasher,

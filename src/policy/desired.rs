@@ -40,6 +40,9 @@ fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>, owner: 
     }
 }
 
+/// The base ServiceAccount's `automountServiceAccountToken`: no token in pods that run as it.
+pub const BASE_AUTOMOUNT_TOKEN: Option<bool> = Some(false);
+
 /// The identity's base ServiceAccount: no token automount, no privileges.
 pub fn identity_service_account(identity: &AgentIdentity) -> ServiceAccount {
     let name = identity.name_any();
@@ -50,7 +53,7 @@ pub fn identity_service_account(identity: &AgentIdentity) -> ServiceAccount {
             names::identity_labels(&name),
             owner_ref(identity),
         ),
-        automount_service_account_token: Some(false),
+        automount_service_account_token: BASE_AUTOMOUNT_TOKEN,
         ..Default::default()
     }
 }
