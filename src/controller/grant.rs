@@ -211,9 +211,17 @@ fn audit(grant: &AccessGrant, status: &AccessGrantStatus, transition: &str, reas
 /// Runs a grant's decision outside its controller: the start-up sweep revokes overdue grants
 /// this way, and a deleted identity revokes its grants.
 pub async fn reevaluate(grant: &AccessGrant, ctx: &Context) -> Result<(), Error> {
-    // A revocation ends the credential first and asks to be run again for the rest.
+    // A revocation ends the credential first and asks to be run again for the rest: on the grant
+    // as it is now (the first step may have written its status, which the cache may not show yet).
     if apply(grant, ctx).await? == Action::requeue(std::time::Duration::ZERO) {
-        apply(grant, ctx).await?;
+        let api = Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
+        let live = api
+            .get_opt(&grant.name_any())
+            .await
+            .map_err(kube_err(format!("reading AccessGrant {}", grant.name_any())))?;
+        if let Some(live) = live.filter(|l| l.metadata.uid == grant.metadata.uid) {
+            apply(&live, ctx).await?;
+        }
     }
     Ok(())
 }
@@ -229,7 +237,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     let terminal = grant.status.as_ref().and_then(|s| s.phase).is_some_and(GrantPhase::is_terminal);
     let overdue = grant.status.as_ref().and_then(|s| s.expires_at.as_ref()).is_some_and(|t| t.0 <= now);
     let no_verdict = Verdict::Waiting { counted: vec![], ignored: vec![] };
-    let (identity, verdict, service_account_created) = if overdue && !terminal {
+    let (identity, verdict, service_account) = if overdue && !terminal {
         // Past its end nothing else matters: revoke without waiting on any look-up that could fail.
         (None, no_verdict, None)
     } else {
@@ -275,9 +283,18 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             Some(approvals) => verdict(grant, identity.as_ref(), approvals, ctx, now).await?,
             None => no_verdict,
         };
-        let sa_created = sa_created.map(|sa| sa.metadata.creation_timestamp.map(|t| t.0).unwrap_or(now));
-        (identity, verdict, sa_created)
+        // When it was made, and the end of the issuance it records.
+        let uid = grant.uid().unwrap_or_default();
+        let service_account = sa_created.map(|sa| {
+            (
+                sa.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
+                names::recorded_expiry(&sa.metadata, &uid),
+            )
+        });
+        (identity, verdict, service_account)
     };
+    let service_account_created = service_account.map(|(created, _)| created);
+    let recorded_expiry = service_account.and_then(|(_, recorded)| recorded);
 
     let old = grant.status.clone().unwrap_or_default();
     let mut status = old.clone();
@@ -301,6 +318,7 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         protected: &ctx.protected,
         installation: &ctx.installation,
         service_account_created,
+        recorded_expiry,
         now,
     };
     match decide(grant, facts) {
@@ -342,34 +360,47 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
 
         Step::Issue { expires_at } => {
             let objects = GrantObjects::new(grant);
-            if status.expires_at.is_none() {
-                // A new credential: only if the identity has room for one more.
+            if status.expires_at.is_none() && recorded_expiry.is_none() {
+                // A new credential. Never on a copy older than a status this process wrote: one
+                // recording an issuance whose ServiceAccount is gone since (its revocation had
+                // begun) would look like a grant never issued.
+                if ctx.own_writes.unseen(&grant.uid().unwrap_or_default()) && copy_is_stale(grant, ctx).await? {
+                    return Ok(Action::requeue(STALE_COPY_RETRY));
+                }
+                // Only if the identity has room for one more.
                 if let Err(held) = ctx.reserve_slot(grant).await? {
                     let limit = ctx.max_active_grants;
                     let identity = grant.spec.identity.clone();
                     let violation = Violation::TooManyActiveGrants { identity, held, limit };
                     return reject(grant, ctx, status, &violation, now).await;
                 }
-                // Record the intent (and the fixed end) before making anything: a crash from here
-                // on resumes with the same expiry instead of starting a second credential.
-                status.phase = Some(GrantPhase::Pending);
-                // A held grant that was approved keeps saying it needed approval.
-                status.requires_approval = Some(status.requires_approval.unwrap_or(false));
-                status.expires_at = Some(Time(expires_at));
-                status.service_account_name = Some(objects.name.clone());
-                status.credentials_secret = Some(objects.name.clone());
-                set_summary(
-                    &mut status.conditions,
-                    Summary::Reconciling,
-                    "Issuing",
-                    "issuing the credential".into(),
-                    generation,
-                    now,
-                );
-                ctx.write_grant_status(grant, &status).await?;
-                crate::failpoint::hit("issue:after-intent");
             }
-            ctx.issuer.issue(grant, expires_at, now, ctx.identity_secret_uid(&ns, &grant.spec.identity)).await?;
+            // The record of the issuance, until status shows it, is its ServiceAccount: made
+            // with the fixed end (`names::EXPIRES_AT_ANNOTATION`) before any token exists,
+            // so a crash from here on resumes with the same end instead of starting a second
+            // credential. Status is written once, when the credential is there (a write of its
+            // own before anything was made cost every grant a round trip and the apiserver a
+            // status write).
+            status.phase = Some(GrantPhase::Pending);
+            // A held grant that was approved keeps saying it needed approval.
+            status.requires_approval = Some(status.requires_approval.unwrap_or(false));
+            status.expires_at = Some(Time(expires_at));
+            status.service_account_name = Some(objects.name.clone());
+            status.credentials_secret = Some(objects.name.clone());
+            let cached_uid = ctx.identity_secret_uid(&ns, &grant.spec.identity);
+            if let Err(e) = ctx.issuer.issue(grant, expires_at, now, cached_uid).await {
+                // Say so in status, with the end already fixed: the error's category only (an
+                // apiserver's answer could quote what was written).
+                let message = format!(
+                    "issuing the credential; the last attempt failed ({}) and is retried, see the operator's log",
+                    e.category()
+                );
+                set_summary(&mut status.conditions, Summary::Reconciling, "Issuing", message, generation, now);
+                if let Err(not_written) = ctx.write_grant_status(grant, &status).await {
+                    tracing::warn!(error = %not_written, "could not record the failed issuance in status");
+                }
+                return Err(e.into());
+            }
             let issued_at = Timestamp::now();
             status.phase = Some(GrantPhase::Active);
             status.issued_at = Some(Time(issued_at));
@@ -392,6 +423,18 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         }
 
         Step::Revoke { phase, reason, message } => {
+            // An issuance only its ServiceAccount records (interrupted before its status write):
+            // status takes the record first, since ending the credential deletes that
+            // ServiceAccount, and without either record the next reconcile would issue afresh.
+            if status.expires_at.is_none()
+                && let Some(recorded) = recorded_expiry
+            {
+                status.phase = Some(GrantPhase::Pending);
+                status.expires_at = Some(Time(recorded));
+                status.service_account_name = Some(GrantObjects::new(grant).name);
+                status.credentials_secret = status.service_account_name.clone();
+                ctx.write_grant_status(grant, &status).await?;
+            }
             // First only the call that ends the credential, then the rest in a reconcile of its
             // own: when many grants end in the same second, every credential dies before any
             // grant's clean-up takes a worker.
@@ -421,6 +464,20 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             Ok(settle_if_done(grant, &status, ctx).await)
         }
     }
+}
+
+/// How soon a reconcile that found its copy of the grant stale runs again (the watch delivers
+/// the newer version within milliseconds).
+const STALE_COPY_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Whether the apiserver holds a newer version of `grant` than the copy this reconcile runs on
+/// (or none, or another grant under its name).
+async fn copy_is_stale(grant: &AccessGrant, ctx: &Context) -> Result<bool, Error> {
+    let live = Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default())
+        .get_metadata_opt(&grant.name_any())
+        .await
+        .map_err(kube_err(format!("reading AccessGrant {}", grant.name_any())))?;
+    Ok(live.is_none_or(|l| l.metadata.resource_version != grant.metadata.resource_version))
 }
 
 /// Ends the grant as Rejected: it never held a credential and never will.

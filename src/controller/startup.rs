@@ -39,17 +39,27 @@ fn cached_grants(ctx: &Context) -> Result<Vec<Arc<AccessGrant>>, Error> {
 
 /// Runs the start-up sweep (the grant cache must be filled).
 pub async fn sweep(ctx: &Context) -> Result<(), Error> {
+    // Listed first: the orphan sweep below needs them listed before the grants are read, and an
+    // issuance interrupted before its status write is recorded only on its ServiceAccount.
+    let service_accounts = list_grant_objects(Api::<ServiceAccount>::all(ctx.client.clone())).await?;
+    let recorded: std::collections::HashMap<&str, jiff::Timestamp> =
+        service_accounts.iter().filter_map(|o| Some((o.grant_uid.as_str(), o.expires_at?))).collect();
     let grants = cached_grants(ctx)?;
     let mut recheck = Vec::new();
     for g in &grants {
         let status = g.status.as_ref();
-        let issued = status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+        let uid = g.uid().unwrap_or_default();
+        // The end status records, or else the one an interrupted issuance's ServiceAccount does
+        // (as `decide` reads them).
+        let issued =
+            status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0).or_else(|| recorded.get(uid.as_str()).copied());
         let phase = status.and_then(|s| s.phase);
         let unfinished = matches!(phase, Some(GrantPhase::Expired | GrantPhase::Revoked))
             && status.is_some_and(|s| s.revoked_at.is_none());
         // Every grant that holds (or held) a credential is looked at again: overdue ones, and those
         // whose identity was suspended, retired or deleted, or that were denied while agentid was down.
-        // (Interrupted issuances are resumed later by the controller, after this sweep.)
+        // (Interrupted issuances are resumed later by the controller, after this sweep; those
+        // past the end their ServiceAccount records are revoked here.)
         let holds = phase == Some(GrantPhase::Active);
         let overdue = issued.is_some_and(|at| at <= jiff::Timestamp::now());
         if holds || overdue || unfinished {
@@ -63,7 +73,7 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
         .try_collect::<Vec<()>>()
         .await?;
 
-    let orphans = sweep_orphans(ctx).await?;
+    let orphans = sweep_orphans_after(ctx, service_accounts).await?;
     info!(rechecked, orphans, "start-up sweep done");
     Ok(())
 }
@@ -75,6 +85,11 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
 /// cache held before that reconcile began.
 pub async fn sweep_orphans(ctx: &Context) -> Result<usize, Error> {
     let service_accounts = list_grant_objects(Api::<ServiceAccount>::all(ctx.client.clone())).await?;
+    sweep_orphans_after(ctx, service_accounts).await
+}
+
+/// [`sweep_orphans`] with the grants' ServiceAccounts already listed.
+async fn sweep_orphans_after(ctx: &Context, service_accounts: Vec<GrantObject>) -> Result<usize, Error> {
     let bindings = list_grant_objects(Api::<RoleBinding>::all(ctx.client.clone())).await?;
     let roles = list_grant_objects(Api::<Role>::all(ctx.client.clone())).await?;
     let mut secrets = Vec::new();
@@ -93,6 +108,8 @@ struct GrantObject {
     namespace: String,
     name: String,
     grant_uid: String,
+    /// The end of the issuance a ServiceAccount records ([`names::EXPIRES_AT_ANNOTATION`]).
+    expires_at: Option<jiff::Timestamp>,
 }
 
 async fn list_grant_objects<K>(api: Api<K>) -> Result<Vec<GrantObject>, Error>
@@ -109,10 +126,15 @@ where
     loop {
         let list: kube::core::ObjectList<PartialObjectMeta<K>> =
             api.list_metadata(&page).await.map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))?;
-        objects.extend(list.items.into_iter().map(|mut obj| GrantObject {
-            grant_uid: obj.labels_mut().remove(names::GRANT_UID_LABEL).unwrap_or_default(),
-            namespace: obj.metadata.namespace.take().unwrap_or_default(),
-            name: obj.metadata.name.take().unwrap_or_default(),
+        objects.extend(list.items.into_iter().map(|mut obj| {
+            let grant_uid = obj.labels_mut().remove(names::GRANT_UID_LABEL).unwrap_or_default();
+            let expires_at = obj.annotations().get(names::EXPIRES_AT_ANNOTATION).and_then(|t| t.parse().ok());
+            GrantObject {
+                namespace: obj.metadata.namespace.take().unwrap_or_default(),
+                name: obj.metadata.name.take().unwrap_or_default(),
+                expires_at: expires_at.filter(|_| !grant_uid.is_empty()),
+                grant_uid,
+            }
         }));
         match list.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(token) => page = page.continue_token(&token),

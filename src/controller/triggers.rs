@@ -18,10 +18,11 @@ use crate::api::{AccessGrant, AgentIdentity, GrantPhase};
 /// that reconcile has already scheduled what comes next, so it is not a reason to reconcile
 /// again. Any other change (a version this operator did not write) is.
 ///
-/// Every version written is remembered, not only the last: an issuance writes twice (the
-/// intent, then Active), and when the intent's event arrived after the reconcile had finished,
-/// a second reconcile ran on that stale, Pending copy — it issued again (a second `issued`
-/// audit line) and re-wrote status from the stale copy, undoing any change made in between.
+/// Every version written is remembered, not only the last: a reconcile can write twice (an
+/// interrupted issuance's record, then its revocation), and when the first write's event arrived
+/// after the reconcile had finished, a second reconcile ran on that stale copy (when issuance
+/// still wrote an intent first, it issued again: a second `issued` audit line, and status
+/// re-written from the stale copy, undoing any change made in between).
 #[derive(Default)]
 pub(crate) struct OwnWrites(Mutex<HashMap<String, Vec<String>>>);
 
@@ -42,6 +43,13 @@ impl OwnWrites {
     /// Forgets `uid` (its grant is going away; a record whose event came first would stay).
     pub(crate) fn forget(&self, uid: &str) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+
+    /// Whether this operator wrote `uid` at a version the watch has not shown yet: a copy from
+    /// the cache may be older than that write. (A version the watch skipped, as a re-list can,
+    /// stays here until a later one of ours is seen: a hint to read the grant live, no more.)
+    pub(crate) fn unseen(&self, uid: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains_key(uid)
     }
 
     /// Whether `grant`, as the watch shows it, is a version this operator wrote. That version
@@ -132,7 +140,10 @@ mod tests {
         let own = OwnWrites::default();
         own.record("uid-g".into(), "5".into());
         assert!(!own.is_own(&grant("4", None)), "an earlier version is someone else's change");
+        assert!(own.unseen("uid-g"), "written, its event not seen yet");
+        assert!(!own.unseen("uid-other"));
         assert!(own.is_own(&grant("5", None)));
+        assert!(!own.unseen("uid-g"), "seen");
         assert!(!own.is_own(&grant("5", None)), "seen again (a re-list): reconcile");
         own.record("uid-g".into(), "7".into());
         assert!(!own.is_own(&grant("8", None)), "changed by someone after our write");

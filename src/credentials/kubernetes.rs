@@ -129,7 +129,7 @@ impl KubernetesIssuer {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
         let (roles, bindings) = (objects.roles(rules), objects.role_bindings(rules));
         let service_account = async {
-            let sa = create_or_apply(&self.client, &objects.service_account()).await?;
+            let sa = create_or_apply(&self.client, &objects.service_account(expires_at)).await?;
             failpoint::hit("issue:after-service-account");
             Ok::<_, Error>(sa)
         };

@@ -24,6 +24,10 @@ pub struct Facts<'a> {
     /// When the grant's ServiceAccount was created, if it exists: the operator's own record that
     /// a credential was issued, which (unlike status) no requester can write.
     pub service_account_created: Option<Timestamp>,
+    /// The end recorded on the grant's ServiceAccount when it was made
+    /// ([`crate::policy::names::EXPIRES_AT_ANNOTATION`]), if it exists and records one: the record
+    /// of an issuance that status does not show yet (its one status write comes at the end).
+    pub recorded_expiry: Option<Timestamp>,
     /// The current time.
     pub now: Timestamp,
 }
@@ -121,7 +125,11 @@ pub fn settled(grant: &AccessGrant) -> bool {
 pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
     let Facts { identity, verdict, now, .. } = facts;
     let phase = phase_of(grant);
-    let issued_until = expires_at_of(grant);
+    // Issued (or being issued) until: status's record, or when status does not show the issuance
+    // yet (a crash came before its status write) the end its ServiceAccount was made with. Both
+    // are bounded below, alike. A recorded end does not bring back a grant that ended.
+    let recorded = facts.recorded_expiry.filter(|_| facts.service_account_created.is_some());
+    let issued_until = expires_at_of(grant).or(recorded);
 
     if let Some(phase) = phase
         && phase.is_terminal()
@@ -207,8 +215,8 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
         };
     }
 
-    // No issuance in status, yet its ServiceAccount exists: status was rewritten (it is created
-    // only after the intent is recorded). Never issue afresh on top of it.
+    // No issuance recorded, yet its ServiceAccount exists: status was rewritten, or the
+    // ServiceAccount's record removed (it is made with one). Never issue afresh on top of it.
     if facts.service_account_created.is_some() {
         return Step::Revoke {
             phase: GrantPhase::Revoked,
@@ -290,6 +298,7 @@ mod tests {
                 protected: &[],
                 installation: &ANYWHERE,
                 service_account_created: issued_sa(g, now),
+                recorded_expiry: None,
                 now,
             },
         )
@@ -440,6 +449,7 @@ mod tests {
                         protected: &[],
                         installation: &ANYWHERE,
                         service_account_created: Some(now()),
+                        recorded_expiry: None,
                         now: plus(10_000),
                     };
                     assert_eq!(decide(&g, facts), Step::Wait { recheck_at: None }, "{phase:?}");
@@ -469,6 +479,7 @@ mod tests {
                 protected: &[],
                 installation: &ANYWHERE,
                 service_account_created: issued_sa(g, now),
+                recorded_expiry: None,
                 now,
             },
         )
@@ -484,6 +495,7 @@ mod tests {
             protected: &[],
             installation: &ANYWHERE,
             service_account_created: None,
+            recorded_expiry: None,
             now: now(),
         };
         assert!(matches!(decide(&g, gone), Step::Revoke { phase: GrantPhase::Revoked, reason: "CredentialGone", .. }));
@@ -565,6 +577,7 @@ mod tests {
                 protected: &cluster,
                 installation: &ANYWHERE,
                 service_account_created: None,
+                recorded_expiry: None,
                 now: now(),
             },
         );
@@ -619,6 +632,7 @@ mod tests {
             protected: &[],
             installation: &ANYWHERE,
             service_account_created: Some(created),
+            recorded_expiry: None,
             now: now(),
         }
     }
@@ -629,6 +643,80 @@ mod tests {
         let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
         let facts = made_at(&id, plus(-60));
         assert!(matches!(decide(&g, facts), Step::Revoke { reason: "InvalidStatus", .. }));
+    }
+
+    /// Facts for a grant whose ServiceAccount was made at `created` recording the end `recorded`.
+    fn recorded(id: Option<&AgentIdentity>, created: Timestamp, recorded: Timestamp) -> Facts<'_> {
+        Facts {
+            identity: id,
+            verdict: &WAITING,
+            protected: &[],
+            installation: &ANYWHERE,
+            service_account_created: Some(created),
+            recorded_expiry: Some(recorded),
+            now: now(),
+        }
+    }
+
+    #[test]
+    fn an_issuance_only_its_service_account_records_resumes_with_that_end() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        // Made 5 s ago for 15m: resumed with the recorded end, not a fresh one from now.
+        assert_eq!(decide(&g, recorded(Some(&id), plus(-5), plus(895))), Step::Issue { expires_at: plus(895) });
+        // A record with no ServiceAccount behind it is no record: a fresh issuance from now.
+        let gone = Facts { service_account_created: None, ..recorded(Some(&id), plus(-5), plus(100)) };
+        assert_eq!(decide(&g, gone), Step::Issue { expires_at: plus(900) });
+        // Past its recorded end: expired, never issued afresh.
+        assert!(matches!(
+            decide(&g, recorded(Some(&id), plus(-1000), plus(-100))),
+            Step::Revoke { phase: GrantPhase::Expired, .. }
+        ));
+        // Once resumed, everything that ends an issued grant ends this one: it is revoked, not
+        // rejected (something may already hold its token).
+        assert!(matches!(
+            decide(&g, recorded(None, plus(-5), plus(895))),
+            Step::Revoke { reason: "IdentityDeleted", .. }
+        ));
+        let mut suspended = id.clone();
+        suspended.spec.suspended = true;
+        assert!(matches!(decide(&g, recorded(Some(&suspended), plus(-5), plus(895))), Step::Revoke { .. }));
+    }
+
+    #[test]
+    fn a_recorded_end_is_bounded_like_status_and_gives_way_to_status() {
+        let id = identity("fixer", &["staging"]);
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        // Whoever can edit the ServiceAccount cannot push its end past its making plus 15m.
+        assert!(matches!(
+            decide(&g, recorded(Some(&id), plus(-5), plus(3600))),
+            Step::Revoke { reason: "InvalidExpiry", .. }
+        ));
+        // Once status records the end, status counts, bounded as before: a record on the
+        // ServiceAccount neither extends it nor hides status pushed out (revoked, not ignored).
+        let active = read_grant(GrantPhase::Active, 600);
+        assert_eq!(
+            decide(&active, recorded(Some(&id), plus(-5), plus(800))),
+            Step::Wait { recheck_at: Some(plus(600)) }
+        );
+        assert_eq!(
+            decide(&active, recorded(Some(&id), plus(-5), plus(300))),
+            Step::Wait { recheck_at: Some(plus(600)) }
+        );
+        let pushed = read_grant(GrantPhase::Active, 3600);
+        assert!(matches!(
+            decide(&pushed, recorded(Some(&id), plus(-5), plus(895))),
+            Step::Revoke { reason: "InvalidExpiry", .. }
+        ));
+        // A grant that needs approval and has none is revoked, whatever the record says.
+        let rm = grant("rm", "fixer", "15m", vec![rule("staging", "", "persistentvolumeclaims", "delete")]);
+        assert!(matches!(
+            decide(&rm, recorded(Some(&id), plus(-5), plus(895))),
+            Step::Revoke { reason: "NotApproved", .. }
+        ));
+        // An ended grant stays ended: a record does not resume it.
+        let ended = with_status(g.clone(), GrantPhase::Rejected, None);
+        assert_eq!(decide(&ended, recorded(Some(&id), plus(-5), plus(895))), Step::Wait { recheck_at: None });
     }
 
     #[test]

@@ -186,12 +186,11 @@ impl GrantObjects {
     }
 
     /// The grant's own ServiceAccount: what the apiserver's audit log shows for the agent's calls.
-    pub fn service_account(&self) -> ServiceAccount {
-        ServiceAccount {
-            metadata: meta(self.name.clone(), &self.namespace, self.labels.clone(), self.owner.clone()),
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }
+    /// It records the end of the credential being issued ([`names::EXPIRES_AT_ANNOTATION`]).
+    pub fn service_account(&self, expires_at: Timestamp) -> ServiceAccount {
+        let mut metadata = meta(self.name.clone(), &self.namespace, self.labels.clone(), self.owner.clone());
+        metadata.annotations = Some([(names::EXPIRES_AT_ANNOTATION.to_string(), expires_at.to_string())].into());
+        ServiceAccount { metadata, automount_service_account_token: Some(false), ..Default::default() }
     }
 
     /// The grant's Secret, without data; the token is bound to this object.
@@ -427,6 +426,28 @@ mod tests {
         let monitoring = roles.iter().find(|r| r.metadata.namespace.as_deref() == Some("monitoring")).expect("role");
         assert!(monitoring.metadata.owner_references.is_none());
         assert_eq!(monitoring.labels().get(names::GRANT_UID_LABEL).map(String::as_str), Some("uid-deploy"));
+    }
+
+    #[test]
+    fn the_grant_service_account_records_the_end_for_that_grant_only() {
+        let g = grant("read", "fixer", "15m", vec![rule("staging", "", "pods", "get")]);
+        let end: Timestamp = "2026-11-25T12:15:00Z".parse().expect("time");
+        let sa = GrantObjects::new(&g).service_account(end);
+        assert_eq!(
+            sa.metadata.annotations.as_ref().and_then(|a| a.get(names::EXPIRES_AT_ANNOTATION)).map(String::as_str),
+            Some("2026-11-25T12:15:00Z")
+        );
+        assert_eq!(names::recorded_expiry(&sa.metadata, "uid-read"), Some(end));
+        // Another grant's ServiceAccount (by its uid label), or none of agentid's, records nothing
+        // for this one; nor does a record that does not parse.
+        assert_eq!(names::recorded_expiry(&sa.metadata, "uid-other"), None);
+        assert_eq!(names::recorded_expiry(&sa.metadata, ""), None);
+        let mut unlabelled = sa.metadata.clone();
+        unlabelled.labels = None;
+        assert_eq!(names::recorded_expiry(&unlabelled, "uid-read"), None);
+        let mut garbled = sa.metadata.clone();
+        garbled.annotations = Some([(names::EXPIRES_AT_ANNOTATION.to_string(), "soon".to_string())].into());
+        assert_eq!(names::recorded_expiry(&garbled, "uid-read"), None);
     }
 
     #[test]

@@ -276,6 +276,10 @@ mod tests {
                 protected: &protected,
                 installation: &install,
                 service_account_created: g.one_in(4).then_some(now),
+                recorded_expiry: g.one_in(4).then(|| {
+                    now.checked_add(jiff::SignedDuration::from_secs(g.below(100_000) as i64 - 50_000))
+                        .expect("in range")
+                }),
                 now,
             };
             match decide(&grant, facts) {

@@ -28,6 +28,27 @@ pub fn unsettled_grants_selector() -> String {
     format!("{SETTLED_LABEL}!=true")
 }
 
+/// On a grant's ServiceAccount: the end of the credential being issued (RFC 3339, whole seconds),
+/// written when the ServiceAccount is made, before any token exists. It is the record of an
+/// issuance until status shows it: a crash before then resumes with this end instead of starting
+/// a second credential. Never trusted beyond the ServiceAccount's creation time plus the grant's
+/// duration (no requester can set that time), and read only while status records no `expiresAt`.
+pub const EXPIRES_AT_ANNOTATION: &str = "agentid.dev/expires-at";
+
+/// The end recorded on a grant's ServiceAccount (see [`EXPIRES_AT_ANNOTATION`]), if `meta` is one
+/// made for the grant with uid `grant_uid` and its record parses.
+pub fn recorded_expiry(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    grant_uid: &str,
+) -> Option<jiff::Timestamp> {
+    let labelled = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(GRANT_UID_LABEL))
+        .is_some_and(|u| !grant_uid.is_empty() && u == grant_uid);
+    labelled.then(|| meta.annotations.as_ref()?.get(EXPIRES_AT_ANNOTATION)?.parse().ok()).flatten()
+}
+
 /// The field manager of every server-side apply agentid makes.
 pub const FIELD_MANAGER: &str = "agentid";
 /// Finalizer on grants: the credential is revoked before the grant disappears.

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use agentid::api::{AccessGrant, GrantPhase};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
@@ -19,7 +21,6 @@ use crate::{
 
 /// Every crash point on the way to an issued credential, in order.
 const ISSUE_STEPS: &[&str] = &[
-    "issue:after-intent",
     "issue:after-service-account",
     "issue:after-roles",
     "issue:after-role-bindings",
@@ -88,6 +89,53 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
         );
     }
 
+    // Until its status write, an issuance is recorded on its ServiceAccount alone. Whoever can
+    // edit that ServiceAccount while the operator is down cannot push the end out: the record
+    // counts only up to the ServiceAccount's making plus the grant's duration.
+    operator.restart(&[("AGENTID_FAILPOINT", "issue:after-grant-secret")])?;
+    operator.wait_ready().await?;
+    let pushed = create(
+        &admin,
+        a,
+        &grant("pushed", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &["settings"])]),
+    )
+    .await?;
+    assert!(
+        operator.wait_exit(Duration::from_secs(30)).await,
+        "no crash after the grant's Secret:\n{}",
+        operator.log()
+    );
+    let live = Api::<AccessGrant>::namespaced(admin.clone(), a).get("pushed").await?;
+    assert!(
+        live.status.as_ref().and_then(|s| s.expires_at.as_ref()).is_none(),
+        "status records the issuance before it is done: {:?}",
+        live.status
+    );
+    let object = agentid::policy::names::grant_object_name("pushed", &pushed.uid().unwrap_or_default());
+    let sas = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), a);
+    let recorded = sas.get(&object).await?.annotations().get("agentid.dev/expires-at").cloned().unwrap_or_default();
+    let recorded: jiff::Timestamp = recorded.parse()?;
+    let later = (recorded + jiff::SignedDuration::from_hours(10)).to_string();
+    sas.patch(
+        &object,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"metadata": {"annotations": {"agentid.dev/expires-at": later}}})),
+    )
+    .await?;
+    let as_agent: Api<ConfigMap> = {
+        let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), a).get(&object).await?;
+        Api::namespaced(kubeconfig_client(&secret, "kubeconfig").await?, t)
+    };
+    as_agent.get("settings").await?;
+    operator.restart(&[])?;
+    operator.wait_ready().await?;
+    let revoked = wait_phase(&admin, a, "pushed", GrantPhase::Revoked).await?;
+    assert_eq!(ready_reason(&revoked).0, "InvalidExpiry");
+    assert_eq!(grant_objects(&admin, &pushed.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
+    wait_rejected("the pushed-out credential to be refused", Duration::from_secs(10), || as_agent.get("settings"))
+        .await?;
+    assert!(!identity_secret_keys(&admin, a, "fixer").await?.iter().any(|k| k.starts_with("pushed.")));
+
     // A crash in the middle of revoking: the restarted operator finishes the job.
     operator.restart(&[("AGENTID_FAILPOINT", "revoke:after-service-account")])?;
     operator.wait_ready().await?;
@@ -139,6 +187,55 @@ async fn a_grant_that_ends_while_the_operator_is_down_is_revoked_right_after_res
     println!("overdue grant refused {} ms after the operator restarted", after_restart.as_millis());
     assert!(after_restart.as_secs_f64() < 10.0, "took {after_restart:?}");
     let g = wait_phase(&admin, a, "brief", GrantPhase::Expired).await?;
+    assert_eq!(grant_objects(&admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_interrupted_issuance_past_its_end_is_revoked_before_the_restarted_operator_is_ready() -> anyhow::Result<()>
+{
+    let cluster = PrivateCluster::start("crash-interrupted").await?;
+    let admin = cluster.admin().await?;
+    let operator = Operator::start(&cluster.dir, &[("AGENTID_FAILPOINT", "issue:after-grant-secret")])?;
+    operator.wait_ready().await?;
+    let (agents, target) = namespaces(&admin, "interrupted").await?;
+    let (a, t) = (agents.name.as_str(), target.name.as_str());
+
+    // The token is minted and in the grant's Secret, but status never said so: the operator died.
+    let g =
+        create(&admin, a, &grant("brief", "fixer", "10s", vec![rule(t, "", &["configmaps"], &["get"], &["settings"])]))
+            .await?;
+    assert!(
+        operator.wait_exit(Duration::from_secs(30)).await,
+        "no crash after the grant's Secret:\n{}",
+        operator.log()
+    );
+    let object = agentid::policy::names::grant_object_name("brief", &g.uid().unwrap_or_default());
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), a).get(&object).await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(kubeconfig_client(&secret, "kubeconfig").await?, t);
+    config_maps.get("settings").await?;
+    let recorded: jiff::Timestamp = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), a)
+        .get(&object)
+        .await?
+        .annotations()
+        .get("agentid.dev/expires-at")
+        .context("the ServiceAccount records the end")?
+        .parse()?;
+    poll_until(Duration::from_secs(30), "the recorded end to pass", || async move {
+        Ok((jiff::Timestamp::now() > recorded + jiff::SignedDuration::from_secs(2)).then_some(()))
+    })
+    .await?;
+
+    operator.restart(&[])?;
+    operator.wait_ready().await?;
+    // Ready means the start-up sweep is done: the credential is dead by then.
+    let refused = config_maps.get("settings").await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 401),
+        "the overdue credential still works once the operator is ready: {refused:?}"
+    );
+    let g = wait_phase(&admin, a, "brief", GrantPhase::Expired).await?;
+    assert_eq!(g.status.as_ref().and_then(|s| s.expires_at.as_ref()).map(|t| t.0), Some(recorded));
     assert_eq!(grant_objects(&admin, &g.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
     Ok(())
 }
