@@ -211,17 +211,22 @@ fn audit(grant: &AccessGrant, status: &AccessGrantStatus, transition: &str, reas
 /// Runs a grant's decision outside its controller: the start-up sweep revokes overdue grants
 /// this way, and a deleted identity revokes its grants.
 pub async fn reevaluate(grant: &AccessGrant, ctx: &Context) -> Result<(), Error> {
-    // A revocation ends the credential first and asks to be run again for the rest: on the grant
-    // as it is now (the first step may have written its status, which the cache may not show yet).
-    if apply(grant, ctx).await? == Action::requeue(std::time::Duration::ZERO) {
+    // A revocation ends the credential first and asks to be run again for the rest, and a copy
+    // older than this process's own status write asks to wait for the cache: either way, again on
+    // the grant as it is now (a few times at most: each step moves it on).
+    let again = [Action::requeue(std::time::Duration::ZERO), Action::requeue(STALE_COPY_RETRY)];
+    let mut action = apply(grant, ctx).await?;
+    for _ in 0..3 {
+        if !again.contains(&action) {
+            break;
+        }
         let api = Api::<AccessGrant>::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
         let live = api
             .get_opt(&grant.name_any())
             .await
             .map_err(kube_err(format!("reading AccessGrant {}", grant.name_any())))?;
-        if let Some(live) = live.filter(|l| l.metadata.uid == grant.metadata.uid) {
-            apply(&live, ctx).await?;
-        }
+        let Some(live) = live.filter(|l| l.metadata.uid == grant.metadata.uid) else { break };
+        action = apply(&live, ctx).await?;
     }
     Ok(())
 }
@@ -231,6 +236,12 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     // reconciled once when the operator starts, and most are long over.
     if decide::settled(grant) {
         return Ok(Action::await_change());
+    }
+    // Never decide on a copy older than a status this process wrote: its decision could undo that
+    // write or, a revocation begun (its ServiceAccount gone), issue afresh. Read live only while
+    // such a write is not in the cache yet; when the copy is behind, wait for the cache.
+    if ctx.own_writes.unseen(&grant.uid().unwrap_or_default()) && copy_is_stale(grant, ctx).await? {
+        return Ok(Action::requeue(STALE_COPY_RETRY));
     }
     let now = Timestamp::now();
     let ns = grant.namespace().unwrap_or_default();
@@ -265,33 +276,41 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
                 .await
                 .map_err(kube_err(format!("reading ServiceAccount {sa_name}")))
         };
-        let (identity, approvals, sa_created) = tokio::try_join!(identity, approvals, sa_created)?;
-        let identity = identity.filter(|i| i.metadata.deletion_timestamp.is_none());
-        let approvals = match approvals {
-            Some(approvals) => Some(approvals),
-            None if terminal => None,
-            // Held by what its identity protects: read live after all.
-            None if identity
-                .as_ref()
-                .is_some_and(|i| !decide::approval_reasons(grant, i, &ctx.protected).is_empty()) =>
-            {
-                Some(approvals_of(grant, ctx).await?)
-            }
-            None => Some(denials_of(grant, ctx).await?),
-        };
-        let verdict = match approvals {
-            Some(approvals) => verdict(grant, identity.as_ref(), approvals, ctx, now).await?,
-            None => no_verdict,
-        };
-        // When it was made, and the end of the issuance it records.
+        let (identity, approvals, sa_created) = tokio::join!(identity, approvals, sa_created);
+        // When its ServiceAccount was made, and the end of the issuance it records.
         let uid = grant.uid().unwrap_or_default();
-        let service_account = sa_created.map(|sa| {
+        let service_account = sa_created?.map(|sa| {
             (
                 sa.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
                 names::recorded_expiry(&sa.metadata, &uid),
             )
         });
-        (identity, verdict, service_account)
+        // An issuance only its ServiceAccount records, past that end: revoked as one that status
+        // shows overdue is, whatever the other look-ups said or failed to say.
+        let recorded_overdue = grant.status.as_ref().and_then(|s| s.expires_at.as_ref()).is_none()
+            && service_account.is_some_and(|(_, recorded)| recorded.is_some_and(|t| t <= now));
+        if recorded_overdue && !terminal {
+            (None, no_verdict, service_account)
+        } else {
+            let identity = identity?.filter(|i| i.metadata.deletion_timestamp.is_none());
+            let approvals = match approvals? {
+                Some(approvals) => Some(approvals),
+                None if terminal => None,
+                // Held by what its identity protects: read live after all.
+                None if identity
+                    .as_ref()
+                    .is_some_and(|i| !decide::approval_reasons(grant, i, &ctx.protected).is_empty()) =>
+                {
+                    Some(approvals_of(grant, ctx).await?)
+                }
+                None => Some(denials_of(grant, ctx).await?),
+            };
+            let verdict = match approvals {
+                Some(approvals) => verdict(grant, identity.as_ref(), approvals, ctx, now).await?,
+                None => no_verdict,
+            };
+            (identity, verdict, service_account)
+        }
     };
     let service_account_created = service_account.map(|(created, _)| created);
     let recorded_expiry = service_account.and_then(|(_, recorded)| recorded);
@@ -360,20 +379,21 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
 
         Step::Issue { expires_at } => {
             let objects = GrantObjects::new(grant);
-            if status.expires_at.is_none() && recorded_expiry.is_none() {
-                // A new credential. Never on a copy older than a status this process wrote: one
-                // recording an issuance whose ServiceAccount is gone since (its revocation had
-                // begun) would look like a grant never issued.
-                if ctx.own_writes.unseen(&grant.uid().unwrap_or_default()) && copy_is_stale(grant, ctx).await? {
-                    return Ok(Action::requeue(STALE_COPY_RETRY));
-                }
-                // Only if the identity has room for one more.
-                if let Err(held) = ctx.reserve_slot(grant).await? {
-                    let limit = ctx.max_active_grants;
-                    let identity = grant.spec.identity.clone();
-                    let violation = Violation::TooManyActiveGrants { identity, held, limit };
+            // Counted against the identity's cap until status shows the issuance, also when only
+            // its ServiceAccount records it (a restarted process has no reservation for it).
+            if status.expires_at.is_none()
+                && let Err(held) = ctx.reserve_slot(grant).await?
+            {
+                let limit = ctx.max_active_grants;
+                let identity = grant.spec.identity.clone();
+                let violation = Violation::TooManyActiveGrants { identity, held, limit };
+                if service_account_created.is_none() {
                     return reject(grant, ctx, status, &violation, now).await;
                 }
+                // Its ServiceAccount exists: whatever it may hold is revoked, not left behind.
+                let end =
+                    Ending { phase: GrantPhase::Revoked, reason: violation.reason(), message: violation.to_string() };
+                return revoke(grant, ctx, status, end, service_account_created.is_some(), recorded_expiry, now).await;
             }
             // The record of the issuance, until status shows it, is its ServiceAccount: made
             // with the fixed end (`names::EXPIRES_AT_ANNOTATION`) before any token exists,
@@ -423,47 +443,76 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         }
 
         Step::Revoke { phase, reason, message } => {
-            // An issuance only its ServiceAccount records (interrupted before its status write):
-            // status takes the record first, since ending the credential deletes that
-            // ServiceAccount, and without either record the next reconcile would issue afresh.
-            if status.expires_at.is_none()
-                && let Some(recorded) = recorded_expiry
-            {
-                status.phase = Some(GrantPhase::Pending);
-                status.expires_at = Some(Time(recorded));
-                status.service_account_name = Some(GrantObjects::new(grant).name);
-                status.credentials_secret = status.service_account_name.clone();
-                ctx.write_grant_status(grant, &status).await?;
-            }
-            // First only the call that ends the credential, then the rest in a reconcile of its
-            // own: when many grants end in the same second, every credential dies before any
-            // grant's clean-up takes a worker.
-            if let Some(deleted) = ctx.issuer.end_credential(grant).await? {
-                if reason == "Expired"
-                    && let Some(expires_at) = status.expires_at.as_ref()
-                {
-                    ctx.metrics.revocation_lag.observe(deleted.duration_since(expires_at.0).as_secs_f64().max(0.0));
-                }
-                return Ok(Action::requeue(std::time::Duration::ZERO));
-            }
-            ctx.issuer.revoke(grant).await?;
-            let revoked_at = Timestamp::now();
-            status.phase = Some(phase);
-            status.revoked_at = Some(Time(revoked_at));
-            let message = format!("credential revoked: {message}");
-            set_summary(&mut status.conditions, Summary::Done, reason, message.clone(), generation, revoked_at);
-            ctx.write_grant_status(grant, &status).await?;
-            let transition = match phase {
-                GrantPhase::Expired => "expired",
-                GrantPhase::Denied => "denied",
-                _ => "revoked",
-            };
-            audit(grant, &status, transition, reason);
-            let kind = if phase == GrantPhase::Denied { EventType::Warning } else { EventType::Normal };
-            ctx.event(grant, kind, reason, message).await;
-            Ok(settle_if_done(grant, &status, ctx).await)
+            let end = Ending { phase, reason, message };
+            revoke(grant, ctx, status, end, service_account_created.is_some(), recorded_expiry, now).await
         }
     }
+}
+
+/// How a grant ends: its phase, the condition's reason and a sentence for humans.
+struct Ending {
+    phase: GrantPhase,
+    reason: &'static str,
+    message: String,
+}
+
+/// Takes the grant's credential away and ends it as `end` says. `service_account`: its
+/// ServiceAccount exists; `recorded`: the end that ServiceAccount records.
+async fn revoke(
+    grant: &AccessGrant,
+    ctx: &Context,
+    mut status: AccessGrantStatus,
+    end: Ending,
+    service_account: bool,
+    recorded: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let Ending { phase, reason, message } = end;
+    let generation = grant.metadata.generation;
+    // Status records no issuance, yet its ServiceAccount exists (an issuance interrupted before
+    // its one status write, or a record removed): status says the grant is ending, with the end,
+    // before that ServiceAccount — the only other record — goes. Else the next reconcile, finding
+    // neither, would issue afresh. Then the whole revocation runs here: this is rare.
+    let unrecorded = status.expires_at.is_none() && service_account;
+    if unrecorded {
+        let name = GrantObjects::new(grant).name;
+        status.phase = Some(phase);
+        status.expires_at = Some(Time(recorded.unwrap_or(now)));
+        status.service_account_name = Some(name.clone());
+        status.credentials_secret = Some(name);
+        let revoking = format!("revoking the credential: {message}");
+        set_summary(&mut status.conditions, Summary::Reconciling, reason, revoking, generation, now);
+        ctx.write_grant_status(grant, &status).await?;
+    }
+    // First only the call that ends the credential, then the rest in a reconcile of its own:
+    // when many grants end in the same second, every credential dies before any grant's clean-up
+    // takes a worker.
+    if let Some(deleted) = ctx.issuer.end_credential(grant).await? {
+        if reason == "Expired"
+            && let Some(expires_at) = status.expires_at.as_ref()
+        {
+            ctx.metrics.revocation_lag.observe(deleted.duration_since(expires_at.0).as_secs_f64().max(0.0));
+        }
+        if !unrecorded {
+            return Ok(Action::requeue(std::time::Duration::ZERO));
+        }
+    }
+    ctx.issuer.revoke(grant).await?;
+    let revoked_at = Timestamp::now();
+    status.phase = Some(phase);
+    status.revoked_at = Some(Time(revoked_at));
+    let message = format!("credential revoked: {message}");
+    set_summary(&mut status.conditions, Summary::Done, reason, message.clone(), generation, revoked_at);
+    ctx.write_grant_status(grant, &status).await?;
+    let transition = match phase {
+        GrantPhase::Expired => "expired",
+        GrantPhase::Denied => "denied",
+        _ => "revoked",
+    };
+    audit(grant, &status, transition, reason);
+    let kind = if phase == GrantPhase::Denied { EventType::Warning } else { EventType::Normal };
+    ctx.event(grant, kind, reason, message).await;
+    Ok(settle_if_done(grant, &status, ctx).await)
 }
 
 /// How soon a reconcile that found its copy of the grant stale runs again (the watch delivers

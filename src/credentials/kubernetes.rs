@@ -123,9 +123,9 @@ impl KubernetesIssuer {
 
         let identity_secret = names::identity_credentials_secret(&grant.spec.identity);
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        // The objects do not depend on one another (a RoleBinding may name a ServiceAccount that
-        // is not there yet, and nobody holds a token for it before the TokenRequest below), so
-        // they are made together: one round trip instead of four.
+        // The ServiceAccount first: it records the issuance (its end) until status does, so no
+        // Role, RoleBinding or Secret of the grant exists without it. The others do not depend on
+        // one another, so they are made together: one round trip instead of three.
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
         let (roles, bindings) = (objects.roles(rules), objects.role_bindings(rules));
         let service_account = async {
@@ -152,7 +152,7 @@ impl KubernetesIssuer {
         // before any token is minted, so that a grant never holds a credential its pods cannot
         // see. Its uid is what the token is later written into (a Secret made since under that
         // name gets nothing). From the cache when it shows agentid's, else read alongside the
-        // objects: they carry no credential until the TokenRequest.
+        // ServiceAccount: nothing carries a credential until the TokenRequest.
         let identity = &grant.spec.identity;
         let identity_secret_uid = async {
             if let Some(uid) = cached_uid {
@@ -174,8 +174,8 @@ impl KubernetesIssuer {
                 Some(m) => m.uid.ok_or_else(|| Error::Malformed(format!("Secret {identity_secret} has no uid"))),
             }
         };
-        let (sa, (), (), secret, identity_secret_uid) =
-            tokio::try_join!(service_account, roles, bindings, secret, identity_secret_uid)?;
+        let (sa, identity_secret_uid) = tokio::try_join!(service_account, identity_secret_uid)?;
+        let ((), (), secret) = tokio::try_join!(roles, bindings, secret)?;
         let secret_uid = secret.uid().ok_or_else(|| Error::Malformed(format!("Secret {} has no uid", objects.name)))?;
         let sa_uid = sa.uid().ok_or_else(|| Error::Malformed(format!("ServiceAccount {} has no uid", objects.name)))?;
         // Resumed (a crash, or a reconcile that ran on a cache not yet showing Active): the token

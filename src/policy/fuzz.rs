@@ -291,7 +291,17 @@ mod tests {
                     assert!(!reason.is_empty() && !message.trim().is_empty(), "round {round}: empty revocation")
                 }
                 Step::AwaitApproval { reasons, .. } => assert!(reasons.iter().all(|r| !r.trim().is_empty())),
-                Step::Issue { expires_at } => assert!(expires_at > now, "round {round}: issued already expired"),
+                Step::Issue { expires_at } => {
+                    assert!(expires_at > now, "round {round}: issued already expired");
+                    // Never past the grant's duration from its ServiceAccount's making (or from
+                    // now, before there is one), whatever status or that ServiceAccount records.
+                    let longest = crate::api::duration::parse(&grant.spec.duration).expect("issued: a valid duration");
+                    let since = facts.service_account_created.unwrap_or(now);
+                    let limit = since
+                        + jiff::SignedDuration::try_from(longest).expect("in range")
+                        + jiff::SignedDuration::from_secs(2);
+                    assert!(expires_at <= limit, "round {round}: issued until {expires_at}, past {limit}");
+                }
                 Step::Wait { .. } => {}
             }
         }

@@ -91,7 +91,10 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
 
     // Until its status write, an issuance is recorded on its ServiceAccount alone. Whoever can
     // edit that ServiceAccount while the operator is down cannot push the end out: the record
-    // counts only up to the ServiceAccount's making plus the grant's duration.
+    // counts only up to the ServiceAccount's making plus the grant's duration. Pushed by a few
+    // seconds only, and the operator down longer than that: once the ServiceAccount is deleted,
+    // the pushed end would fit the grant's duration from then, so the revocation must not leave
+    // the grant looking like an issuance to resume.
     operator.restart(&[("AGENTID_FAILPOINT", "issue:after-grant-secret")])?;
     operator.wait_ready().await?;
     let pushed = create(
@@ -115,7 +118,7 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
     let sas = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), a);
     let recorded = sas.get(&object).await?.annotations().get("agentid.dev/expires-at").cloned().unwrap_or_default();
     let recorded: jiff::Timestamp = recorded.parse()?;
-    let later = (recorded + jiff::SignedDuration::from_hours(10)).to_string();
+    let later = (recorded + jiff::SignedDuration::from_secs(5)).to_string();
     sas.patch(
         &object,
         &kube::api::PatchParams::default(),
@@ -127,6 +130,7 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
         Api::namespaced(kubeconfig_client(&secret, "kubeconfig").await?, t)
     };
     as_agent.get("settings").await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     operator.restart(&[])?;
     operator.wait_ready().await?;
     let revoked = wait_phase(&admin, a, "pushed", GrantPhase::Revoked).await?;
@@ -135,6 +139,11 @@ async fn a_crash_between_any_two_issuance_steps_leaves_exactly_one_working_set()
     wait_rejected("the pushed-out credential to be refused", Duration::from_secs(10), || as_agent.get("settings"))
         .await?;
     assert!(!identity_secret_keys(&admin, a, "fixer").await?.iter().any(|k| k.starts_with("pushed.")));
+    // And it stays over: nothing is issued again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(grant_objects(&admin, &pushed.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
+    let after = Api::<AccessGrant>::namespaced(admin.clone(), a).get("pushed").await?;
+    assert_eq!(after.status.as_ref().and_then(|s| s.phase), Some(GrantPhase::Revoked));
 
     // A crash in the middle of revoking: the restarted operator finishes the job.
     operator.restart(&[("AGENTID_FAILPOINT", "revoke:after-service-account")])?;

@@ -541,6 +541,57 @@ async fn pushing_expires_at_out_in_status_revokes_the_grant() -> anyhow::Result<
 }
 
 #[tokio::test]
+async fn wiping_status_neither_renews_nor_doubles_a_credential() -> anyhow::Result<()> {
+    let s = Setup::new("wipe", "fixer").await?;
+    let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
+    create(&s.admin, t, &config_map("settings")).await?;
+    let g = s.grant(&grant("wiped", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
+    config_maps.get("settings").await?;
+    let grants: Api<AccessGrant> = Api::namespaced(s.admin.clone(), a);
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(s.admin.clone(), a);
+    let issued = |g: &AccessGrant| g.status.as_ref().and_then(|s| s.expires_at.clone()).map(|t| t.0);
+    let object = g.status.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default();
+    let sa_uid = sas.get(&object).await?.uid();
+    // Someone able to write status (not the agent: it cannot) erases the issuance, for a fresh
+    // credential with a fresh end. The grant's ServiceAccount still records the end: the same
+    // issuance is resumed — the same end, the same ServiceAccount, the same token working.
+    let wipe = json!({"status": {"phase": null, "expiresAt": null, "issuedAt": null, "serviceAccountName": null, "credentialsSecret": null}});
+    grants.patch_status("wiped", &PatchParams::default(), &Patch::Merge(wipe.clone())).await?;
+    poll_until(Duration::from_secs(30), "the wiped issuance to be resumed", || {
+        let grants = grants.clone();
+        async move {
+            let g = grants.get("wiped").await?;
+            Ok((g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active)).then_some(g))
+        }
+    })
+    .await
+    .and_then(|resumed| {
+        anyhow::ensure!(issued(&resumed) == issued(&g), "a new end: {:?} for {:?}", issued(&resumed), issued(&g));
+        Ok(())
+    })?;
+    assert_eq!(sas.get(&object).await?.uid(), sa_uid, "a second ServiceAccount");
+    config_maps.get("settings").await?;
+    // With the ServiceAccount's record removed as well, nothing says when it ends: revoked, and
+    // never issued again.
+    sas.patch(
+        &object,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"agentid.dev/expires-at": null}}})),
+    )
+    .await?;
+    grants.patch_status("wiped", &PatchParams::default(), &Patch::Merge(wipe)).await?;
+    let revoked = wait_phase(&s.admin, a, "wiped", GrantPhase::Revoked).await?;
+    assert_eq!(ready_reason(&revoked).0, "InvalidStatus");
+    assert!(matches!(status_code(&config_maps.get("settings").await), Some(401 | 403)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let uid = g.uid().unwrap_or_default();
+    assert_eq!(grant_objects(&s.admin, &uid, &[a, t]).await?, Vec::<String>::new());
+    assert_eq!(grants.get("wiped").await?.status.and_then(|s| s.phase), Some(GrantPhase::Revoked));
+    s.cleanup().await
+}
+
+#[tokio::test]
 async fn opening_a_namespace_to_agents_needs_the_right_to_delegate_there() -> anyhow::Result<()> {
     operator().await?;
     let admin = cluster().admin().await?;
