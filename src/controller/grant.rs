@@ -379,11 +379,16 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
 
         Step::Issue { expires_at } => {
             let objects = GrantObjects::new(grant);
-            // Counted against the identity's cap until status shows the issuance, also when only
-            // its ServiceAccount records it (a restarted process has no reservation for it).
-            if status.expires_at.is_none()
-                && let Err(held) = ctx.reserve_slot(grant).await?
-            {
+            // Never issued afresh once this process began ending it: status wiped meanwhile
+            // (between the two steps of a revocation) would look like a grant never issued.
+            if status.expires_at.is_none() && recorded_expiry.is_none() && ctx.ended(grant) {
+                let message = "status was rewritten while the credential was being revoked".to_string();
+                let end = Ending { phase: GrantPhase::Revoked, reason: "InvalidStatus", message };
+                return revoke(grant, ctx, status, end, service_account_created.is_some(), recorded_expiry, now).await;
+            }
+            // Counted against the identity's cap until it is Active, also when only its
+            // ServiceAccount records it (a restarted process reserves those first, at start-up).
+            if let Err(held) = ctx.reserve_slot(grant).await? {
                 let limit = ctx.max_active_grants;
                 let identity = grant.spec.identity.clone();
                 let violation = Violation::TooManyActiveGrants { identity, held, limit };
@@ -401,16 +406,14 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             // credential. Status is written once, when the credential is there (a write of its
             // own before anything was made cost every grant a round trip and the apiserver a
             // status write).
-            status.phase = Some(GrantPhase::Pending);
             // A held grant that was approved keeps saying it needed approval.
             status.requires_approval = Some(status.requires_approval.unwrap_or(false));
-            status.expires_at = Some(Time(expires_at));
-            status.service_account_name = Some(objects.name.clone());
-            status.credentials_secret = Some(objects.name.clone());
             let cached_uid = ctx.identity_secret_uid(&ns, &grant.spec.identity);
             if let Err(e) = ctx.issuer.issue(grant, expires_at, now, cached_uid).await {
-                // Say so in status, with the end already fixed: the error's category only (an
-                // apiserver's answer could quote what was written).
+                // Say so in status: the error's category only (an apiserver's answer could quote
+                // what was written). Not the end: status records one only with the credential
+                // there (see `decide`); the ServiceAccount, when made, records it.
+                status.phase = Some(GrantPhase::Pending);
                 let message = format!(
                     "issuing the credential; the last attempt failed ({}) and is retried, see the operator's log",
                     e.category()
@@ -423,6 +426,9 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
             }
             let issued_at = Timestamp::now();
             status.phase = Some(GrantPhase::Active);
+            status.expires_at = Some(Time(expires_at));
+            status.service_account_name = Some(objects.name.clone());
+            status.credentials_secret = Some(objects.name.clone());
             status.issued_at = Some(Time(issued_at));
             let namespaces = GrantObjects::target_namespaces(
                 grant.spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default(),
@@ -487,6 +493,7 @@ async fn revoke(
     // First only the call that ends the credential, then the rest in a reconcile of its own:
     // when many grants end in the same second, every credential dies before any grant's clean-up
     // takes a worker.
+    ctx.ending(grant);
     if let Some(deleted) = ctx.issuer.end_credential(grant).await? {
         if reason == "Expired"
             && let Some(expires_at) = status.expires_at.as_ref()

@@ -229,6 +229,9 @@ pub struct Context {
     /// Per identity (`namespace/name`), grants this process has begun issuing that the grant
     /// cache does not show issued yet.
     issuing: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Grants (by uid) whose credential this process began ending: never issued afresh, whatever
+    /// status says later. Kept until the grant goes away or settles.
+    ended: Mutex<std::collections::HashSet<String>>,
     /// The identities' own ServiceAccounts and credentials Secrets (metadata), as watched.
     pub(crate) owned: Option<OwnedCaches>,
     /// Per identity (`namespace/name`): the uid and generation whose base objects were last
@@ -262,6 +265,7 @@ impl Context {
             own_writes: Default::default(),
             max_active_grants: crate::policy::capacity::DEFAULT_MAX_ACTIVE_GRANTS,
             issuing: Mutex::default(),
+            ended: Mutex::default(),
             owned: None,
             base_applied: Mutex::default(),
             failures: Arc::default(),
@@ -305,7 +309,20 @@ impl Context {
     pub(crate) fn forget_grant(&self, grant: &AccessGrant) {
         if let Some(uid) = grant.uid() {
             self.own_writes.forget(&uid);
+            self.ended.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
         }
+    }
+
+    /// Records that this process begins ending `grant`'s credential.
+    pub(crate) fn ending(&self, grant: &AccessGrant) {
+        if let Some(uid) = grant.uid() {
+            self.ended.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
+        }
+    }
+
+    /// Whether this process began ending `grant`'s credential.
+    pub(crate) fn ended(&self, grant: &AccessGrant) -> bool {
+        grant.uid().is_some_and(|uid| self.ended.lock().unwrap_or_else(|e| e.into_inner()).contains(&uid))
     }
 
     /// The grants of identity `identity` in `ns`, read from the apiserver.
@@ -341,9 +358,11 @@ impl Context {
                 continue;
             }
             let uid = g.uid().unwrap_or_default();
-            match status.and_then(|s| s.expires_at.as_ref()) {
-                Some(_) => seen.holding.insert(uid),
-                None => seen.waiting.insert(uid),
+            // Holding: Active. An end in status alone (written by anyone able to write status)
+            // holds nothing and takes no room.
+            match status.and_then(|s| s.phase) {
+                Some(GrantPhase::Active) => seen.holding.insert(uid),
+                _ => seen.waiting.insert(uid),
             };
         }
         let key = identity_key(&ns, identity);

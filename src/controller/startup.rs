@@ -54,8 +54,16 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
         let issued =
             status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0).or_else(|| recorded.get(uid.as_str()).copied());
         let phase = status.and_then(|s| s.phase);
-        let unfinished = matches!(phase, Some(GrantPhase::Expired | GrantPhase::Revoked))
+        let unfinished = matches!(phase, Some(GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied))
             && status.is_some_and(|s| s.revoked_at.is_none());
+        // An interrupted issuance (its ServiceAccount records an end; not ended): it keeps its
+        // place under its identity's cap, before any new grant can take it.
+        if status.and_then(|s| s.expires_at.as_ref()).is_none()
+            && recorded.contains_key(uid.as_str())
+            && !phase.is_some_and(GrantPhase::is_terminal)
+        {
+            let _ = ctx.reserve_slot(g).await?;
+        }
         // Every grant that holds (or held) a credential is looked at again: overdue ones, and those
         // whose identity was suspended, retired or deleted, or that were denied while agentid was down.
         // (Interrupted issuances are resumed later by the controller, after this sweep; those

@@ -19,9 +19,9 @@ pub const MAX_ACTIVE_GRANTS_LIMIT: usize = 250;
 /// One identity's grants as the cache shows them (by uid).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Holdings {
-    /// Grants whose status records an issuance (an expiry) and that are not over or being deleted.
+    /// Grants Active, not being deleted.
     pub holding: BTreeSet<String>,
-    /// Grants not over, not being deleted, with no issuance recorded yet.
+    /// Grants not over, not being deleted, not Active yet.
     pub waiting: BTreeSet<String>,
 }
 

@@ -210,7 +210,18 @@ pub fn decide(grant: &AccessGrant, facts: Facts<'_>) -> Step {
             Some(GrantPhase::Active) => {
                 Step::Wait { recheck_at: earliest(Some(expires_at), retire_at(Some(identity))) }
             }
-            // Pending with an expiry: an issuance was interrupted; finish it with the same end.
+            // An end in status, not Active, and no ServiceAccount: status alone claims an issuance.
+            // Every issuance makes its ServiceAccount first, and status records the end only
+            // once the credential is there (or as a revocation begins): this is status written
+            // by someone else, or a revocation under way. Never issue on status's word: a new
+            // credential with an end measured from now would renew the grant.
+            _ if facts.service_account_created.is_none() => Step::Revoke {
+                phase: GrantPhase::Revoked,
+                reason: "InvalidStatus",
+                message: "status records an issuance whose ServiceAccount does not exist".into(),
+            },
+            // An issuance interrupted (its ServiceAccount made, status not yet Active): finish it
+            // with the same end.
             _ => Step::Issue { expires_at },
         };
     }
@@ -501,10 +512,14 @@ mod tests {
         assert!(matches!(decide(&g, gone), Step::Revoke { phase: GrantPhase::Revoked, reason: "CredentialGone", .. }));
         // With it there, the grant simply waits for its end.
         assert!(matches!(decide_at(&g, Some(&id), now()), Step::Wait { .. }));
-        // An interrupted issuance (Pending) without it is finished, not revoked.
+        // Status claiming an issuance under way (Pending with an end) without its ServiceAccount,
+        // which every issuance makes first: status written by someone else, never issued on —
+        // an end inside the grant's duration from now would otherwise renew the credential.
         let pending = read_grant(GrantPhase::Pending, 600);
         let gone = Facts { service_account_created: None, ..gone };
-        assert!(matches!(decide(&pending, gone), Step::Issue { .. }));
+        assert!(matches!(decide(&pending, gone), Step::Revoke { reason: "InvalidStatus", .. }));
+        // With it there, the interrupted issuance is finished with its end.
+        assert_eq!(decide_at(&pending, Some(&id), now()), Step::Issue { expires_at: plus(600) });
     }
 
     fn approved() -> Verdict {

@@ -588,6 +588,26 @@ async fn wiping_status_neither_renews_nor_doubles_a_credential() -> anyhow::Resu
     let uid = g.uid().unwrap_or_default();
     assert_eq!(grant_objects(&s.admin, &uid, &[a, t]).await?, Vec::<String>::new());
     assert_eq!(grants.get("wiped").await?.status.and_then(|s| s.phase), Some(GrantPhase::Revoked));
+
+    // Status rewritten to look like an issuance under way, with an end a full duration from now:
+    // revoked once its ServiceAccount is gone, never issued again on status's word (which would
+    // renew the credential for another five minutes).
+    let f = s.grant(&grant("forged", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+    let forged_agent: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &f).await?, t);
+    forged_agent.get("settings").await?;
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(310)).to_string();
+    let forge = json!({"status": {"phase": "Pending", "expiresAt": later}});
+    grants.patch_status("forged", &PatchParams::default(), &Patch::Merge(forge)).await?;
+    let revoked = wait_phase(&s.admin, a, "forged", GrantPhase::Revoked).await?;
+    assert!(
+        ["InvalidExpiry", "InvalidStatus"].contains(&ready_reason(&revoked).0.as_str()),
+        "{:?}",
+        ready_reason(&revoked)
+    );
+    assert!(matches!(status_code(&forged_agent.get("settings").await), Some(401 | 403)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(grant_objects(&s.admin, &f.uid().unwrap_or_default(), &[a, t]).await?, Vec::<String>::new());
+    assert_eq!(grants.get("forged").await?.status.and_then(|s| s.phase), Some(GrantPhase::Revoked));
     s.cleanup().await
 }
 
