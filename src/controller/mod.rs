@@ -768,6 +768,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // controllers do not run those queues would fill and stop the watch, leaving a stale cache
     // for the sweep to trust once it leads.
     let grant_watch = tokio::spawn(grant_watch);
+    let filling = std::time::Instant::now();
     tokio::select! {
         filled = grant_store.wait_until_ready() => filled.context("filling the AccessGrant cache")?,
         _ = shutdown_signal() => {
@@ -775,6 +776,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+    info!(seconds = filling.elapsed().as_secs_f64(), grants = grant_store.state().len(), "AccessGrant cache filled");
     startup::sweep(&ctx).await?;
 
     let (mapper_store, mapper_index) = (grant_store.clone(), ctx.grant_index.clone());

@@ -39,6 +39,7 @@ fn cached_grants(ctx: &Context) -> Result<Vec<Arc<AccessGrant>>, Error> {
 
 /// Runs the start-up sweep (the grant cache must be filled).
 pub async fn sweep(ctx: &Context) -> Result<(), Error> {
+    let started = std::time::Instant::now();
     // Listed first: the orphan sweep below needs them listed before the grants are read, and an
     // issuance interrupted before its status write is recorded only on its ServiceAccount.
     let service_accounts = list_grant_objects(Api::<ServiceAccount>::all(ctx.client.clone())).await?;
@@ -76,13 +77,23 @@ pub async fn sweep(ctx: &Context) -> Result<(), Error> {
     }
     // Together, not one after another: 9,000 active grants took 68 s in turn.
     let rechecked = recheck.len();
+    let listed = started.elapsed();
     futures::stream::iter(recheck.into_iter().map(|g| grant::reevaluate(g.as_ref(), ctx)))
         .buffer_unordered(SWEEP_CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
 
+    let swept = started.elapsed();
     let orphans = sweep_orphans_after(ctx, service_accounts).await?;
-    info!(rechecked, orphans, "start-up sweep done");
+    let seconds = |d: std::time::Duration| (d.as_secs_f64() * 10.0).round() / 10.0;
+    info!(
+        rechecked,
+        orphans,
+        listing_seconds = seconds(listed),
+        recheck_seconds = seconds(swept - listed),
+        orphans_seconds = seconds(started.elapsed() - swept),
+        "start-up sweep done"
+    );
     Ok(())
 }
 
