@@ -28,8 +28,17 @@ async fn holder(admin: &Client) -> anyhow::Result<Option<String>> {
     Ok(lease.and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty()))
 }
 
-fn leader_metric(op: &Operator) -> Option<String> {
-    op.metrics().ok()?.lines().find(|l| l.starts_with("agentid_leader ")).map(|l| l.to_string())
+/// Waits until `op` reports `agentid_leader` as `value`. A scrape can fail on a loaded machine
+/// (the harness reads with a 5 s timeout): one failed scrape is not a wrong value.
+async fn wait_leader_metric(op: &Operator, value: u8) -> anyhow::Result<()> {
+    let want = format!("agentid_leader {value}");
+    poll_until(Duration::from_secs(20), &format!("the metric {want}"), || {
+        let seen =
+            op.metrics().ok().and_then(|m| m.lines().find(|l| l.starts_with("agentid_leader ")).map(str::to_string));
+        let want = want.clone();
+        async move { Ok((seen.as_deref() == Some(want.as_str())).then_some(())) }
+    })
+    .await
 }
 
 fn issued_lines(logs: &[String], grant: &str) -> usize {
@@ -67,8 +76,8 @@ async fn the_leader_hands_over_on_kill_and_on_shutdown_and_nothing_is_issued_twi
     create(&admin, "agents", &identity("worker", &["staging"])).await?;
     wait_identity_ready(&admin, "agents", "worker").await?;
     issue(&admin, "before").await?;
-    assert_eq!(leader_metric(&a).as_deref(), Some("agentid_leader 1"));
-    assert_eq!(leader_metric(&b).as_deref(), Some("agentid_leader 0"));
+    wait_leader_metric(&a, 1).await?;
+    wait_leader_metric(&b, 0).await?;
     assert_eq!(holder(&admin).await?.as_deref(), Some("replica-a"));
     assert!(!b.log().contains("\"transition\":\"issued\""), "the follower wrote:\n{}", b.log());
 
