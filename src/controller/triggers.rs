@@ -158,13 +158,14 @@ mod tests {
 
     #[test]
     fn an_earlier_write_whose_event_comes_late_is_still_ours() {
-        // An issuance writes the intent (10), then Active (11); 10's event may come after both.
+        // A revocation of an interrupted issuance writes its record (10), then the end (11); 10's
+        // event may come after both.
         let own = OwnWrites::default();
         own.record("uid-g".into(), "10".into());
         own.record("uid-g".into(), "11".into());
-        assert!(own.is_own(&grant("10", Some(GrantPhase::Pending))), "the stale Pending copy is not reconciled");
-        assert!(own.is_own(&grant("11", Some(GrantPhase::Active))));
-        assert!(!own.is_own(&grant("12", Some(GrantPhase::Active))), "someone else's change");
+        assert!(own.is_own(&grant("10", Some(GrantPhase::Expired))), "the stale copy is not reconciled");
+        assert!(own.is_own(&grant("11", Some(GrantPhase::Expired))));
+        assert!(!own.is_own(&grant("12", Some(GrantPhase::Expired))), "someone else's change");
         // Seeing 11 first (the cache already had it) uses up 10 as well.
         own.record("uid-g".into(), "20".into());
         own.record("uid-g".into(), "21".into());
