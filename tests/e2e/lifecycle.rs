@@ -44,6 +44,21 @@ impl Setup {
         wait_phase(&self.admin, &self.agents.name, &g.name_any(), GrantPhase::Active).await
     }
 
+    /// Issues grant `name` of `identity`, for `duration`, to get ConfigMaps in the target
+    /// namespace, and returns it with the ConfigMaps API as the agent, checked to read `settings`.
+    async fn reading_settings(
+        &self,
+        name: &str,
+        identity: &str,
+        duration: &str,
+    ) -> anyhow::Result<(AccessGrant, Api<ConfigMap>)> {
+        let t = self.target.name.as_str();
+        let g = self.grant(&grant(name, identity, duration, vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
+        let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&self.admin, &g).await?, t);
+        config_maps.get("settings").await?;
+        Ok((g, config_maps))
+    }
+
     async fn cleanup(self) -> anyhow::Result<()> {
         self.agents.delete().await?;
         self.target.delete().await?;
@@ -309,9 +324,7 @@ async fn deleting_a_grant_revokes_it_at_once() -> anyhow::Result<()> {
     let s = Setup::new("delete", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s.grant(&grant("soon-gone", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
-    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
-    config_maps.get("settings").await?;
+    let (g, config_maps) = s.reading_settings("soon-gone", "fixer", "30m").await?;
 
     let deleted_at = jiff::Timestamp::now();
     Api::<AccessGrant>::namespaced(s.admin.clone(), a).delete("soon-gone", &DeleteParams::default()).await?;
@@ -331,9 +344,7 @@ async fn an_active_grant_whose_service_account_is_deleted_is_revoked_and_cleaned
     let s = Setup::new("sagone", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s.grant(&grant("lost", "fixer", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
-    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
-    config_maps.get("settings").await?;
+    let (g, config_maps) = s.reading_settings("lost", "fixer", "30m").await?;
 
     // Someone deletes the grant's ServiceAccount by hand: the credential dies with it, and the
     // grant must not go on saying Active.
@@ -388,9 +399,7 @@ async fn deleting_the_identity_removes_everything_it_caused() -> anyhow::Result<
     let s = Setup::new("idgone", "doomed").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s.grant(&grant("held", "doomed", "30m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
-    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
-    config_maps.get("settings").await?;
+    let (_, config_maps) = s.reading_settings("held", "doomed", "30m").await?;
 
     Api::<AgentIdentity>::namespaced(s.admin.clone(), a).delete("doomed", &DeleteParams::default()).await?;
     let g = wait_phase(&s.admin, a, "held", GrantPhase::Revoked).await?;
@@ -526,9 +535,7 @@ async fn pushing_expires_at_out_in_status_revokes_the_grant() -> anyhow::Result<
     let s = Setup::new("tamper", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s.grant(&grant("short", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
-    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
-    config_maps.get("settings").await?;
+    let (_, config_maps) = s.reading_settings("short", "fixer", "5m").await?;
     // Someone able to write status (not the agent: it cannot) tries to make the credential last.
     let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(30 * 24)).to_string();
     Api::<AccessGrant>::namespaced(s.admin.clone(), a)
@@ -545,9 +552,7 @@ async fn wiping_status_neither_renews_nor_doubles_a_credential() -> anyhow::Resu
     let s = Setup::new("wipe", "fixer").await?;
     let (a, t) = (s.agents.name.as_str(), s.target.name.as_str());
     create(&s.admin, t, &config_map("settings")).await?;
-    let g = s.grant(&grant("wiped", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
-    let config_maps: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &g).await?, t);
-    config_maps.get("settings").await?;
+    let (g, config_maps) = s.reading_settings("wiped", "fixer", "5m").await?;
     let grants: Api<AccessGrant> = Api::namespaced(s.admin.clone(), a);
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(s.admin.clone(), a);
     let issued = |g: &AccessGrant| g.status.as_ref().and_then(|s| s.expires_at.clone()).map(|t| t.0);
@@ -592,9 +597,7 @@ async fn wiping_status_neither_renews_nor_doubles_a_credential() -> anyhow::Resu
     // Status rewritten to look like an issuance under way, with an end a full duration from now:
     // revoked once its ServiceAccount is gone, never issued again on status's word (which would
     // renew the credential for another five minutes).
-    let f = s.grant(&grant("forged", "fixer", "5m", vec![rule(t, "", &["configmaps"], &["get"], &[])])).await?;
-    let forged_agent: Api<ConfigMap> = Api::namespaced(agent_client(&s.admin, &f).await?, t);
-    forged_agent.get("settings").await?;
+    let (f, forged_agent) = s.reading_settings("forged", "fixer", "5m").await?;
     let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(310)).to_string();
     let forge = json!({"status": {"phase": "Pending", "expiresAt": later}});
     grants.patch_status("forged", &PatchParams::default(), &Patch::Merge(forge)).await?;
