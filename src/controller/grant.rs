@@ -240,7 +240,8 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
     // Never decide on a copy older than a status this process wrote: its decision could undo that
     // write or, a revocation begun (its ServiceAccount gone), issue afresh. Read live only while
     // such a write is not in the cache yet; when the copy is behind, wait for the cache.
-    if ctx.own_writes.unseen(&grant.uid().unwrap_or_default()) && copy_is_stale(grant, ctx).await? {
+    let uid = grant.uid().unwrap_or_default();
+    if ctx.own_writes.unseen(&uid) && copy_is_stale(grant, ctx).await? {
         return Ok(Action::requeue(STALE_COPY_RETRY));
     }
     let now = Timestamp::now();
@@ -278,7 +279,6 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error> {
         };
         let (identity, approvals, sa_created) = tokio::join!(identity, approvals, sa_created);
         // When its ServiceAccount was made, and the end of the issuance it records.
-        let uid = grant.uid().unwrap_or_default();
         let service_account = sa_created?.map(|sa| {
             (
                 sa.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),

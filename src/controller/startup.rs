@@ -146,12 +146,12 @@ where
         let list: kube::core::ObjectList<PartialObjectMeta<K>> =
             api.list_metadata(&page).await.map_err(kube_err(format!("listing {}s of grants", K::kind(&()))))?;
         objects.extend(list.items.into_iter().map(|mut obj| {
-            let grant_uid = obj.labels_mut().remove(names::GRANT_UID_LABEL).unwrap_or_default();
-            let expires_at = obj.annotations().get(names::EXPIRES_AT_ANNOTATION).and_then(|t| t.parse().ok());
+            let grant_uid = obj.labels().get(names::GRANT_UID_LABEL).cloned().unwrap_or_default();
+            let expires_at = names::recorded_expiry(&obj.metadata, &grant_uid);
             GrantObject {
                 namespace: obj.metadata.namespace.take().unwrap_or_default(),
                 name: obj.metadata.name.take().unwrap_or_default(),
-                expires_at: expires_at.filter(|_| !grant_uid.is_empty()),
+                expires_at,
                 grant_uid,
             }
         }));
